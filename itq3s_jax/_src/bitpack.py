@@ -1,0 +1,55 @@
+"""Byte packing shared by the codecs: base-3 trits (5 per byte) and n-bit fields.
+
+Trit bytes use the TQ1_0 code of llama.cpp (docs/FORMAT.md): five trits
+t_0..t_4 in {-1, 0, 1}, u_k = t_k + 1, q = sum_k u_k 3^(4-k) (t_0 most
+significant) and byte = ceil(q * 256 / 243). Trit k of a byte b decodes as
+((b * 3^k mod 256) * 3 >> 8) - 1, which needs no division and vectorises.
+Bit fields are LSB-first: field i of width w occupies bits [w*i, w*i + w) of
+the little-endian bit string of the bytes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_POW3 = (81, 27, 9, 3, 1)  # weight of trit k in q, first trit most significant
+
+
+def pack_trits(t: jax.Array) -> jax.Array:
+  """int (..., m) trits in {-1,0,1} -> uint8 (..., ceil(m/5)); padded with 0 trits."""
+  m = t.shape[-1]
+  nbytes = -(-m // 5)
+  u = (t.astype(jnp.int32) + 1)
+  u = jnp.pad(u, [(0, 0)] * (u.ndim - 1) + [(0, 5 * nbytes - m)], constant_values=1)
+  u = u.reshape(*u.shape[:-1], nbytes, 5)
+  q = jnp.sum(u * jnp.asarray(_POW3, jnp.int32), axis=-1)
+  return ((q * 256 + 242) // 243).astype(jnp.uint8)
+
+
+def unpack_trits(b: jax.Array, m: int) -> jax.Array:
+  """uint8 (..., nbytes) -> int32 (..., m) trits in {-1, 0, 1}."""
+  v = b.astype(jnp.int32)[..., None]
+  mul = jnp.asarray([1, 3, 9, 27, 81], jnp.int32)
+  t = (((v * mul) & 0xFF) * 3 >> 8) - 1
+  return t.reshape(*b.shape[:-1], b.shape[-1] * 5)[..., :m]
+
+
+def pack_bits(v: jax.Array, width: int) -> jax.Array:
+  """int (..., m) fields of ``width`` bits -> uint8 (..., ceil(m*width/8)), LSB first."""
+  m = v.shape[-1]
+  nbits = m * width
+  nbytes = -(-nbits // 8)
+  bits = (v.astype(jnp.int32)[..., None] >> jnp.arange(width, dtype=jnp.int32)) & 1
+  bits = bits.reshape(*v.shape[:-1], nbits)
+  bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, 8 * nbytes - nbits)])
+  bits = bits.reshape(*v.shape[:-1], nbytes, 8)
+  return jnp.sum(bits << jnp.arange(8, dtype=jnp.int32), axis=-1).astype(jnp.uint8)
+
+
+def unpack_bits(b: jax.Array, width: int, m: int) -> jax.Array:
+  """uint8 (..., nbytes) -> int32 (..., m) fields of ``width`` bits, LSB first."""
+  bits = (b.astype(jnp.int32)[..., None] >> jnp.arange(8, dtype=jnp.int32)) & 1
+  bits = bits.reshape(*b.shape[:-1], b.shape[-1] * 8)[..., : m * width]
+  bits = bits.reshape(*b.shape[:-1], m, width)
+  return jnp.sum(bits << jnp.arange(width, dtype=jnp.int32), axis=-1)

@@ -1,0 +1,147 @@
+"""``itq3_t``: interleaved balanced-ternary planes with a certified error bound.
+
+Block of n weights (n = 256, or a 128/64/32 tail block), coded in the
+randomized-Hadamard domain z = H (sigma * w) / sqrt(n):
+
+  byte 0                    e, the super-scale code: D = 2^((e - 176) / 4), e = 0 means D = 0
+  next ceil(3 (n/16) / 8)   s_b, 3-bit step codes of the n/16 sub-blocks of 16 coefficients
+  next ceil(2 n / 5)        the trit stream t0_0, t1_0, t0_1, t1_1, ... at 5 trits per byte
+
+  Delta_b = fp32(D * MULT[s_b]),  q_i = 3 t1_i + t0_i in {-4..4},  z_hat_i = Delta_b q_i
+
+256 weights take 1 + 6 + 103 = 110 bytes (3.4375 bpw, the size of IQ3_S / Q3_K).
+The encoder never clips: every sub-block satisfies max|z| <= 4.5 Delta_b, so each
+coefficient errs by at most Delta_b / 2 and, the transform being orthonormal,
+
+  ||w - w_hat||_2 <= eps_q = sqrt(sum_b 16 (Delta_b / 2)^2) = 2 ||Delta||_2,
+
+a number computed from the stored bytes alone (proofs/README.md, T3). Within
+that constraint the encoder searches the super-scale (2 codes) and each
+sub-block's step (the 2 smallest admissible codes) for the least squared error.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from itq3s_jax._src import bitpack
+from itq3s_jax._src import registry
+
+SUB = 16  # coefficients per sub-block (one 3-bit step code each)
+E_BIAS = 176  # D(e) = 2^((e - E_BIAS) / 4)
+# 2^(k/4) for k = 0..3 rounded to float32; D(e) = ldexp(_QUARTER[e % 4], e // 4 - 44) is exact.
+_QUARTER = np.float32([1.0, 2.0**0.25, 2.0**0.5, 2.0**0.75])
+SUPER = np.concatenate(
+    [[np.float32(0)],
+     np.ldexp(_QUARTER[np.arange(1, 256) % 4], np.arange(1, 256) // 4 - 44)]
+).astype(np.float32)
+# Step multipliers: geometric from 0.45 to 1 (measured best of 0.35..0.55 on N(0,1)).
+MULT = np.float32(0.45 ** ((7 - np.arange(8)) / 7.0))
+MULT[7] = 1.0
+# Admissible step: Delta >= m * 2/9 (i.e. m <= 4.5 Delta). The 1e-6 relative margin
+# exceeds the float32 rounding of the product, so the test is exact (FORMAT.md §2.4).
+_TWO_NINTHS_UP = np.float32(2.0 / 9.0 * (1.0 + 2.0**-20))
+MAX_ABS = float(4.5 * SUPER[255] * MULT[7])
+
+
+def nbytes(n: int) -> int:
+  return 1 + -(-3 * (n // SUB) // 8) + -(-2 * n // 5)
+
+
+def _split(b: jax.Array, n: int):
+  ns = n // SUB
+  sb = -(-3 * ns // 8)
+  return b[..., 0], b[..., 1:1 + sb], b[..., 1 + sb:], ns
+
+
+def steps(b: jax.Array, n: int) -> jax.Array:
+  """uint8 (..., nbytes(n)) -> float32 (..., n/16) sub-block steps Delta_b."""
+  e, sbytes, _, ns = _split(b, n)
+  s = bitpack.unpack_bits(sbytes, 3, ns)
+  d = jnp.asarray(SUPER)[e.astype(jnp.int32)]
+  return d[..., None] * jnp.asarray(MULT)[s]
+
+
+def decode(b: jax.Array, n: int) -> jax.Array:
+  """uint8 (..., nbytes(n)) -> float32 (..., n) rotated-domain values z_hat."""
+  _, _, tbytes, ns = _split(b, n)
+  t = bitpack.unpack_trits(tbytes, 2 * n).reshape(*b.shape[:-1], n, 2)
+  q = (3 * t[..., 1] + t[..., 0]).astype(jnp.float32)
+  delta = steps(b, n)
+  return (q.reshape(*q.shape[:-1], ns, SUB) * delta[..., None]).reshape(q.shape)
+
+
+def bound(b: jax.Array, n: int) -> jax.Array:
+  """uint8 (..., nbytes(n)) -> float32 (...): eps_q = 2 ||Delta||_2 (exact arithmetic)."""
+  delta = steps(b, n)
+  return 2.0 * jnp.sqrt(jnp.sum(delta * delta, axis=-1))
+
+
+def _sse(zs, delta, imp):
+  q = jnp.clip(jnp.round(zs / delta[..., None]), -4, 4)
+  err = zs - q * delta[..., None]
+  err2 = err * err if imp is None else imp * err * err
+  return jnp.sum(err2, axis=-1), q
+
+
+def encode(z: jax.Array, importance: jax.Array | None = None) -> jax.Array:
+  """float32 (..., n) rotated coefficients -> uint8 (..., nbytes(n))."""
+  n = z.shape[-1]
+  ns = n // SUB
+  zs = z.reshape(*z.shape[:-1], ns, SUB)
+  imp = None if importance is None else importance.reshape(zs.shape)
+  need = jnp.max(jnp.abs(zs), axis=-1) * _TWO_NINTHS_UP  # (..., ns): least admissible step
+  top = jnp.max(need, axis=-1)  # (...,)
+  sup = jnp.asarray(SUPER)
+  mult = jnp.asarray(MULT)
+  # Smallest e >= 1 with SUPER[e] >= top; the log2 guess is corrected by one exact test.
+  guess = jnp.ceil(E_BIAS + 4.0 * jnp.log2(jnp.maximum(top, 1e-38))).astype(jnp.int32)
+  e0 = jnp.clip(guess, 1, 255)
+  e0 = jnp.where((sup[e0] < top) & (e0 < 255), e0 + 1, e0)
+  e0 = jnp.where((sup[jnp.maximum(e0 - 1, 1)] >= top) & (e0 > 1), e0 - 1, e0)
+
+  def best_steps(e):
+    """Per sub-block, the better of the two smallest admissible step codes."""
+    table = sup[e][..., None] * mult  # (..., 8) steps available in this block
+    smin = jnp.minimum(jnp.sum(table[..., None, :] < need[..., None], axis=-1), 7)
+    cands = []
+    for s in (smin, jnp.minimum(smin + 1, 7)):
+      cost, q = _sse(zs, jnp.take_along_axis(table, s, axis=-1), imp)
+      cands.append((cost, s, q))
+    (c0, s0, q0), (c1, s1, q1) = cands
+    better = c1 < c0
+    return (jnp.sum(jnp.where(better, c1, c0), -1), jnp.where(better, s1, s0),
+            jnp.where(better[..., None], q1, q0))
+
+  e1 = jnp.minimum(e0 + 1, 255)
+  (tot0, s0, q0), (tot1, s1, q1) = best_steps(e0), best_steps(e1)
+  use1 = tot1 < tot0  # the super-scale is per block: compare whole-block costs
+  e = jnp.where(use1, e1, e0)
+  s = jnp.where(use1[..., None], s1, s0)
+  q = jnp.where(use1[..., None, None], q1, q0).astype(jnp.int32)
+  zero = top <= 0
+  e = jnp.where(zero, 0, e)
+  s = jnp.where(zero[..., None], 0, s)
+  q = jnp.where(zero[..., None, None], 0, q).reshape(z.shape)
+  t0 = (q + 1) % 3 - 1
+  t1 = (q - t0) // 3
+  trits = jnp.stack([t0, t1], axis=-1).reshape(*z.shape[:-1], 2 * n)
+  return jnp.concatenate(
+      [e.astype(jnp.uint8)[..., None], bitpack.pack_bits(s, 3),
+       bitpack.pack_trits(trits)], axis=-1)
+
+
+FORMAT = registry.register(registry.Format(
+    name="itq3_t",
+    transform="rht",
+    tail="pow2",
+    block_nbytes=nbytes,
+    encode=encode,
+    decode=decode,
+    bound=bound,
+    max_abs=MAX_ABS,
+    description="randomized FWHT + two interleaved balanced-ternary planes, 16-wide "
+    "sub-block steps, certified bound (3.4375 bpw at n=256)",
+))

@@ -1,0 +1,127 @@
+"""Orthonormal fast Walsh-Hadamard transform (FWHT) and the randomized variant.
+
+Butterfly order (bit-exact reproducibility depends on it): for an input of
+length n = 2^L, stages h = 1, 2, 4, ..., n/2 each map the pair at positions
+(j, j + h) of every chunk of 2h elements to (a + b, a - b), computed in the
+input dtype. The result equals ``scipy.linalg.hadamard(n) @ x`` (Sylvester,
+natural order, H[i, j] = (-1)^popcount(i & j)) up to rounding, and is then
+multiplied by ``c = float(1/sqrt(n))`` rounded to the working dtype. For
+even L (n = 256, 64, 16, ...) c is a power of two and the scaling is exact.
+
+The randomized transform multiplies by a fixed +-1 sign vector sigma first:
+``rht(x) = fwht(sigma * x)`` and its inverse ``irht(z) = sigma * fwht(z)``;
+both are orthonormal and, H being symmetric with H @ H = n I, fwht is its own
+inverse.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+_FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+
+
+def _check_length(n: int) -> int:
+  if n < 1 or n & (n - 1):
+    raise ValueError(f"FWHT length {n=} must be a power of two (1, 2, 4, ...).")
+  return n.bit_length() - 1
+
+
+def hadamard_unnormalized(x: jax.Array) -> jax.Array:
+  """Applies the Sylvester Hadamard matrix H (entries +-1) along the last axis.
+
+  Args:
+    x: float array (..., n), n a power of two.
+
+  Returns:
+    H @ x along the last axis, same shape and dtype, by the butterfly order
+    documented in the module docstring.
+  """
+  n = x.shape[-1]
+  stages = _check_length(n)
+  lead = x.shape[:-1]
+  for s in range(stages):
+    h = 1 << s
+    y = x.reshape(*lead, n // (2 * h), 2, h)
+    a, b = y[..., 0, :], y[..., 1, :]
+    x = jnp.stack([a + b, a - b], axis=-2).reshape(*lead, n)
+  return x
+
+
+def fwht(x: ArrayLike, axis: int = -1, signs: ArrayLike | None = None) -> jax.Array:
+  """Orthonormal (randomized) Walsh-Hadamard transform along ``axis``.
+
+  Args:
+    x: float array (..., n, ...) with n = x.shape[axis] a power of two;
+      float16 / bfloat16 / float32 / float64 (arithmetic in that dtype).
+    axis: the transformed axis.
+    signs: optional +-1 vector (n,); when given the result is
+      ``fwht(signs * x)`` (the randomized Hadamard transform).
+
+  Returns:
+    Array of the same shape and dtype: H (signs * x) / sqrt(n).
+
+  Raises:
+    TypeError: for a non-float dtype.
+    ValueError: for a length that is not a power of two, or a sign vector of
+      the wrong length.
+
+  >>> import jax.numpy as jnp
+  >>> fwht(jnp.array([1.0, 0.0, 0.0, 0.0]))
+  Array([0.5, 0.5, 0.5, 0.5], dtype=float32)
+  """
+  x = jnp.asarray(x)
+  if x.dtype not in _FLOAT_DTYPES:
+    raise TypeError(f"fwht needs a float array, got dtype {x.dtype}; cast it first.")
+  x = jnp.moveaxis(x, axis, -1)
+  n = x.shape[-1]
+  _check_length(n)
+  if signs is not None:
+    signs = jnp.asarray(signs, x.dtype)
+    if signs.shape != (n,):
+      raise ValueError(f"signs has shape {signs.shape}, expected ({n},).")
+    x = x * signs
+  y = hadamard_unnormalized(x) * jnp.asarray(1.0 / math.sqrt(n), x.dtype)
+  return jnp.moveaxis(y, -1, axis)
+
+
+def ifwht(z: ArrayLike, axis: int = -1, signs: ArrayLike | None = None) -> jax.Array:
+  """Inverse of :func:`fwht` with the same ``signs``: signs * (H z / sqrt(n)).
+
+  Args:
+    z: float array (..., n, ...), n = z.shape[axis] a power of two.
+    axis: the transformed axis.
+    signs: the +-1 vector (n,) that was passed to :func:`fwht`, or None.
+
+  Returns:
+    Array of the same shape and dtype.
+  """
+  y = fwht(z, axis=axis)
+  if signs is None:
+    return y
+  y = jnp.moveaxis(y, axis, -1)
+  signs = jnp.asarray(signs, y.dtype)
+  if signs.shape != (y.shape[-1],):
+    raise ValueError(f"signs has shape {signs.shape}, expected ({y.shape[-1]},).")
+  return jnp.moveaxis(y * signs, -1, axis)
+
+
+def sign_vector(seed: int, n: int = 256) -> np.ndarray:
+  """The format sign vector: float32 (n,) of +-1 drawn from ``seed``.
+
+  Generator (part of the format spec, docs/FORMAT.md): take
+  ``b = numpy.random.default_rng(seed).integers(0, 2, 256)`` and set
+  sigma = -1 where b == 1, else +1. A block of n <= 256 weights uses the first
+  n entries. numpy's PCG64 stream is stable across numpy versions.
+  """
+  if not 1 <= n <= 256:
+    raise ValueError(f"sign vectors are defined for 1 <= n <= 256, got {n=}.")
+  if seed < 0:
+    raise ValueError(f"{seed=} must be a non-negative integer.")
+  bits = np.random.default_rng(seed).integers(0, 2, 256)
+  return np.where(bits == 1, -1.0, 1.0).astype(np.float32)[:n]

@@ -1,0 +1,239 @@
+"""The one driver every format runs through: rows -> blocks -> transform -> codec.
+
+Blocks run along the last axis (the contraction axis K). All arithmetic is
+float32 whatever the input dtype; codecs see float32 (..., count, n) arrays.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from itq3s_jax._src import blocks
+from itq3s_jax._src import fwht as fwht_lib
+from itq3s_jax._src import qtensor
+from itq3s_jax._src import registry
+
+QuantizedTensor = qtensor.QuantizedTensor
+_FLOATS = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
+_U = 2.0**-24  # float32 unit roundoff
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _forward(x: jax.Array, fmt: registry.Format, seed: int) -> jax.Array:
+  """float32 (..., n) -> coding domain (..., n)."""
+  n = x.shape[-1]
+  if fmt.transform == "none":
+    return x
+  signs = fwht_lib.sign_vector(seed, n) if fmt.transform == "rht" else None
+  return fwht_lib.fwht(x, signs=signs)
+
+
+def _inverse(z: jax.Array, fmt: registry.Format, seed: int) -> jax.Array:
+  n = z.shape[-1]
+  if fmt.transform == "none":
+    return z
+  signs = fwht_lib.sign_vector(seed, n) if fmt.transform == "rht" else None
+  return fwht_lib.ifwht(z, signs=signs)
+
+
+def _segments(fmt: registry.Format, k: int):
+  return blocks.plan(k, fmt.tail, fmt.block_nbytes)
+
+
+def _blocks_of(x: jax.Array, seg: blocks.Segment) -> jax.Array:
+  """(..., K) -> (..., count, n): the segment's columns, zero-padded to whole blocks."""
+  part = x[..., seg.start:seg.start + seg.valid]
+  pad = seg.count * seg.n - seg.valid
+  if pad:
+    part = jnp.pad(part, [(0, 0)] * (part.ndim - 1) + [(0, pad)])
+  return part.reshape(*x.shape[:-1], seg.count, seg.n)
+
+
+def _check_input(w: jax.Array, fmt: registry.Format, seed: int) -> None:
+  if w.dtype not in _FLOATS:
+    raise TypeError(f"quantize needs a float array (float16/bfloat16/float32/float64), "
+                    f"got dtype {w.dtype}.")
+  if w.ndim < 1:
+    raise ValueError("quantize needs at least one axis; blocks run along the last one.")
+  blocks.check_k(w.shape[-1])
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f"{seed=} must be a non-negative int.")
+  if not _is_concrete(w) or w.size == 0:
+    return
+  bad = ~np.isfinite(np.asarray(w, np.float32))
+  if bad.any():
+    where = np.argwhere(bad)[:5].tolist()
+    raise ValueError(f"weight has {int(bad.sum())} NaN/Inf values (first at indices "
+                     f"{where}); fix or mask them before quantizing.")
+
+
+def quantize(w: ArrayLike, format: str = "itq3_t", *, seed: int = 0,
+             importance: ArrayLike | None = None) -> QuantizedTensor:
+  """Quantizes ``w`` along its last axis.
+
+  Args:
+    w: float array (..., K), K a multiple of 32 (float16/bfloat16/float32/
+      float64; coded from its float32 value).
+    format: a registered format name (``itq3s_jax.formats()``).
+    seed: sign-vector seed of randomized formats.
+    importance: optional non-negative per-column weights (K,) or (..., K)
+      (an "imatrix"): the encoder minimises sum_i a_i (w_i - w_hat_i)^2 where
+      the format can. Rotated formats see a_i through their rotation, whose
+      diagonal is the block mean of a.
+
+  Returns:
+    A :class:`QuantizedTensor` with ``data`` uint8 (..., row_nbytes).
+
+  Raises:
+    TypeError: non-float ``w``.
+    ValueError: unknown format, K not a multiple of 32, NaN/Inf (eager mode),
+      or values beyond the format's range (eager mode). Under ``jax.jit`` the
+      value checks cannot run: NaN/Inf give undefined codes and out-of-range
+      values are clipped (the certified bound then does not hold).
+
+  >>> import jax.numpy as jnp, itq3s_jax
+  >>> qt = itq3s_jax.quantize(jnp.ones((4, 256)))
+  >>> qt.data.shape, qt.bits_per_weight
+  ((4, 110), 3.4375)
+  """
+  fmt = registry.get_format(format)
+  w = jnp.asarray(w)
+  _check_input(w, fmt, seed)
+  seed = int(seed)
+  x = w.astype(jnp.float32)
+  imp = None
+  if importance is not None:
+    imp = jnp.broadcast_to(jnp.asarray(importance, jnp.float32), x.shape)
+  out = []
+  for seg in _segments(fmt, x.shape[-1]):
+    z = _forward(_blocks_of(x, seg), fmt, seed)
+    if _is_concrete(z) and z.size and float(jnp.max(jnp.abs(z))) > fmt.max_abs:
+      raise ValueError(f"values too large for {fmt.name}: a coefficient of magnitude "
+                       f"{float(jnp.max(jnp.abs(z))):.4g} exceeds {fmt.max_abs:.4g}; "
+                       "rescale the tensor first.")
+    a = None
+    if imp is not None:
+      a = _blocks_of(imp, seg)
+      if fmt.transform != "none":  # diag(R diag(a) R^T) = mean(a) for a Hadamard R
+        a = jnp.broadcast_to(jnp.mean(a, axis=-1, keepdims=True), a.shape)
+    code = fmt.encode(z, a)
+    out.append(code.reshape(*x.shape[:-1], seg.count * seg.nbytes))
+  data = jnp.concatenate(out, axis=-1) if out else jnp.zeros((*x.shape[:-1], 0), jnp.uint8)
+  return QuantizedTensor(data, tuple(w.shape), fmt.name, seed)
+
+
+def _decoded_segments(qt: QuantizedTensor):
+  """Yields (segment, coding-domain values (..., count, n))."""
+  qtensor.validate(qt)
+  fmt = registry.get_format(qt.format)
+  lead = qt.data.shape[:-1]
+  for seg in _segments(fmt, qt.shape[-1]):
+    b = qt.data[..., seg.byte_start:seg.byte_start + seg.count * seg.nbytes]
+    yield seg, fmt, fmt.decode(b.reshape(*lead, seg.count, seg.nbytes), seg.n)
+
+
+def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
+  """Decodes ``qt`` to a dense array of shape ``qt.shape`` (computed in float32).
+
+  Args:
+    qt: a :class:`QuantizedTensor`.
+    dtype: output dtype.
+
+  Returns:
+    Array ``qt.shape`` of ``dtype``.
+  """
+  parts = []
+  for seg, fmt, z in _decoded_segments(qt):
+    x = _inverse(z, fmt, qt.seed).reshape(*z.shape[:-2], seg.count * seg.n)
+    parts.append(x[..., :seg.valid])
+  lead = qt.shape[:-1]
+  if not parts:
+    return jnp.zeros(qt.shape, dtype)
+  return jnp.concatenate(parts, axis=-1).reshape(*lead, qt.shape[-1]).astype(dtype)
+
+
+def decode_rotated(qt: QuantizedTensor) -> jax.Array:
+  """Coding-domain values z_hat, float32 (..., Kp) (Kp = K plus any block padding).
+
+  For every format, ``dequantize(qt) @ x == decode_rotated(qt) @ rotate_activations(x, ...)``
+  in exact arithmetic, the transform being orthonormal (proofs T6).
+  """
+  parts = [z.reshape(*z.shape[:-2], seg.count * seg.n) for seg, _, z in _decoded_segments(qt)]
+  return jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((*qt.shape[:-1], 0))
+
+
+def rotate_activations(x: ArrayLike, format: str, seed: int = 0) -> jax.Array:
+  """Applies a format's block transform to activations: (..., K) -> float32 (..., Kp)."""
+  fmt = registry.get_format(format)
+  x = jnp.asarray(x, jnp.float32)
+  parts = []
+  for seg in _segments(fmt, x.shape[-1]):
+    z = _forward(_blocks_of(x, seg), fmt, seed)
+    parts.append(z.reshape(*x.shape[:-1], seg.count * seg.n))
+  return jnp.concatenate(parts, axis=-1)
+
+
+def rounding_slack(n: int) -> float:
+  """Relative float32 slack of the certified bound for a block of n weights.
+
+  ||w - w_hat_fp32|| <= eps_q + rounding_slack(n) * (||z_hat|| + eps_q): the
+  encoder's forward transform and the decoder's inverse each err by at most
+  log2(n) u ||.|| (one rounding per butterfly stage, norms preserved), the
+  1/sqrt(n) scale, step products and the float32 cast of the input add a few u
+  (derivation: proofs/README.md, T2).
+  """
+  return (2 * math.log2(n) + 8) * _U
+
+
+def error_bound(qt: QuantizedTensor, *, include_rounding: bool = True) -> jax.Array:
+  """Certified per-block L2 error bound, computed from the stored bytes alone.
+
+  Args:
+    qt: a :class:`QuantizedTensor` of a format with a bound (``has_bound``).
+    include_rounding: add the float32 rounding slack of :func:`rounding_slack`
+      (True: a bound on the float32 computation; False: eps_q in exact arithmetic).
+
+  Returns:
+    float32 (..., nblocks): for each block b of each row,
+    ||w_b - dequantize(qt)_b||_2 <= bound[..., b].
+
+  Raises:
+    ValueError: the format has no worst-case bound (``iq3_s``, ``itq3_s``).
+  """
+  fmt = registry.get_format(qt.format)
+  if fmt.bound is None:
+    raise ValueError(f"format {fmt.name!r} has no certified error bound; use itq3_t, "
+                     "uniform3 or uniform3_rot.")
+  lead = qt.data.shape[:-1]
+  out = []
+  for seg, _, z in _decoded_segments(qt):
+    b = qt.data[..., seg.byte_start:seg.byte_start + seg.count * seg.nbytes]
+    eps = fmt.bound(b.reshape(*lead, seg.count, seg.nbytes), seg.n)
+    if include_rounding:
+      eps = eps + rounding_slack(seg.n) * (jnp.linalg.norm(z, axis=-1) + eps)
+    out.append(eps)
+  return jnp.concatenate(out, axis=-1) if out else jnp.zeros((*lead, 0))
+
+
+def has_bound(format: str) -> bool:
+  """Whether ``format`` certifies a worst-case error bound."""
+  return registry.get_format(format).bound is not None
+
+
+def block_columns(format: str, k: int) -> list[tuple[int, int]]:
+  """(start, stop) columns of each block of a row of k weights, in bound order."""
+  fmt = registry.get_format(format)
+  cols = []
+  for seg in _segments(fmt, k):
+    for i in range(seg.count):
+      lo = seg.start + i * seg.n
+      cols.append((lo, min(lo + seg.n, seg.start + seg.valid)))
+  return cols
