@@ -1,0 +1,56 @@
+"""The ``itq3s`` command line: one sub-command per module of ``_src/commands``.
+
+Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``. Errors that a user can fix are raised as
+:class:`CommandError` and printed as one line (exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from itq3s_jax._src import commands as _commands
+
+
+class CommandError(Exception):
+  """A user-facing error: printed as ``itq3s: error: <message>``, exit status 2."""
+
+
+def _command_modules():
+  for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda i: i.name):
+    if not info.name.startswith("_"):
+      yield importlib.import_module(f"{_commands.__name__}.{info.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="itq3s", description="ITQ3_S 3-bit weight formats for JAX.")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for mod in _command_modules():
+    p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+    mod.add_arguments(p)
+    p.set_defaults(_run=mod.run)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if not hasattr(args, "_run"):
+    parser.print_help()
+    return 2
+  try:
+    return int(args._run(args) or 0)
+  except CommandError as exc:
+    print(f"itq3s {args.command}: error: {exc}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"itq3s {args.command}: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())
