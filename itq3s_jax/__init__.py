@@ -2,6 +2,7 @@
 
 from itq3s_jax._src import formats as _formats  # noqa: F401  (registers the formats)
 from itq3s_jax._src.fwht import fwht
+from itq3s_jax._src.matmul import matmul
 from itq3s_jax._src.fwht import ifwht
 from itq3s_jax._src.fwht import sign_vector
 from itq3s_jax._src.qtensor import QuantizedTensor
@@ -27,6 +28,7 @@ __all__ = [
     "get_format",
     "has_bound",
     "ifwht",
+    "matmul",
     "quantize",
     "rotate_activations",
     "rounding_slack",
