@@ -1,0 +1,282 @@
+"""GGUF files in and out, through the ``gguf`` package (no hand-written parser).
+
+Reading streams one tensor at a time from a memory map: ``read_tensors`` yields
+float32 arrays in each tensor's logical numpy shape (GGUF stores dimensions
+innermost first; numpy order is the reverse), for every type ``gguf`` can
+dequantize. ``read_quantized`` returns ``iq3_s`` / ``itq3_s`` tensors as
+:class:`QuantizedTensor` without decoding, ``write_gguf`` writes them.
+
+GGML type 41. The published ITQ3_S (``edwardyoon/llama.cpp``) uses id 41 for
+110-byte IQ3_S blocks of rotated weights; upstream ggml (and ``gguf`` 0.19)
+later gave 41 to ``Q1_0`` (18 bytes per 128 weights). A type-41 tensor is read
+as ITQ3_S when the file holds room for its 110/256 bytes per weight (the two
+sizes differ by 3x, far beyond alignment padding), as Q1_0 otherwise;
+``type41="itq3_s" | "q1_0"`` forces one reading. ITQ3_S tensors are written
+with id 41 and their shape in elements, which is what the fork's llama.cpp
+reads; we bypass gguf's byte-shape conversion, whose table maps 41 to Q1_0.
+
+Padding. GGML's 256-blocks need a row length K that is a multiple of 256. A
+tensor with another K (a multiple of 32, zero-padded by the ``pad256`` policy)
+is written with the padded length and the true K in the key
+``itq3s_jax.k.<tensor name>``; the readers here crop it back.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterator, Literal, Mapping
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+
+from itq3s_jax._src import qtensor
+from itq3s_jax._src import quantize as quantize_lib
+from itq3s_jax._src import registry
+
+GGMLType = gguf.GGMLQuantizationType
+ITQ3_S_TYPE = 41
+_K_KEY = "itq3s_jax.k."
+_IQ3S_BLOCK = (256, 110)  # weights, bytes
+_INTERNAL_KEYS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")
+Type41 = Literal["auto", "itq3_s", "q1_0"]
+
+
+class _Reader(gguf.GGUFReader):
+  """GGUFReader that reads type 41 as ITQ3_S (see module docstring)."""
+
+  def __init__(self, path: str, type41: Type41):
+    self._type41 = type41
+    self.itq3s_names: set[str] = set()
+    super().__init__(path, mode="r")
+
+  def _is_itq3s(self, field, start_offs: int, ends: list[int]) -> bool:
+    if self._type41 != "auto":
+      return self._type41 == "itq3_s"
+    dims = field.parts[3]
+    need = math.prod(int(d) for d in dims) * _IQ3S_BLOCK[1] // _IQ3S_BLOCK[0]
+    off = start_offs + int(field.parts[5][0])
+    room = min([e for e in ends if e > off], default=len(self.data)) - off
+    return int(dims[0]) % _IQ3S_BLOCK[0] == 0 and room >= need
+
+  def _build_tensors(self, start_offs: int, fields: list) -> None:
+    ends = sorted({start_offs + int(f.parts[5][0]) for f in fields} | {len(self.data)})
+    patched = []
+    for field in fields:
+      if int(field.parts[4][0]) == ITQ3_S_TYPE and self._is_itq3s(field, start_offs, ends):
+        parts = list(field.parts)
+        parts[4] = np.array([int(GGMLType.IQ3_S)], np.uint32)
+        field = field._replace(parts=parts)
+        self.itq3s_names.add(str(bytes(field.parts[1]), encoding="utf-8"))
+      patched.append(field)
+    super()._build_tensors(start_offs, patched)
+
+
+def _open(path: str | os.PathLike, type41: Type41 = "auto") -> _Reader:
+  """Opens a GGUF file; ValueError (with the path) on anything unreadable."""
+  if type41 not in ("auto", "itq3_s", "q1_0"):
+    raise ValueError(f"type41 must be 'auto', 'itq3_s' or 'q1_0', got {type41!r}.")
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ValueError(f"{path}: no such GGUF file.")
+  if os.path.getsize(path) < 24:  # magic, version, two counts
+    raise ValueError(f"{path}: not a GGUF file (only {os.path.getsize(path)} bytes).")
+  try:
+    reader = _Reader(path, type41)
+  except (ValueError, KeyError, IndexError, TypeError, OverflowError) as exc:
+    raise ValueError(f"{path}: not a valid GGUF file or truncated ({exc}).") from None
+  size = len(reader.data)
+  for t in reader.tensors:
+    if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+      raise ValueError(f"{path}: truncated GGUF file: tensor {t.name!r} needs bytes "
+                       f"[{t.data_offset}, {t.data_offset + t.n_bytes}) but the file "
+                       f"has {size}.")
+  return reader
+
+
+def _logical_shape(reader: _Reader, t) -> tuple[int, ...]:
+  shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+  k = reader.get_field(_K_KEY + t.name)
+  return (*shape[:-1], int(k.contents())) if k is not None else shape
+
+
+def _format_of(reader: _Reader, t) -> str | None:
+  if t.name in reader.itq3s_names:
+    return "itq3_s"
+  return "iq3_s" if int(t.tensor_type) == int(GGMLType.IQ3_S) else None
+
+
+def _quantized(reader: _Reader, t, fmt: str) -> qtensor.QuantizedTensor:
+  shape = _logical_shape(reader, t)
+  data = np.array(t.data, np.uint8).reshape(*shape[:-1], -1)
+  return qtensor.validate(qtensor.QuantizedTensor(jnp.asarray(data), shape, fmt))
+
+
+def _to_float32(reader: _Reader, t) -> np.ndarray:
+  fmt = _format_of(reader, t)
+  if fmt is not None:
+    return np.asarray(quantize_lib.dequantize(_quantized(reader, t, fmt)))
+  shape = _logical_shape(reader, t)
+  if t.tensor_type in (GGMLType.F64, GGMLType.I8, GGMLType.I16, GGMLType.I32, GGMLType.I64):
+    return np.asarray(t.data, np.float32).reshape(shape)
+  try:
+    out = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+  except NotImplementedError:
+    raise NotImplementedError(
+        f"tensor {t.name!r} has GGML type {t.tensor_type.name}, which gguf "
+        f"{gguf.__version__ if hasattr(gguf, '__version__') else ''} cannot dequantize; "
+        "upgrade the gguf package or convert the file with llama.cpp.") from None
+  n = math.prod(int(d) for d in t.shape.tolist())
+  full = tuple(int(d) for d in reversed(t.shape.tolist()))
+  return np.asarray(out, np.float32).reshape(full)[..., :shape[-1]].reshape(shape) \
+      if n else np.zeros(shape, np.float32)
+
+
+def read_tensors(path: str | os.PathLike, *, type41: Type41 = "auto"
+                 ) -> Iterator[tuple[str, np.ndarray]]:
+  """Streams the tensors of a GGUF file as float32 arrays, one at a time.
+
+  Args:
+    path: a GGUF file.
+    type41: how to read GGML type 41 (module docstring).
+
+  Yields:
+    (name, float32 array in the tensor's numpy shape (GGUF dims reversed)).
+
+  Raises:
+    ValueError: missing, non-GGUF or truncated file (raised at the first
+      ``next``).
+    NotImplementedError: a tensor type gguf cannot dequantize.
+  """
+  reader = _open(path, type41)
+  for t in reader.tensors:
+    yield t.name, _to_float32(reader, t)
+
+
+def read_metadata(path: str | os.PathLike, *, typed: bool = False) -> dict[str, Any]:
+  """Key/value fields of a GGUF file as plain Python values.
+
+  Args:
+    path: a GGUF file.
+    typed: return ``(value, GGUFValueType, sub_type or None)`` triples instead of
+      values, so that :func:`write_gguf` can write the same types back.
+
+  Returns:
+    {key: value}: str, int, float, bool, or a list of those (e.g.
+    ``tokenizer.ggml.tokens``). The reader's pseudo-keys ``GGUF.*`` are left out.
+
+  Raises:
+    ValueError: missing, non-GGUF or truncated file.
+  """
+  reader = _open(path)
+  out = {}
+  for key, field in reader.fields.items():
+    if key in _INTERNAL_KEYS:
+      continue
+    value = field.contents()
+    if typed:
+      arr = field.types[0] == gguf.GGUFValueType.ARRAY
+      value = (value, field.types[0], field.types[-1] if arr else None)
+    out[key] = value
+  return out
+
+
+def read_quantized(path: str | os.PathLike, *, type41: Type41 = "auto"
+                   ) -> dict[str, qtensor.QuantizedTensor | np.ndarray]:
+  """Loads a GGUF file without decoding the IQ3_S / ITQ3_S tensors.
+
+  Returns:
+    {name: tensor}: IQ3_S (21) tensors as ``iq3_s`` and ITQ3_S (41) tensors as
+    ``itq3_s`` :class:`QuantizedTensor` (their bytes as stored); F16/F32/F64 and
+    integer tensors as numpy arrays of the stored dtype; any other type
+    dequantized to float32.
+
+  Raises:
+    ValueError: missing, non-GGUF or truncated file, or block data that does
+      not fit the tensor's shape.
+  """
+  reader = _open(path, type41)
+  out: dict[str, qtensor.QuantizedTensor | np.ndarray] = {}
+  raw = (GGMLType.F16, GGMLType.F32, GGMLType.F64, GGMLType.I8, GGMLType.I16,
+         GGMLType.I32, GGMLType.I64)
+  for t in reader.tensors:
+    fmt = _format_of(reader, t)
+    if fmt is not None:
+      out[t.name] = _quantized(reader, t, fmt)
+    elif t.tensor_type in raw:
+      out[t.name] = np.array(t.data).reshape(_logical_shape(reader, t))
+    else:
+      out[t.name] = _to_float32(reader, t)
+  return out
+
+
+def _add_metadata(writer: gguf.GGUFWriter, metadata: Mapping[str, Any]) -> None:
+  for key, value in metadata.items():
+    if key == "general.architecture":
+      continue  # the writer adds it from its ``arch`` argument
+    if isinstance(value, tuple):
+      value, vtype, sub = (*value, None)[:3]
+    else:
+      vtype, sub = gguf.GGUFValueType.get_type(value), None
+    writer.add_key_value(key, value, gguf.GGUFValueType(vtype),
+                         None if sub is None else gguf.GGUFValueType(sub))
+
+
+def write_gguf(path: str | os.PathLike,
+               tensors: Mapping[str, qtensor.QuantizedTensor | np.ndarray],
+               metadata: Mapping[str, Any] | None = None) -> None:
+  """Writes a GGUF file that llama.cpp reads as-is.
+
+  Args:
+    path: output file (overwritten).
+    tensors: {name: tensor}. ``iq3_s`` QuantizedTensors are written as GGML type
+      21 and ``itq3_s`` as type 41 (their bytes unchanged); numpy/JAX arrays as
+      F32, F16, F64 or integer types by dtype (bfloat16 and others: cast first).
+    metadata: {key: value} with plain values (typed as gguf does: int -> INT32,
+      float -> FLOAT32) or ``(value, GGUFValueType[, sub_type])`` to choose the
+      type (:func:`read_metadata` with ``typed=True`` gives these).
+      ``general.architecture`` (default "itq3s_jax") becomes the writer's arch.
+
+  Raises:
+    ValueError: a QuantizedTensor in a format GGML has no type for, or an
+      array of unsupported dtype.
+    TypeError: a tensor that is neither a QuantizedTensor nor an array.
+  """
+  metadata = dict(metadata or {})
+  arch = metadata.get("general.architecture", "itq3s_jax")
+  arch = arch[0] if isinstance(arch, tuple) else arch
+  writer = gguf.GGUFWriter(os.fspath(path), arch)
+  for name, t in tensors.items():
+    if isinstance(t, qtensor.QuantizedTensor):
+      qtensor.validate(t)
+      fmt = registry.get_format(t.format)
+      if t.format not in ("iq3_s", "itq3_s"):
+        raise ValueError(f"tensor {name!r}: format {t.format!r} has no GGML type; "
+                         "use iq3_s or itq3_s, or dequantize it and write floats.")
+      k = t.shape[-1]
+      kp = -(-k // 256) * 256
+      if kp != k:
+        metadata[_K_KEY + name] = (k, gguf.GGUFValueType.UINT64)
+      data = np.ascontiguousarray(np.asarray(t.data, np.uint8))
+      # int8 view: gguf then takes raw_shape as elements instead of converting a
+      # byte shape with its own size table (which maps 41 to Q1_0).
+      writer.add_tensor(name, data.view(np.int8), raw_shape=(*t.shape[:-1], kp),
+                        raw_dtype=fmt.gguf_type)
+    elif hasattr(t, "shape") and hasattr(t, "dtype"):
+      arr = np.ascontiguousarray(np.asarray(t))
+      if arr.dtype not in (np.float32, np.float16, np.float64, np.int8, np.int16,
+                           np.int32, np.int64):
+        raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be written; cast "
+                         "to float32 or float16 first.")
+      writer.add_tensor(name, arr)
+    else:
+      raise TypeError(f"tensor {name!r}: expected a QuantizedTensor or an array, got "
+                      f"{type(t).__name__}.")
+  _add_metadata(writer, metadata)
+  try:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+  finally:
+    writer.close()
