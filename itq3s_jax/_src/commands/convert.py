@@ -1,0 +1,76 @@
+"""``itq3s convert SRC DST``: quantize a float checkpoint (streaming, atomic, resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import itq3s_jax
+from itq3s_jax import cli
+from itq3s_jax import checkpoint
+from itq3s_jax.checkpoint import converter
+from itq3s_jax.checkpoint import table
+
+NAME = "convert"
+HELP = ("Convert a safetensors/GGUF/orbax float checkpoint into an itq3s orbax "
+        "checkpoint (or a GGUF file when DST ends in .gguf).")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("src", metavar="SRC", help="safetensors file or shard directory, GGUF "
+                 "file, or orbax params checkpoint directory")
+  p.add_argument("dst", metavar="DST", help="output orbax checkpoint directory, or *.gguf")
+  p.add_argument("--format", default="itq3_t", choices=itq3s_jax.formats(),
+                 help="format of quantized tensors (default: itq3_t)")
+  p.add_argument("--seed", type=int, default=0, help="sign-vector seed (default: 0)")
+  p.add_argument("--include", metavar="REGEX", help="quantize only names matching REGEX")
+  p.add_argument("--exclude", metavar="REGEX", help="never quantize names matching REGEX")
+  p.add_argument("--min-size", type=int, default=checkpoint.Policy().min_size,
+                 help="smallest 2-D weight (in weights) to quantize (default: %(default)s)")
+  p.add_argument("--quantize-embeddings", action="store_true",
+                 help="also quantize embeddings and the output head")
+  # --calibration PATH belongs here once the calibration work lands: it turns PATH into an
+  # importance_fn(name, (N, K)) -> (K,) array and passes it to converter.convert.
+  p.add_argument("--resume", action="store_true",
+                 help="continue an interrupted conversion of the same SRC and options")
+  p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+  p.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+
+def run(args: argparse.Namespace) -> int:
+  try:
+    policy = checkpoint.Policy(format=args.format, seed=args.seed, include=args.include,
+                               exclude=args.exclude, min_size=args.min_size,
+                               quantize_embeddings=args.quantize_embeddings)
+    summary = checkpoint.convert(args.src, args.dst, policy=policy, resume=args.resume,
+                                 overwrite=args.overwrite, progress=not args.quiet)
+  except checkpoint.CheckpointError as exc:
+    raise cli.CommandError(str(exc)) from None
+  except ValueError as exc:  # bad options (regex, seed)
+    raise cli.CommandError(str(exc)) from None
+  except OSError as exc:
+    raise cli.CommandError(f"{exc.filename or args.dst}: {exc.strerror or exc}") from None
+  except KeyboardInterrupt:
+    print(f"partial conversion kept in {converter.staging_path(args.dst)}; rerun with "
+          "--resume to continue.", file=sys.stderr)
+    raise
+  if not args.quiet:
+    print(_summary_table(summary))
+  return 0
+
+
+def _summary_table(summary: converter.Summary) -> str:
+  rows = []
+  for e in summary.entries:
+    bpw = e.get("bits_per_weight")
+    rows.append([e["name"], "x".join(map(str, e["shape"])), e["dtype"],
+                 e.get("format", "-"), f"{bpw:.4f}" if bpw else "-", e["reason"]])
+  q = [e for e in summary.entries if e["kind"] == "quantized"]
+  nq = sum(math.prod(e["shape"]) for e in q)
+  total = sum(e["nbytes"] for e in summary.entries)
+  footer = (f"\n{len(q)} of {len(summary.entries)} tensors quantized ({nq} weights, "
+            f"{8.0 * sum(e['nbytes'] for e in q) / nq if nq else 0:.4f} bpw); checkpoint "
+            f"{table.human_bytes(total)}; {summary.seconds:.1f} s, "
+            f"{summary.weights_per_second / 1e6:.2f} M weights/s -> {summary.dst}")
+  return table.render(["tensor", "shape", "dtype", "format", "bpw", "policy"], rows) + footer

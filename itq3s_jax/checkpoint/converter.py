@@ -1,0 +1,248 @@
+"""``convert``: float checkpoint -> quantized checkpoint, streaming, atomic, resumable.
+
+One tensor is in memory at a time: read it, check it is finite, quantize it in
+row chunks of about ``CHUNK_WEIGHTS`` weights (codes are per row, so chunks give
+the same bytes as one call; the chunk bounds the encoder's temporaries), hand
+the codes to the writer, forget it. Peak memory is about the largest tensor
+plus its codes plus one chunk's temporaries.
+
+Atomicity: everything is written into ``.<DST name>.itq3s-partial`` next to
+DST, with ``job.json`` (source hash + options) and ``done.jsonl`` (one line per
+finished tensor, fsynced). Only when all tensors are done is that directory
+renamed to DST. A crash or Ctrl-C leaves no DST; ``resume=True`` reuses the
+finished tensors of a partial directory made from the same source and options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+import itq3s_jax
+from itq3s_jax.checkpoint import errors
+from itq3s_jax.checkpoint import policy as policy_lib
+from itq3s_jax.checkpoint import sources
+from itq3s_jax.checkpoint import writers
+
+CHUNK_WEIGHTS = 1 << 22  # 16 MiB of float32 per quantize call
+ImportanceFn = Callable[[str, tuple[int, ...]], "np.ndarray | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+  """What ``convert`` did: one entry per tensor (as in the metadata) and totals."""
+
+  dst: str
+  entries: tuple[dict, ...]
+  seconds: float
+  weights_converted: int  # weights quantized or copied in this run (resumed ones excluded)
+
+  @property
+  def weights_per_second(self) -> float:
+    return self.weights_converted / self.seconds if self.seconds else 0.0
+
+
+def staging_path(dst: str) -> str:
+  """The temporary sibling a conversion to ``dst`` writes into."""
+  head, tail = os.path.split(os.path.abspath(dst))
+  return os.path.join(head, f".{tail}.itq3s-partial")
+
+
+def _writer(dst: str, stage: str):
+  if dst.endswith(".gguf"):
+    from itq3s_jax.checkpoint import gguf_writer  # pylint: disable=g-import-not-at-top
+    return gguf_writer.GgufWriter(stage)
+  return writers.OrbaxWriter(stage)
+
+
+def _check_finite(name: str, x: np.ndarray) -> None:
+  flat = x.reshape(-1)
+  for lo in range(0, flat.size, CHUNK_WEIGHTS):
+    bad = ~np.isfinite(flat[lo:lo + CHUNK_WEIGHTS])
+    if bad.any():
+      raise errors.CheckpointError(
+          f"tensor {name!r} has NaN/Inf values (first at flat index "
+          f"{lo + int(np.argmax(bad))}); fix the source checkpoint or --exclude it.")
+
+
+def quantize_tensor(w: np.ndarray, policy: policy_lib.Policy, k_axis: int = -1,
+                    importance: np.ndarray | None = None) -> itq3s_jax.QuantizedTensor:
+  """Quantizes one weight exactly as ``itq3s_jax.quantize`` would, in row chunks.
+
+  Args:
+    w: float array (N, K) (or (K, N) with ``k_axis=0``, transposed first).
+    policy: format and seed.
+    k_axis: contraction axis of ``w``.
+    importance: optional (K,) column importance.
+
+  Returns:
+    QuantizedTensor of shape (N, K), bytes equal to ``quantize(w, ...)``.
+  """
+  if k_axis == 0:
+    w = w.T
+  rows = max(1, CHUNK_WEIGHTS // max(1, w.shape[-1]))
+  parts = [np.asarray(itq3s_jax.quantize(
+      np.ascontiguousarray(w[lo:lo + rows]), policy.format, seed=policy.seed,
+      importance=importance).data) for lo in range(0, w.shape[0], rows)]
+  data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+  return itq3s_jax.QuantizedTensor(jnp.asarray(data), tuple(w.shape), policy.format,
+                                   policy.seed)
+
+
+def _prepare_stage(stage: str, job: dict, resume: bool) -> list[dict]:
+  """Creates or reuses the staging directory; returns the entries already done."""
+  job_path, done_path = os.path.join(stage, "job.json"), os.path.join(stage, "done.jsonl")
+  if os.path.isdir(stage) and resume:
+    try:
+      with open(job_path, encoding="utf-8") as f:
+        old = json.load(f)
+    except (OSError, ValueError):
+      old = None
+    if old != job:
+      raise errors.CheckpointError(
+          f"{stage} was made from another source or with other options; rerun without "
+          "--resume to start over.")
+    done = []
+    if os.path.isfile(done_path):
+      with open(done_path, encoding="utf-8") as f:
+        for line in f:
+          try:
+            done.append(json.loads(line))
+          except ValueError:  # the line being written when the process died
+            break
+    return done
+  if os.path.isdir(stage):
+    shutil.rmtree(stage)
+  os.makedirs(stage)
+  with open(job_path, "w", encoding="utf-8") as f:
+    json.dump(job, f)
+  return []
+
+
+def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
+            resume: bool = False, overwrite: bool = False, progress: bool = False,
+            importance_fn: ImportanceFn | None = None,
+            on_tensor: Callable[[int], None] | None = None) -> Summary:
+  """Converts the float checkpoint ``src`` into a quantized checkpoint ``dst``.
+
+  Args:
+    src: safetensors file/shard directory, GGUF file or orbax params checkpoint.
+    dst: ``*.gguf`` for a GGUF file, anything else for an orbax checkpoint dir.
+    policy: which tensors to quantize and how (default :class:`Policy`).
+    resume: continue a conversion of the same source/options that was cut off.
+    overwrite: replace an existing ``dst``.
+    progress: show a tqdm progress bar on stderr.
+    importance_fn: the calibration hook: (name, (N, K)) -> (K,) importance or
+      None, passed to ``itq3s_jax.quantize`` for each quantized tensor.
+    on_tensor: called with the count of tensors finished in this run, after
+      each (tests use it to interrupt a conversion).
+
+  Returns:
+    A :class:`Summary`.
+
+  Raises:
+    CheckpointError: bad input (nothing is written to ``dst``).
+  """
+  policy = policy or policy_lib.Policy()
+  dst = os.fspath(dst)
+  if os.path.lexists(dst) and not overwrite:
+    raise errors.CheckpointError(f"{dst} already exists; pass --overwrite to replace it.")
+  start = time.perf_counter()
+  source = sources.open_source(src)
+  plan = [(i, t, policy_lib.decide(policy, t.name, t.shape, t.dtype, t.k_axis))
+          for i, t in enumerate(source.tensors)]
+  src_hash = sources.sha256(source.files, source.path)
+  job = {"source_sha256": src_hash, "source_kind": source.kind,
+         "policy": policy.to_json(), "dst_kind": "gguf" if dst.endswith(".gguf") else "orbax"}
+  stage = staging_path(dst)
+  done = {e["name"]: e for e in _prepare_stage(stage, job, resume)}
+  writer = _writer(dst, stage)
+  entries, converted = [], 0
+  total = sum(math.prod(t.shape) for _, t, _ in plan)
+  bar = tqdm.tqdm(total=total, unit="w", unit_scale=True, disable=not progress,
+                  file=sys.stderr, desc="convert")
+  try:
+    with open(os.path.join(stage, "done.jsonl"), "a", encoding="utf-8") as journal:
+      for i, info, decision in plan:
+        item = writers.item_name(i)
+        if info.name in done and writer.has(item):
+          entries.append(done[info.name])
+          bar.update(math.prod(info.shape))
+          continue
+        entry = _convert_one(source, info, decision, policy, writer, item, importance_fn)
+        journal.write(json.dumps(entry) + "\n")
+        journal.flush()
+        os.fsync(journal.fileno())
+        entries.append(entry)
+        converted += math.prod(info.shape)
+        bar.update(math.prod(info.shape))
+        if on_tensor is not None:
+          on_tensor(len(entries) - len(done))
+  except errors.CheckpointError:
+    writer.close()
+    shutil.rmtree(stage, ignore_errors=True)  # the source is bad: nothing worth resuming
+    raise
+  finally:
+    bar.close()
+  meta = {"format_version": writers.FORMAT_VERSION, "created_by": "itq3s convert",
+          "source": {"path": os.path.abspath(src), "kind": source.kind, "sha256": src_hash},
+          "policy": policy.to_json(), "source_metadata": source.metadata, "tensors": entries}
+  result = writer.finish(meta)
+  for name in ("job.json", "done.jsonl"):
+    if os.path.exists(os.path.join(stage, name)):
+      os.remove(os.path.join(stage, name))
+  _move_into_place(result, dst, overwrite)
+  if result != stage:
+    shutil.rmtree(stage, ignore_errors=True)
+  return Summary(dst, tuple(entries), time.perf_counter() - start, converted)
+
+
+def _convert_one(source, info, decision, policy, writer, item, importance_fn) -> dict:
+  x = source.read(info.name)
+  if x.dtype.kind == "f" or x.dtype.name == "bfloat16":
+    _check_finite(info.name, x)
+  entry = {"name": info.name, "item": item, "dtype": x.dtype.name,
+           "reason": decision.reason}
+  if not decision.quantize:
+    writer.put(item, x, quantized=False)
+    entry.update(kind="array", shape=list(x.shape), nbytes=int(x.nbytes))
+    return entry
+  shape_nk = tuple(x.shape[::-1]) if info.k_axis == 0 else tuple(x.shape)
+  imp = importance_fn(info.name, shape_nk) if importance_fn is not None else None
+  try:
+    qt = quantize_tensor(x, policy, info.k_axis, imp)
+  except (ValueError, TypeError) as exc:
+    raise errors.CheckpointError(f"tensor {info.name!r}: {exc}") from None
+  del x
+  writer.put(item, np.asarray(qt.data), quantized=True)
+  entry.update(kind="quantized", format=qt.format, seed=qt.seed, shape=list(qt.shape),
+               transposed=info.k_axis == 0, nbytes=qt.nbytes,
+               bits_per_weight=qt.bits_per_weight)
+  return entry
+
+
+def _move_into_place(result: str, dst: str, overwrite: bool) -> None:
+  """Renames ``result`` to ``dst``; an old ``dst`` is removed only after that succeeds."""
+  old = None
+  if os.path.lexists(dst):
+    if not overwrite:
+      raise errors.CheckpointError(f"{dst} appeared during conversion; not replacing it.")
+    old = staging_path(dst) + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dst, old)
+  os.replace(result, dst)
+  if old is not None:
+    if os.path.isdir(old):
+      shutil.rmtree(old)
+    else:
+      os.remove(old)

@@ -1,0 +1,99 @@
+"""Reading converted checkpoints back: ``load`` (all tensors) and ``iter_tensors``.
+
+The orbax layout is described in ``writers.py``. Every tensor is checked
+against its JSON entry (``qtensor.validate``: dtype, code bytes per row), so a
+damaged checkpoint raises CheckpointError instead of restoring wrong weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+import itq3s_jax
+from itq3s_jax._src import qtensor
+from itq3s_jax.checkpoint import errors
+from itq3s_jax.checkpoint import writers
+
+Tensor = "itq3s_jax.QuantizedTensor | jax.Array"
+
+
+def read_metadata(path: str) -> dict:
+  """The JSON metadata of an itq3s orbax checkpoint (format version checked)."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise errors.CheckpointError(f"{path}: not a directory; an itq3s orbax checkpoint "
+                                 "is a directory made by `itq3s convert`.")
+  meta_path = os.path.join(path, writers.META_ITEM, "metadata")
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise errors.CheckpointError(f"{path}: not an itq3s checkpoint (no {writers.META_ITEM}/"
+                                 "metadata); was the conversion finished?") from None
+  except (OSError, ValueError) as exc:
+    raise errors.CheckpointError(f"{meta_path}: corrupt metadata ({exc}).") from None
+  if not isinstance(meta, dict) or meta.get("format_version") != writers.FORMAT_VERSION:
+    raise errors.CheckpointError(
+        f"{path}: unsupported itq3s checkpoint version "
+        f"{meta.get('format_version') if isinstance(meta, dict) else None!r}; this "
+        f"library reads version {writers.FORMAT_VERSION}.")
+  tensors = meta.get("tensors")
+  if not isinstance(tensors, list) or not all(
+      isinstance(e, dict) and {"name", "item", "kind", "shape"} <= set(e) for e in tensors):
+    raise errors.CheckpointError(f"{meta_path}: corrupt tensor list.")
+  return meta
+
+
+def _restore(path: str, entry: dict) -> Tensor:
+  item = os.path.join(path, entry["item"])
+  quantized = entry["kind"] == "quantized"
+  try:
+    with ocp.StandardCheckpointer() as c:
+      tree = c.restore(item)
+    arr = np.asarray(tree[writers.leaf_key(quantized)])
+  except Exception as exc:  # orbax/tensorstore raise many types for damaged items
+    raise errors.CheckpointError(
+        f"{path}: tensor {entry['name']!r} ({entry['item']}) is missing or damaged: "
+        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from None
+  if not quantized:
+    if list(arr.shape) != list(entry["shape"]):
+      raise errors.CheckpointError(
+          f"{path}: tensor {entry['name']!r} has shape {list(arr.shape)}, metadata says "
+          f"{entry['shape']}.")
+    return jnp.asarray(arr)
+  try:
+    return qtensor.validate(itq3s_jax.QuantizedTensor(
+        jnp.asarray(arr), tuple(int(d) for d in entry["shape"]), entry["format"],
+        int(entry["seed"])))
+  except (ValueError, TypeError, KeyError) as exc:
+    raise errors.CheckpointError(f"{path}: tensor {entry['name']!r}: {exc}") from None
+
+
+def iter_tensors(path: str) -> Iterator[tuple[dict, Tensor]]:
+  """Yields (metadata entry, tensor) one at a time, in checkpoint order."""
+  meta = read_metadata(path)
+  for entry in meta["tensors"]:
+    yield entry, _restore(os.fspath(path), entry)
+
+
+def load(path: str) -> dict[str, Tensor]:
+  """Restores an itq3s orbax checkpoint without a target tree.
+
+  Args:
+    path: a directory written by ``convert`` (or ``itq3s convert``).
+
+  Returns:
+    {tensor name: QuantizedTensor (data uint8 (N, row_nbytes), shape (N, K))
+    for quantized weights, or jax.Array (original dtype) for kept ones}.
+    Transposed Flax kernels come back as (out, in) QuantizedTensors.
+
+  Raises:
+    CheckpointError: not an itq3s checkpoint, or a damaged one.
+  """
+  return {entry["name"]: t for entry, t in iter_tensors(path)}

@@ -1,0 +1,123 @@
+"""Safetensors read without ``safetensors``' mmap: the header parsed and checked
+here, then one tensor at a time read with ``readinto`` into its own buffer.
+
+Why not ``safe_open``: its mmap keeps every touched page of the file resident
+(RSS grows with the file, not with the tensor), and its errors are Rust panics
+with messages that do not say how to fix the file. The format is tiny: an
+8-byte little-endian header length N, N bytes of JSON
+``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``,
+then the data (offsets relative to the end of the header).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+from itq3s_jax.checkpoint import errors
+
+# Safetensors dtype codes we can read; anything else is refused by name.
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  name: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  begin: int  # absolute byte offset in the file
+  end: int
+
+
+def read_header(path: str) -> tuple[list[Entry], dict[str, str]]:
+  """Parses and checks a safetensors header.
+
+  Returns:
+    (entries sorted by offset, ``__metadata__``).
+
+  Raises:
+    CheckpointError: missing/truncated file, corrupt header, unsupported dtype,
+      or a tensor whose bytes lie outside the file or overlap another.
+  """
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise errors.CheckpointError(f"{path}: truncated safetensors file ({size} bytes).")
+      (n,) = struct.unpack("<Q", head)
+      if n > min(_MAX_HEADER, size - 8):
+        raise errors.CheckpointError(
+            f"{path}: corrupt safetensors header (declares {n} header bytes, file has "
+            f"{size}); the file is truncated or not safetensors.")
+      raw = f.read(n)
+  except OSError as exc:
+    raise errors.CheckpointError(f"cannot read {path}: {exc.strerror or exc}.") from None
+  try:
+    header = json.loads(raw.decode("utf-8"))
+    if not isinstance(header, dict):
+      raise ValueError("not a JSON object")
+  except (UnicodeDecodeError, ValueError) as exc:
+    raise errors.CheckpointError(f"{path}: corrupt safetensors header ({exc}).") from None
+  meta = header.pop("__metadata__", None) or {}
+  data_start, data_size = 8 + n, size - 8 - n
+  entries = [_entry(path, name, spec, data_start, data_size) for name, spec in header.items()]
+  entries.sort(key=lambda e: e.begin)
+  for a, b in zip(entries, entries[1:]):
+    if b.begin < a.end:
+      raise errors.CheckpointError(f"{path}: tensors {a.name!r} and {b.name!r} overlap.")
+  return entries, meta if isinstance(meta, dict) else {}
+
+
+def _entry(path: str, name: str, spec, data_start: int, data_size: int) -> Entry:
+  try:
+    dtype_code, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
+    shape = tuple(int(d) for d in shape)
+    begin, end = int(begin), int(end)
+  except (TypeError, KeyError, ValueError):
+    raise errors.CheckpointError(
+        f"{path}: corrupt safetensors header entry for {name!r}: {spec!r}.") from None
+  if dtype_code not in DTYPES:
+    raise errors.CheckpointError(
+        f"{path}: tensor {name!r} has unsupported dtype {dtype_code}; supported: "
+        f"{', '.join(DTYPES)}. Convert it to one of these first.")
+  dtype = DTYPES[dtype_code]
+  if any(d < 0 for d in shape) or not 0 <= begin <= end:
+    raise errors.CheckpointError(f"{path}: corrupt shape/offsets for tensor {name!r}.")
+  if end - begin != math.prod(shape) * dtype.itemsize:
+    raise errors.CheckpointError(
+        f"{path}: tensor {name!r} has {end - begin} bytes but shape {list(shape)} of "
+        f"{dtype_code} needs {math.prod(shape) * dtype.itemsize}; the header is corrupt.")
+  if end > data_size:
+    raise errors.CheckpointError(
+        f"{path}: truncated file: tensor {name!r} needs bytes up to {data_start + end}, "
+        f"the file has {data_start + data_size}.")
+  return Entry(name, shape, dtype, data_start + begin, data_start + end)
+
+
+def read_tensor(path: str, entry: Entry) -> np.ndarray:
+  """Reads one tensor into a fresh array (entry.shape, entry.dtype); no mmap, no pickle."""
+  out = np.empty(entry.shape, entry.dtype)
+  buf = memoryview(out.reshape(-1).view(np.uint8))
+  try:
+    with open(path, "rb") as f:
+      f.seek(entry.begin)
+      got = f.readinto(buf) if len(buf) else 0
+  except OSError as exc:
+    raise errors.CheckpointError(f"cannot read {path}: {exc.strerror or exc}.") from None
+  if got != len(buf):
+    raise errors.CheckpointError(
+        f"{path}: truncated file while reading tensor {entry.name!r}.")
+  return out

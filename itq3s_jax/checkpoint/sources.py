@@ -1,0 +1,157 @@
+"""Float checkpoints to convert, read one tensor at a time.
+
+A source lists its tensors up front (name, shape, dtype: cheap, from headers or
+metadata) and reads one on demand, so conversion holds at most one float
+tensor in memory. Kinds:
+  * ``safetensors``: a file, or a directory of shards with or without a
+    ``*.safetensors.index.json`` (HF layout).
+  * ``gguf``: a GGUF file (any tensor type the ``gguf`` package decodes).
+  * ``orbax``: an orbax checkpoint of (Flax) params, leaves restored one by one
+    with orbax's partial restore.
+Nothing here unpickles or executes code from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable
+
+import numpy as np
+
+from itq3s_jax.checkpoint import errors
+from itq3s_jax.checkpoint import safetensors_file
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+  """One tensor of a source.
+
+  Attributes:
+    name: flat name (safetensors/GGUF name; orbax keys joined with ``/``).
+    shape: float shape as stored.
+    dtype: numpy dtype as stored (GGUF block types report float32, their
+      decoded dtype).
+    k_axis: the contraction axis of a 2-D weight: -1 (PyTorch/HF ``(out,
+      in)``, the library's convention) or 0 (Flax ``kernel`` ``(in, out)``,
+      transposed before quantizing so the stored weight is ``(out, in)``).
+  """
+
+  name: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  k_axis: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A readable checkpoint: ``tensors`` in read order, ``read(name)`` -> np.ndarray."""
+
+  kind: str
+  path: str
+  files: tuple[str, ...]  # every file whose bytes define the checkpoint (hashed)
+  tensors: tuple[TensorInfo, ...]
+  read: Callable[[str], np.ndarray]
+  metadata: dict = dataclasses.field(default_factory=dict)
+
+
+def open_source(path: str) -> Source:
+  """Opens a float checkpoint; CheckpointError if it is missing or malformed."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise errors.CheckpointError(f"{path}: no such file or directory.")
+  if os.path.isdir(path):
+    if _is_orbax(path):
+      return _orbax(path)
+    shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if shards or any(f.endswith(".safetensors.index.json") for f in os.listdir(path)):
+      return _safetensors_dir(path, shards)
+    raise errors.CheckpointError(
+        f"{path}: a directory with neither *.safetensors shards nor an orbax checkpoint.")
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic == b"GGUF":
+    return _gguf(path)
+  if not magic.startswith((b"\x80", b"PK\x03\x04")):
+    return _safetensors([path], path)
+  raise errors.CheckpointError(
+      f"{path}: looks like a pickle (torch .bin/.pt); pickles can execute code and "
+      "are never loaded. Convert it to safetensors first.")
+
+
+def sha256(files: tuple[str, ...], root: str) -> str:
+  """SHA-256 over (relative path, content) of ``files``, read in 8 MiB pieces."""
+  h = hashlib.sha256()
+  for fname in sorted(files):
+    h.update(os.path.relpath(fname, root).encode() + b"\0")
+    with open(fname, "rb") as f:
+      while piece := f.read(8 << 20):
+        h.update(piece)
+  return h.hexdigest()
+
+
+def _safetensors(files: list[str], root: str, only: dict[str, str] | None = None) -> Source:
+  where: dict[str, tuple[str, safetensors_file.Entry]] = {}
+  meta: dict = {}
+  for fname in files:
+    entries, m = safetensors_file.read_header(fname)
+    meta.update(m)
+    for e in entries:
+      if only is not None and only.get(e.name) != os.path.basename(fname):
+        continue
+      if e.name in where:
+        raise errors.CheckpointError(
+            f"{root}: tensor {e.name!r} appears in both {where[e.name][0]} and {fname}.")
+      where[e.name] = (fname, e)
+  if only is not None:
+    missing = sorted(set(only) - set(where))
+    if missing:
+      raise errors.CheckpointError(
+          f"{root}: the index lists {len(missing)} tensors not found in their shards "
+          f"(first: {missing[0]!r}); a shard is missing or truncated.")
+
+  def read(name: str) -> np.ndarray:
+    fname, entry = where[name]
+    return safetensors_file.read_tensor(fname, entry)
+
+  infos = tuple(TensorInfo(n, e.shape, e.dtype) for n, (_, e) in where.items())
+  return Source("safetensors", root, tuple(files), infos, read, meta)
+
+
+def _safetensors_dir(path: str, shards: list[str]) -> Source:
+  index = [f for f in os.listdir(path) if f.endswith(".safetensors.index.json")]
+  if len(index) > 1:
+    raise errors.CheckpointError(f"{path}: several index files {sorted(index)}; keep one.")
+  if not index:
+    return _safetensors([os.path.join(path, s) for s in shards], path)
+  ipath = os.path.join(path, index[0])
+  try:
+    with open(ipath, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+    if not isinstance(weight_map, dict):
+      raise TypeError
+  except (OSError, ValueError, KeyError, TypeError):
+    raise errors.CheckpointError(f"{ipath}: corrupt index (needs a 'weight_map' object).") from None
+  used = sorted(set(weight_map.values()))
+  for s in used:
+    if not os.path.isfile(os.path.join(path, s)):
+      raise errors.CheckpointError(f"{path}: shard {s!r} named in {index[0]} is missing.")
+  src = _safetensors([os.path.join(path, s) for s in used], path, only=weight_map)
+  return dataclasses.replace(src, files=src.files + (ipath,))
+
+
+def _gguf(path: str) -> Source:
+  from itq3s_jax._src import gguf_io  # pylint: disable=g-import-not-at-top  (lands separately)
+  raise NotImplementedError(gguf_io)
+
+
+def _is_orbax(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "_METADATA")) or os.path.isfile(
+      os.path.join(path, "_CHECKPOINT_METADATA"))
+
+
+def _orbax(path: str) -> Source:
+  from itq3s_jax.checkpoint import orbax_source  # pylint: disable=g-import-not-at-top
+  return orbax_source.open_orbax(path)
