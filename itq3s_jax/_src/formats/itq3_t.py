@@ -31,15 +31,19 @@ from itq3s_jax._src import registry
 
 SUB = 16  # coefficients per sub-block (one 3-bit step code each)
 E_BIAS = 176  # D(e) = 2^((e - E_BIAS) / 4)
-# 2^(k/4) for k = 0..3 rounded to float32; D(e) = ldexp(_QUARTER[e % 4], e // 4 - 44) is exact.
-_QUARTER = np.float32([1.0, 2.0**0.25, 2.0**0.5, 2.0**0.75])
+# Every constant below has an 11-bit significand (it is a float16 value), so
+# D * MULT[s] has at most 22 significant bits and Delta * q (|q| <= 4) at most 24:
+# both products are exact in float32. Decoded values therefore do not depend on
+# whether the compiler contracts multiply-adds into FMAs (bit-identical across
+# batch shapes, jit and vmap; proofs T8).
+# 2^(k/4) for k = 0..3; D(e) = ldexp(_QUARTER[e % 4], e // 4 - 44) is exact.
+_QUARTER = np.float16([1.0, 2.0**0.25, 2.0**0.5, 2.0**0.75]).astype(np.float32)
 SUPER = np.concatenate(
     [[np.float32(0)],
      np.ldexp(_QUARTER[np.arange(1, 256) % 4], np.arange(1, 256) // 4 - 44)]
 ).astype(np.float32)
 # Step multipliers: geometric from 0.45 to 1 (measured best of 0.35..0.55 on N(0,1)).
-MULT = np.float32(0.45 ** ((7 - np.arange(8)) / 7.0))
-MULT[7] = 1.0
+MULT = np.float16(0.45 ** ((7 - np.arange(8)) / 7.0)).astype(np.float32)
 # Admissible step: Delta >= m * 2/9 (i.e. m <= 4.5 Delta). The 1e-6 relative margin
 # exceeds the float32 rounding of the product, so the test is exact (FORMAT.md §2.4).
 _TWO_NINTHS_UP = np.float32(2.0 / 9.0 * (1.0 + 2.0**-20))
@@ -133,6 +137,27 @@ def encode(z: jax.Array, importance: jax.Array | None = None) -> jax.Array:
        bitpack.pack_trits(trits)], axis=-1)
 
 
+def levels(b: jax.Array, n: int):
+  """Admissible values with the stored steps: z_hat_i = Delta_i q_i, -4 <= q_i <= 4.
+
+  Returns (step float32, lo int32, hi int32), each (..., n) (registry.Format.levels).
+  """
+  delta = jnp.repeat(steps(b, n), SUB, axis=-1)
+  lo = jnp.full(delta.shape, -4, jnp.int32)
+  return delta, lo, -lo
+
+
+def repack(b: jax.Array, q: jax.Array, n: int) -> jax.Array:
+  """Keeps the scale bytes of ``b`` (..., nbytes(n)); codes int q (..., n) in -4..4."""
+  _, _, tbytes, _ = _split(b, n)
+  q = q.astype(jnp.int32)
+  t0 = (q + 1) % 3 - 1  # balanced ternary: q = 3 t1 + t0
+  t1 = (q - t0) // 3
+  trits = jnp.stack([t0, t1], axis=-1).reshape(*q.shape[:-1], 2 * n)
+  return jnp.concatenate([b[..., :b.shape[-1] - tbytes.shape[-1]],
+                          bitpack.pack_trits(trits)], axis=-1)
+
+
 FORMAT = registry.register(registry.Format(
     name="itq3_t",
     transform="rht",
@@ -142,6 +167,8 @@ FORMAT = registry.register(registry.Format(
     decode=decode,
     bound=bound,
     max_abs=MAX_ABS,
+    levels=levels,
+    repack=repack,
     description="randomized FWHT + two interleaved balanced-ternary planes, 16-wide "
     "sub-block steps, certified bound (3.4375 bpw at n=256)",
 ))
