@@ -99,7 +99,8 @@ def _check_input(w: jax.Array, fmt: registry.Format, seed: int) -> None:
 
 
 def quantize(w: ArrayLike, format: str = "itq3_t", *, seed: int = 0,
-             importance: ArrayLike | None = None) -> QuantizedTensor:
+             importance: ArrayLike | None = None,
+             hessian: ArrayLike | None = None) -> QuantizedTensor:
   """Quantizes ``w`` along its last axis.
 
   Args:
@@ -111,6 +112,10 @@ def quantize(w: ArrayLike, format: str = "itq3_t", *, seed: int = 0,
       (an "imatrix"): the encoder minimises sum_i a_i (w_i - w_hat_i)^2 where
       the format can. Rotated formats see a_i through their rotation, whose
       diagonal is the block mean of a.
+    hessian: optional (K, K) input second moment Sigma = E[x x^T] of the layer
+      (``itq3s_jax.calibrate``): rounds with GPTQ in the coding domain to
+      minimise tr(dW Sigma dW^T), each coefficient to one of its two neighbouring
+      levels (bound: ``itq3s_jax.gptq_error_bound``; options: ``gptq.quantize``).
 
   Returns:
     A :class:`QuantizedTensor` with ``data`` uint8 (..., row_nbytes).
@@ -127,6 +132,12 @@ def quantize(w: ArrayLike, format: str = "itq3_t", *, seed: int = 0,
   >>> qt.data.shape, qt.bits_per_weight
   ((4, 110), 3.4375)
   """
+  if hessian is not None:
+    if importance is not None:
+      raise ValueError("give importance or hessian, not both (the hessian's diagonal is "
+                       "the importance GPTQ uses).")
+    from itq3s_jax._src import gptq  # pylint: disable=g-import-not-at-top  (gptq builds on this module)
+    return gptq.quantize(w, format, hessian, seed=seed)
   fmt = registry.get_format(format)
   w = jnp.asarray(w)
   _check_input(w, fmt, seed)

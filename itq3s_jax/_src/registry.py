@@ -45,6 +45,13 @@ class Format:
       clipping; quantize raises beyond it in eager mode.
     gguf_type: GGML type id when the 256-blocks are byte-compatible, else None.
     description: one line for tables and ``itq3s inspect``.
+    levels: optional Hessian-aware rounding hook (gptq.py): (uint8 (..., nbytes),
+      n) -> (step, lo, hi), each (..., n): with the block's scales as stored,
+      coefficient i may take the values step_i * q for integers lo_i <= q <= hi_i.
+      None: the format cannot be re-rounded with fixed scales.
+    repack: optional companion of ``levels``: (uint8 (..., nbytes), int32 q
+      (..., n), n) -> uint8 (..., nbytes), the block with its scales kept and its
+      codes replaced by q (lo <= q <= hi).
   """
 
   name: str
@@ -57,6 +64,8 @@ class Format:
   max_abs: float
   gguf_type: int | None = None
   description: str = ""
+  levels: Callable[[jax.Array, int], tuple[jax.Array, jax.Array, jax.Array]] | None = None
+  repack: Callable[[jax.Array, jax.Array, int], jax.Array] | None = None
 
 
 _REGISTRY: dict[str, Format] = {}

@@ -69,9 +69,23 @@ def encode(x: jax.Array, importance: jax.Array | None = None) -> jax.Array:
   return jnp.concatenate([head, bitpack.pack_bits(c.astype(jnp.int32), 3)], axis=-1)
 
 
+def levels(b: jax.Array, n: int):
+  """Admissible values with the stored scale: x_hat_i = d q_i, -4 <= q_i <= 3.
+
+  Returns (step float32, lo int32, hi int32), each (..., n) (registry.Format.levels).
+  """
+  d = jnp.broadcast_to(_scale(b)[..., None], (*b.shape[:-1], n))
+  return d, jnp.full(d.shape, -4, jnp.int32), jnp.full(d.shape, 3, jnp.int32)
+
+
+def repack(b: jax.Array, q: jax.Array, n: int) -> jax.Array:
+  """Keeps the fp16 scale of ``b`` (..., nbytes(n)); codes int q (..., n) in -4..3."""
+  return jnp.concatenate([b[..., :2], bitpack.pack_bits(q.astype(jnp.int32) + 4, 3)], axis=-1)
+
+
 _COMMON = dict(
     tail="pow2", block_nbytes=nbytes, encode=encode, decode=decode, bound=bound,
-    max_abs=4.0 * _F16_MAX)
+    max_abs=4.0 * _F16_MAX, levels=levels, repack=repack)
 UNIFORM3 = registry.register(registry.Format(
     name="uniform3", transform="none",
     description="round-to-nearest 3-bit, one fp16 absmax scale per block, no rotation "
