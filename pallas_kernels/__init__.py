@@ -1,0 +1,11 @@
+"""Fused dequant-matmul Pallas kernels for the itq3s-jax formats (one kernel per module).
+
+``weight_ifwht``: decode + inverse FWHT of each weight tile + dot.
+``act_rotate``: rotate activations once, dequant-matmul in the coding domain.
+Both are reached through ``itq3s_jax.matmul(x, qt, method=...)``.
+"""
+
+from pallas_kernels import act_rotate
+from pallas_kernels import weight_ifwht
+
+__all__ = ["act_rotate", "weight_ifwht"]

@@ -1,0 +1,55 @@
+"""``act_rotate``: rotate x once per 256 columns, then dequant-matmul in the coding domain.
+
+Each 256-block of a weight row is stored as z = H (sigma * w) / 16, H/16
+orthonormal, so w . x = z . (H (sigma * x) / 16): the activations are rotated
+once (``itq3s_jax.rotate_activations``, M*K*8 add/sub in XLA, negligible at
+small M) and the kernel only decodes codes times steps, never transforms a
+weight tile (jax_notes.md §8). Equal to dequantize-first up to rounding.
+y = x @ dequantize(qt)^T. The kernel body is shared with ``weight_ifwht``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.typing import ArrayLike
+
+from itq3s_jax._src import matmul as matmul_lib
+from itq3s_jax._src import qtensor
+from pallas_kernels import _driver
+
+Config = _driver.Config
+heuristic = _driver.heuristic
+reference = functools.partial(matmul_lib.matmul, method="xla")
+
+
+def supports(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor) -> bool:
+  """Whether :func:`act_rotate` takes this x (..., K) and weight (N, K)."""
+  try:
+    _driver.check_supported(x, qt)
+  except (ValueError, TypeError, NotImplementedError):
+    return False
+  return True
+
+
+def act_rotate(x: ArrayLike, qt: qtensor.QuantizedTensor, *, config: Config | None = None,
+               interpret: bool | None = None, out_init: jax.Array | None = None) -> jax.Array:
+  """Fused x @ dequantize(qt)^T computed as rotate(x) @ decode_rotated(qt)^T.
+
+  Args:
+    x: float activations (..., K); bf16/f16 rotate in float32, then round the
+      rotated activations and decoded tiles to that dtype for the dot.
+    qt: weight (N, K) in a format with a kernel decoder (kernel_decode.CODECS).
+    config: tiling; None: :func:`heuristic`.
+    interpret: None: interpret mode on CPU, compiled on GPU.
+    out_init: testing hook, see ``_driver.fused``.
+
+  Returns:
+    float32 (..., N).
+
+  Raises:
+    NotImplementedError: format without a kernel decoder, K < 256, non-GPU backend.
+  """
+  return _driver.run(x, qt, rotate_x=True, config=config, interpret=interpret,
+                     out_init=out_init)

@@ -1,0 +1,55 @@
+"""``weight_ifwht``: decode, inverse-FWHT each 256-wide weight tile in-kernel, dot.
+
+The paper's fused kernel done right: sub-block steps are applied to the codes
+*before* the transform (the transform mixes sub-blocks), in float32, with no
+shared-memory traffic between threads of a tile. y = x @ dequantize(qt)^T.
+Cost: 8 add/sub per weight for the butterfly (kernel_decode.hadamard) on top
+of the decode, which dominates at small M (jax_notes.md §8); ``act_rotate``
+avoids it. The kernel body is shared with ``act_rotate`` (``_driver.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.typing import ArrayLike
+
+from itq3s_jax._src import matmul as matmul_lib
+from itq3s_jax._src import qtensor
+from pallas_kernels import _driver
+
+Config = _driver.Config
+heuristic = _driver.heuristic
+reference = functools.partial(matmul_lib.matmul, method="xla")
+
+
+def supports(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor) -> bool:
+  """Whether :func:`weight_ifwht` takes this x (..., K) and weight (N, K)."""
+  try:
+    _driver.check_supported(x, qt)
+  except (ValueError, TypeError, NotImplementedError):
+    return False
+  return True
+
+
+def weight_ifwht(x: ArrayLike, qt: qtensor.QuantizedTensor, *, config: Config | None = None,
+                 interpret: bool | None = None, out_init: jax.Array | None = None) -> jax.Array:
+  """Fused x @ dequantize(qt)^T with the inverse transform applied to weight tiles.
+
+  Args:
+    x: float activations (..., K); bf16/f16 run a bf16/f16 tensor-core dot
+      (tiles rounded to that dtype), others a float32 dot.
+    qt: weight (N, K) in a format with a kernel decoder (kernel_decode.CODECS).
+    config: tiling; None: :func:`heuristic`.
+    interpret: None: interpret mode on CPU, compiled on GPU.
+    out_init: testing hook, see ``_driver.fused``.
+
+  Returns:
+    float32 (..., N).
+
+  Raises:
+    NotImplementedError: format without a kernel decoder, K < 256, non-GPU backend.
+  """
+  return _driver.run(x, qt, rotate_x=False, config=config, interpret=interpret,
+                     out_init=out_init)
