@@ -1,0 +1,21 @@
+"""Quantized Flax layers (NNX and linen), model surgery and checkpoints."""
+
+from itq3s_jax.flax._core import QuantizationReport
+from itq3s_jax.flax.checkpoint import restore
+from itq3s_jax.flax.checkpoint import save
+from itq3s_jax.flax.linen import QuantizedDense
+from itq3s_jax.flax.linen import quantize_params
+from itq3s_jax.flax.nnx import QuantizedLinear
+from itq3s_jax.flax.nnx import QuantizedWeight
+from itq3s_jax.flax.surgery import quantize_model
+
+__all__ = [
+    "QuantizationReport",
+    "QuantizedDense",
+    "QuantizedLinear",
+    "QuantizedWeight",
+    "quantize_model",
+    "quantize_params",
+    "restore",
+    "save",
+]

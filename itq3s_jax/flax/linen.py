@@ -1,0 +1,149 @@
+"""Linen ``QuantizedDense`` and ``quantize_params`` for linen parameter trees.
+
+A linen model keeps its weights outside the module, so quantizing one takes
+two steps: build the model with :class:`QuantizedDense` where it had
+``nn.Dense`` (same parameter names: ``kernel``, ``bias``; give both the same
+``name=`` or rely on a ``dense_cls`` attribute), and convert the float
+parameters with :func:`quantize_params`, which replaces each dense ``kernel``
+(in, out) by a QuantizedTensor of its transpose (out, in).
+
+>>> import jax, jax.numpy as jnp
+>>> import flax.linen as nn
+>>> from itq3s_jax import flax as qflax
+>>> params = nn.Dense(8, name="fc").init(jax.random.key(0), jnp.ones((1, 64)))["params"]
+>>> qparams, report = qflax.quantize_params(params)
+>>> qparams["kernel"].shape, qparams["kernel"].data.shape
+((8, 64), (8, 29))
+>>> qflax.QuantizedDense(8).apply({"params": qparams}, jnp.ones((1, 64))).shape
+(1, 8)
+
+The outputs equal those of the NNX ``QuantizedLinear`` with the same weights
+bit for bit (both call one functional op).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+import itq3s_jax
+from itq3s_jax.flax import _core
+
+
+class QuantizedDense(nn.Module):
+  """``nn.Dense`` with its kernel stored as a 3-bit QuantizedTensor.
+
+  Params: ``kernel``, a QuantizedTensor (features, in_features) whose data is
+  uint8 (features, row_nbytes); ``bias`` (features,) of param_dtype. The
+  format and seed of an existing kernel are read from the parameter (its
+  static fields), so ``format``/``seed`` only matter at ``init``.
+
+  Attributes:
+    features: output features N.
+    format: registered format name used by ``init``.
+    seed: sign-vector seed used by ``init``.
+    use_bias: whether to add a bias.
+    dtype: output dtype; None promotes the input dtype with param_dtype.
+    param_dtype: dtype of the bias and of the float kernel before coding.
+    kernel_init: float kernel initializer, shape (in, out) like nn.Dense.
+    bias_init: bias initializer.
+    method: ``itq3s_jax.matmul`` method.
+  """
+
+  features: int
+  format: str = "itq3_t"
+  seed: int = 0
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+  method: str = "auto"
+
+  @nn.compact
+  def __call__(self, x: ArrayLike) -> jax.Array:
+    """(..., in_features) -> (..., features) of the layer dtype."""
+    x = jnp.asarray(x)
+    k = x.shape[-1]
+
+    def init(key, shape, dtype):
+      return _core.quantize_kernel(self.kernel_init(key, shape, dtype), self.format, self.seed)
+
+    qt = self.param("kernel", init, (k, self.features), self.param_dtype)
+    if not isinstance(qt, itq3s_jax.QuantizedTensor):
+      raise TypeError(f"QuantizedDense kernel must be a QuantizedTensor, got "
+                      f"{type(qt).__name__}; convert float params with quantize_params.")
+    if qt.shape != (self.features, k):
+      raise ValueError(f"kernel has shape {qt.shape}, expected (features, in_features) = "
+                       f"{(self.features, k)}.")
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    return _core.dense(x, qt, bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                       method=self.method)
+
+
+def _is_dense_kernel(v: Any) -> bool:
+  return (hasattr(v, "ndim") and hasattr(v, "dtype") and v.ndim == 2
+          and jnp.issubdtype(v.dtype, jnp.floating))
+
+
+def quantize_params(params: Mapping[str, Any], *, format: str = "itq3_t",
+                    include: str | None = None, exclude: str | None = None,
+                    min_features: int = 0, seed: int = 0
+                    ) -> tuple[dict[str, Any], _core.QuantizationReport]:
+  """Replaces dense kernels (in, out) in a linen tree by QuantizedTensors (out, in).
+
+  A dense layer is any sub-dict holding a 2-D float ``kernel``; its path is
+  the dotted key path to that sub-dict (``"Dense_0"``, or ``"params.Dense_0"``
+  when the whole variable dict is passed). Selection follows
+  :func:`itq3s_jax.flax.quantize_model`: ``exclude``/``include`` regexes
+  searched in the path, in_features a multiple of 32 and ``>= min_features``.
+  The input is not modified.
+
+  Args:
+    params: a (nested) linen parameter dict, e.g. ``variables["params"]``.
+    format: registered format name.
+    include: regex; None selects every dense layer.
+    exclude: regex; matching layers stay in float.
+    min_features: layers with in_features below this stay in float.
+    seed: sign-vector seed of randomized formats.
+
+  Returns:
+    ``(new_params, report)``: plain nested dicts with the selected kernels
+    replaced, and a :class:`QuantizationReport`.
+
+  Raises:
+    ValueError: unknown format, bad regex, or a weight the format cannot code.
+    TypeError: ``params`` is not a mapping.
+  """
+  if not isinstance(params, Mapping):
+    raise TypeError(f"quantize_params needs a nested dict of params, got {type(params).__name__}.")
+  _core.check_rules(format, include, exclude, min_features)
+  quantized, skipped = [], []
+
+  def walk(tree: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+      out[key] = walk(value, (*path, key)) if isinstance(value, Mapping) else value
+    kernel = out.get("kernel")
+    if not _is_dense_kernel(kernel):
+      return out
+    name = _core.dotted(path)
+    k, n = kernel.shape
+    reason = _core.skip_reason(name, k, include=include, exclude=exclude,
+                               min_features=min_features)
+    if reason is not None:
+      skipped.append(_core.Skipped(name, (n, k), reason))
+      return out
+    out["kernel"] = _core.quantize_kernel(kernel, format, seed)
+    quantized.append(_core.Quantized(name, (n, k), out["kernel"].nbytes))
+    return out
+
+  new = walk(params, ())
+  return new, _core.QuantizationReport(format, tuple(quantized), tuple(skipped))

@@ -1,0 +1,185 @@
+"""NNX ``QuantizedLinear``: an ``nnx.Linear`` whose kernel is 3-bit coded.
+
+The coded bytes live in a :class:`QuantizedWeight` variable, not an
+``nnx.Param``, so ``nnx.state(model, nnx.Param)`` and optimizers built on it
+(``nnx.Optimizer(model, tx, wrt=nnx.Param)``) see only the float parameters
+(biases, norms, embeddings). Format, shape and seed are static Python
+attributes: a jitted model recompiles only when they change.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.typing import ArrayLike
+
+import itq3s_jax
+from itq3s_jax.flax import _core
+
+_default_kernel_init = nnx.initializers.lecun_normal()
+_default_bias_init = nnx.initializers.zeros_init()
+
+
+class QuantizedWeight(nnx.Variable):
+  """uint8 (out_features, row_nbytes): the coded rows of a quantized weight.
+
+  Not an ``nnx.Param``: parameter filters, optimizers and gradients skip it.
+  """
+
+
+_SHARDING_KEYS = ("mesh", "sharding_rules", "eager_sharding")
+
+
+def _sharding_metadata(var: nnx.Variable, transpose: bool) -> dict[str, Any]:
+  """Sharding metadata of a float Variable, carried over to its replacement.
+
+  With ``transpose``, kernel names (in_ax, out_ax) become the coded data's
+  (out_ax, None): rows (output features) shard, the byte axis never does.
+  """
+  meta = var.get_metadata()
+  out = {k: meta[k] for k in _SHARDING_KEYS if k in meta}
+  names = meta.get("out_sharding")
+  if names:
+    if transpose:
+      if len(names) != 2:
+        raise ValueError(f"kernel out_sharding must name 2 axes, got {names}.")
+      names = (names[1], None)
+    out["out_sharding"] = tuple(names)
+  return out
+
+
+class QuantizedLinear(nnx.Module):
+  """A linear layer ``y = x @ W.T + b`` with W stored in a 3-bit format.
+
+  Mirrors ``nnx.Linear``; the weight is a :class:`itq3s_jax.QuantizedTensor`
+  of shape (out_features, in_features), blocks running along in_features.
+  The product runs through ``itq3s_jax.matmul`` in float32 and is cast to
+  the layer dtype.
+
+  >>> from flax import nnx
+  >>> from itq3s_jax import flax as qflax
+  >>> layer = qflax.QuantizedLinear(256, 8, rngs=nnx.Rngs(0))
+  >>> layer.weight[...].shape, layer.weight[...].dtype, layer.bias[...].shape
+  ((8, 110), dtype('uint8'), (8,))
+
+  Attributes:
+    weight: :class:`QuantizedWeight` uint8 (out_features, row_nbytes).
+    bias: ``nnx.Param`` (out_features,) of param_dtype, or None.
+    in_features, out_features, format, seed, use_bias, dtype, param_dtype,
+    method: static configuration.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *,
+               format: str = "itq3_t", seed: int = 0, use_bias: bool = True,
+               dtype: Any = None, param_dtype: Any = jnp.float32,
+               kernel_init: nnx.Initializer = _default_kernel_init,
+               bias_init: nnx.Initializer = _default_bias_init,
+               method: str = "auto",
+               rngs: nnx.Rngs | None = None,
+               weight: itq3s_jax.QuantizedTensor | None = None,
+               bias: ArrayLike | None = None,
+               weight_metadata: Mapping[str, Any] = MappingProxyType({}),
+               bias_metadata: Mapping[str, Any] = MappingProxyType({})):
+    """Builds the layer from a random float init, or from given ``weight``/``bias``.
+
+    Args:
+      in_features: K, a multiple of 32.
+      out_features: N.
+      format: registered format name (``itq3s_jax.formats()``).
+      seed: sign-vector seed of randomized formats.
+      use_bias: whether to add a bias.
+      dtype: output dtype; None promotes the input dtype with param_dtype.
+      param_dtype: dtype of the bias (and of the float kernel before coding).
+      kernel_init: float kernel initializer, called with shape (in, out)
+        like ``nnx.Linear``'s; the result is quantized.
+      bias_init: bias initializer.
+      method: ``itq3s_jax.matmul`` method (``"auto"``, ``"xla"``, ...).
+      rngs: random streams; required unless ``weight`` is given.
+      weight: an already quantized (out_features, in_features) tensor; its
+        format and seed must match ``format`` and ``seed``.
+      bias: float (out_features,) used instead of ``bias_init`` when given.
+      weight_metadata: Variable metadata of :class:`QuantizedWeight`, e.g.
+        ``{"out_sharding": ("model", None)}`` to shard output features.
+      bias_metadata: Variable metadata of the bias, e.g.
+        ``{"out_sharding": ("model",)}``.
+    """
+    if weight is None:
+      if rngs is None:
+        raise TypeError("QuantizedLinear needs rngs=nnx.Rngs(...) to initialise its "
+                        "weight, or an already quantized weight=QuantizedTensor.")
+      kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+      weight = _core.quantize_kernel(kernel, format, seed)
+    elif not isinstance(weight, itq3s_jax.QuantizedTensor):
+      raise TypeError(f"weight must be a QuantizedTensor, got {type(weight).__name__}.")
+    if weight.shape != (out_features, in_features):
+      raise ValueError(f"weight has shape {weight.shape}, expected (out_features, "
+                       f"in_features) = {(out_features, in_features)}.")
+    if (weight.format, weight.seed) != (format, seed):
+      raise ValueError(f"weight is {weight.format!r} with seed {weight.seed} but the layer "
+                       f"was asked for {format!r} with seed {seed}; pass format="
+                       f"{weight.format!r}, seed={weight.seed}.")
+    self.weight = QuantizedWeight(weight.data, **weight_metadata)
+    if use_bias:
+      if bias is None:
+        key = rngs.params() if rngs is not None else jax.random.key(0)
+        bias = bias_init(key, (out_features,), param_dtype)
+      bias = jnp.asarray(bias, param_dtype)
+      if bias.shape != (out_features,):
+        raise ValueError(f"bias has shape {bias.shape}, expected ({out_features},).")
+      self.bias = nnx.Param(bias, **bias_metadata)
+    else:
+      self.bias = nnx.data(None)
+    self.in_features = in_features
+    self.out_features = out_features
+    self.format = weight.format
+    self.seed = weight.seed
+    self.use_bias = use_bias
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.method = method
+
+  @property
+  def qt(self) -> itq3s_jax.QuantizedTensor:
+    """The weight as a QuantizedTensor of shape (out_features, in_features)."""
+    return itq3s_jax.QuantizedTensor(self.weight[...], (self.out_features, self.in_features),
+                                     self.format, self.seed)
+
+  def __call__(self, x: ArrayLike) -> jax.Array:
+    """(..., in_features) -> (..., out_features) of the layer dtype."""
+    bias = self.bias[...] if self.bias is not None else None
+    return _core.dense(x, self.qt, bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                       method=self.method)
+
+  @classmethod
+  def from_linear(cls, linear: nnx.Linear, *, format: str = "itq3_t", seed: int = 0,
+                  method: str = "auto") -> "QuantizedLinear":
+    """Quantizes an ``nnx.Linear`` (kernel (in, out)) into a new layer.
+
+    The bias is copied; the kernel's ``out_sharding`` (in_ax, out_ax) becomes
+    the weight's (out_ax, None), so output features keep their sharding.
+
+    Args:
+      linear: the float layer.
+      format: registered format name.
+      seed: sign-vector seed of randomized formats.
+      method: ``itq3s_jax.matmul`` method.
+
+    Returns:
+      A QuantizedLinear computing ``x @ dequantize(qt).T + b``.
+    """
+    if not isinstance(linear, nnx.Linear):
+      raise TypeError(f"from_linear needs an nnx.Linear, got {type(linear).__name__}.")
+    weight = _core.quantize_kernel(linear.kernel[...], format, seed)
+    weight_metadata = _sharding_metadata(linear.kernel, transpose=True)
+    bias_metadata = {}
+    if linear.bias is not None:
+      bias_metadata = _sharding_metadata(linear.bias, transpose=False)
+    return cls(linear.in_features, linear.out_features, format=format, seed=seed,
+               use_bias=linear.bias is not None, dtype=linear.dtype,
+               param_dtype=linear.param_dtype, method=method, weight=weight,
+               bias=None if linear.bias is None else linear.bias[...],
+               weight_metadata=weight_metadata, bias_metadata=bias_metadata)

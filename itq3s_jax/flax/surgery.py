@@ -1,0 +1,101 @@
+"""``quantize_model``: NNX surgery replacing ``nnx.Linear`` by ``QuantizedLinear``.
+
+Selection (shared with the linen ``quantize_params``): a layer at dotted path
+``p`` (``"layers.0.mlp.up"``; integers index ``nnx.List``) is quantized when
+``exclude`` is not found in ``p``, ``include`` is (``re.search``; None matches
+everything), its in_features is a multiple of 32 and at least
+``min_features``. Every other ``nnx.Linear`` is kept in float and reported
+with its reason. Embeddings, norms and other modules are never touched.
+
+>>> from flax import nnx
+>>> from itq3s_jax import flax as qflax
+>>> class MLP(nnx.Module):
+...   def __init__(self, rngs):
+...     self.layers = nnx.List([nnx.Linear(64, 64, rngs=rngs), nnx.Linear(64, 10, rngs=rngs)])
+>>> model, report = qflax.quantize_model(MLP(nnx.Rngs(0)), exclude=r"\\.1$")
+>>> [q.path for q in report.quantized], [s.path for s in report.skipped]
+(['layers.0'], ['layers.1'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from flax import nnx
+
+from itq3s_jax.flax import _core
+from itq3s_jax.flax import nnx as qnnx
+
+M = TypeVar("M", bound=nnx.Module)
+
+
+def _by_item(parent: Any, key: str | int) -> bool:
+  # nnx.List / nnx.Dict and plain lists/dicts are indexed; modules use attributes.
+  return isinstance(key, int) or isinstance(parent, (Mapping, Sequence))
+
+
+def _get_child(parent: Any, key: str | int) -> Any:
+  return parent[key] if _by_item(parent, key) else getattr(parent, key)
+
+
+def _set_child(parent: Any, key: str | int, value: nnx.Module) -> None:
+  if _by_item(parent, key):
+    parent[key] = value
+  else:
+    setattr(parent, key, value)
+
+
+def quantize_model(model: M, *, format: str = "itq3_t", include: str | None = None,
+                   exclude: str | None = None, min_features: int = 0, seed: int = 0,
+                   method: str = "auto") -> tuple[M, _core.QuantizationReport]:
+  """Replaces the selected ``nnx.Linear`` layers of ``model`` by ``QuantizedLinear``.
+
+  The model is modified in place (like Flax's surgery guide) and returned.
+  Each layer is quantized eagerly from its kernel (in, out) transposed to
+  (out, in); biases and kernel sharding annotations carry over. Under
+  ``nnx.eval_shape`` the same call builds the abstract quantized model that
+  :func:`itq3s_jax.flax.restore` needs.
+
+  Args:
+    model: an NNX module; its ``nnx.Linear`` descendants are candidates (the
+      root itself is never replaced: use ``QuantizedLinear.from_linear``).
+    format: registered format name.
+    include: regex searched in the dotted path; None selects every layer.
+    exclude: regex searched in the dotted path; matches stay in float.
+    min_features: layers with in_features below this stay in float.
+    seed: sign-vector seed of randomized formats (the same for every layer).
+    method: ``itq3s_jax.matmul`` method of the new layers.
+
+  Returns:
+    ``(model, report)``: the same model object, and a
+    :class:`QuantizationReport` listing quantized and skipped layers.
+
+  Raises:
+    ValueError: unknown format, bad regex or min_features; a weight the
+      format cannot code (NaN/Inf, values beyond its range).
+    TypeError: ``model`` is not an ``nnx.Module``.
+  """
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"quantize_model needs an nnx.Module, got {type(model).__name__}; "
+                    "for linen parameter trees use quantize_params.")
+  _core.check_rules(format, include, exclude, min_features)
+  # Collect first: replacing while iterating would walk the new modules.
+  targets = [(path, m) for path, m in nnx.iter_modules(model)
+             if isinstance(m, nnx.Linear) and path]
+  quantized, skipped = [], []
+  for path, linear in targets:
+    name = _core.dotted(path)
+    shape = (linear.out_features, linear.in_features)
+    reason = _core.skip_reason(name, linear.in_features, include=include, exclude=exclude,
+                               min_features=min_features)
+    if reason is not None:
+      skipped.append(_core.Skipped(name, shape, reason))
+      continue
+    layer = qnnx.QuantizedLinear.from_linear(linear, format=format, seed=seed, method=method)
+    parent = model
+    for key in path[:-1]:
+      parent = _get_child(parent, key)
+    _set_child(parent, path[-1], layer)
+    quantized.append(_core.Quantized(name, shape, int(layer.weight[...].size)))
+  return model, _core.QuantizationReport(format, tuple(quantized), tuple(skipped))
