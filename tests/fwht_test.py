@@ -87,7 +87,8 @@ def test_unnormalized_butterfly_is_exact_on_small_integers(n):
 
 
 @settings()
-@hypothesis.given(log_n=st.integers(0, 9), seed=st.integers(0, 2**31 - 1),
+@hypothesis.given(log_n=st.sampled_from([0, 1, 5, 8]),  # few shapes: each compiles
+                  seed=st.integers(0, 2**31 - 1),
                   scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e3, 1e30]))
 def test_matches_dense_hadamard_property(log_n, seed, scale):
   n = 1 << log_n
