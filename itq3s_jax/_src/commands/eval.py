@@ -1,0 +1,196 @@
+"""``itq3s eval``: SmolLM2-135M perplexity and MiniLM embedding fidelity per format.
+
+What is quantized: every ``nnx.Linear`` of the models (``quantize_model`` with
+its defaults), i.e. SmolLM2's q/k/v/o and gate/up/down projections (210
+matrices, 106M weights) and MiniLM's q/k/v/attention-output and FFN layers.
+Token embeddings, the tied output head, RMS/LayerNorms and biases stay float32.
+"ref" is the float model: for SmolLM2 the GGUF's Q4_1 weights dequantized.
+
+Perplexity follows :mod:`itq3s_jax._src.evaluation` (pydoc topics text, 512-token
+windows, no BOS); Δppl carries a paired standard error over windows. MiniLM
+reports the mean cosine between quantized and float sentence embeddings over a
+fixed sentence list, and the paraphrase check of the float model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from typing import Any
+
+import jax
+from flax import nnx
+
+import itq3s_jax
+from itq3s_jax import cli
+from itq3s_jax._src import evaluation
+
+NAME = "eval"
+HELP = "perplexity of SmolLM2-135M and MiniLM embedding cosine for each format"
+DEFAULT_FORMATS = "ref,itq3_t,itq3_s,iq3_s,uniform3"
+REF = "ref"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--formats", default=DEFAULT_FORMATS,
+                 help=f"comma-separated formats; '{REF}' is the float model (default: %(default)s)")
+  p.add_argument("--tokens", type=int, default=evaluation.N_TOKENS,
+                 help="leading tokens of the text to score, in windows of 512 (default: %(default)s)")
+  p.add_argument("--model", choices=("smollm2", "minilm", "both"), default="both")
+  p.add_argument("--batch", type=int, default=4, help="windows per forward call (default: %(default)s)")
+  p.add_argument("--seed", type=int, default=0, help="sign-vector seed of randomized formats")
+  p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+
+
+def _state_nbytes(model: nnx.Module) -> int:
+  """Bytes of every array in the model's state (float params and coded weights)."""
+  return int(sum(x.nbytes for x in jax.tree.leaves(nnx.state(model))))
+
+
+def _quantized(model: nnx.Module, fmt: str, seed: int):
+  """(model copy with its linear layers in ``fmt``, report); raises on failure."""
+  from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top
+  return qflax.quantize_model(nnx.clone(model), format=fmt, seed=seed)
+
+
+def _status(fmt: str) -> str | None:
+  """None when ``fmt`` can be evaluated, else why not."""
+  if fmt == REF or fmt in itq3s_jax.formats():
+    return None
+  return f"unavailable (not registered; known: {', '.join(itq3s_jax.formats())})"
+
+
+def _row(fmt: str, model, seed: int, measure) -> dict[str, Any]:
+  """Quantizes (unless ref), runs ``measure(model) -> dict``; errors become a status."""
+  status = _status(fmt)
+  if status is not None:
+    return {"format": fmt, "status": status}
+  t0 = time.perf_counter()
+  row: dict[str, Any] = {"format": fmt, "status": "ok"}
+  try:
+    if fmt == REF:
+      qmodel, row["bpw"], row["quantized_bytes"] = model, 32.0, None
+    else:
+      qmodel, report = _quantized(model, fmt, seed)
+      row["bpw"] = 8.0 * report.nbytes / report.num_weights
+      row["quantized_bytes"] = report.nbytes
+      row["quantized_layers"] = len(report.quantized)
+    row["model_bytes"] = _state_nbytes(qmodel)
+    row.update(measure(qmodel))
+  except (ValueError, NotImplementedError) as exc:
+    row = {"format": fmt, "status": f"failed: {type(exc).__name__}: {exc}"}
+  row["seconds"] = time.perf_counter() - t0
+  return row
+
+
+def run_smollm2(formats: list[str], n_tokens: int, batch: int, seed: int) -> dict[str, Any]:
+  from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  model, tok, cfg = llama.load_gguf()
+  text = evaluation.protocol_text()
+  windows = evaluation.make_windows(tok.encode(text, add_special_tokens=False).ids, n_tokens)
+  info = {"text_sha256": evaluation.text_sha256(text), "python": platform.python_version(),
+          "tokens": int(windows.size), "windows": len(windows),
+          "load_seconds": time.perf_counter() - t0}
+  print(f"SmolLM2-135M-Instruct ({cfg.n_layers} blocks, d={cfg.d_model}); text sha256 "
+        f"{info['text_sha256'][:16]}..., Python {info['python']}; {info['windows']} windows "
+        f"x {evaluation.WINDOW} tokens; loaded in {info['load_seconds']:.1f} s", flush=True)
+  ref_nlls = None
+  rows = []
+  order = [REF] + [f for f in formats if f != REF]  # the reference first: deltas need it
+  for fmt in order:
+    row = _row(fmt, model, seed, lambda m: {"nlls": evaluation.nlls(m, windows, batch).tolist()})
+    if row["status"] == "ok":
+      row["ppl"] = evaluation.perplexity(row["nlls"])
+      if fmt == REF:
+        ref_nlls = row["nlls"]
+      else:
+        d = evaluation.delta_ppl(ref_nlls, row["nlls"])
+        row["delta_ppl"], row["delta_se"] = d.delta, d.se
+    if fmt in formats:
+      rows.append(row)
+    print(f"  {fmt}: {row['status']} ({row['seconds']:.1f} s)", flush=True)
+  return {**info, "rows": rows}
+
+
+def run_minilm(formats: list[str], seed: int) -> dict[str, Any]:
+  from itq3s_jax.models import bert  # pylint: disable=g-import-not-at-top
+  model, tok, _ = bert.load_minilm()
+  ref = bert.embed(model, tok, evaluation.SENTENCES)
+  sims = ref @ ref.T
+  para = [float(sims[i, j]) for i, j in evaluation.PARAPHRASE_PAIRS]
+  paired = {k for p in evaluation.PARAPHRASE_PAIRS for k in (p, p[::-1])}
+  unrel = [float(sims[i, j]) for i in range(len(ref)) for j in range(i + 1, len(ref))
+           if (i, j) not in paired]
+  rows = [_row(fmt, model, seed, lambda m: {"cosine": evaluation.mean_cosine(
+      bert.embed(m, tok, evaluation.SENTENCES), ref)}) for fmt in formats]
+  return {"paraphrase_cos_min": min(para), "unrelated_cos_max": max(unrel),
+          "sentences": len(evaluation.SENTENCES), "rows": rows}
+
+
+def _fmt(v, spec: str) -> str:
+  return "-" if v is None else format(v, spec)
+
+
+def render_smollm2(res: dict[str, Any]) -> str:
+  lines = [f"SmolLM2-135M perplexity: {res['tokens']} tokens, {res['windows']} windows, text sha256 "
+           f"{res['text_sha256']}, Python {res['python']}",
+           f"{'format':<10} {'ppl':>9} {'Δppl ± SE':>19} {'bpw(lin)':>9} {'lin MB':>8} "
+           f"{'model MB':>9} {'s':>6}"]
+  for r in res["rows"]:
+    if r["status"] != "ok":
+      lines.append(f"{r['format']:<10} {r['status']}")
+      continue
+    delta = "-" if "delta_ppl" not in r else f"{r['delta_ppl']:+.3f} ± {r['delta_se']:.3f}"
+    lin = r["quantized_bytes"]
+    lines.append(f"{r['format']:<10} {r['ppl']:9.3f} {delta:>19} {r['bpw']:9.4f} "
+                 f"{_fmt(None if lin is None else lin / 1e6, '8.2f'):>8} "
+                 f"{r['model_bytes'] / 1e6:9.2f} {r['seconds']:6.1f}")
+  return "\n".join(lines)
+
+
+def render_minilm(res: dict[str, Any]) -> str:
+  lines = [f"all-MiniLM-L6-v2: float paraphrase cos >= {res['paraphrase_cos_min']:.3f}, "
+           f"unrelated cos <= {res['unrelated_cos_max']:.3f}; mean cos(quantized, float) "
+           f"over {res['sentences']} sentences",
+           f"{'format':<10} {'cosine':>8} {'bpw(lin)':>9} {'model MB':>9} {'s':>6}"]
+  for r in res["rows"]:
+    if r["status"] != "ok":
+      lines.append(f"{r['format']:<10} {r['status']}")
+      continue
+    lines.append(f"{r['format']:<10} {r['cosine']:8.5f} {r['bpw']:9.4f} "
+                 f"{r['model_bytes'] / 1e6:9.2f} {r['seconds']:6.1f}")
+  return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+  formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+  if not formats:
+    raise cli.CommandError("--formats is empty.")
+  if args.tokens < 2 * evaluation.WINDOW:
+    raise cli.CommandError(f"--tokens={args.tokens} must be >= {2 * evaluation.WINDOW} "
+                           "(two windows, for a standard error).")
+  if args.batch < 1:
+    raise cli.CommandError(f"--batch={args.batch} must be >= 1.")
+  t0 = time.perf_counter()
+  out: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform()}
+  try:
+    if args.model in ("smollm2", "both"):
+      out["smollm2"] = run_smollm2(formats, args.tokens, args.batch, args.seed)
+      print(render_smollm2(out["smollm2"]), flush=True)
+    if args.model in ("minilm", "both"):
+      out["minilm"] = run_minilm(formats, args.seed)
+      print(render_minilm(out["minilm"]), flush=True)
+  except (FileNotFoundError, ModuleNotFoundError) as exc:
+    raise cli.CommandError(str(exc)) from None
+  out["wall_seconds"] = time.perf_counter() - t0
+  print("Quantized: every nnx.Linear (attention q/k/v/o and FFN projections); embeddings, "
+        "the output head and norms stay float32.")
+  print(f"total wall time {out['wall_seconds']:.1f} s")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
+  return 0
