@@ -15,6 +15,7 @@ from itq3s_jax.checkpoint.policy import decide
 from itq3s_jax.checkpoint.policy import Policy
 from itq3s_jax.checkpoint.reader import iter_tensors
 from itq3s_jax.checkpoint.reader import load
+from itq3s_jax.checkpoint.reader import load_tree
 from itq3s_jax.checkpoint.reader import read_metadata
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "inspect",
     "iter_tensors",
     "load",
+    "load_tree",
     "quantize_tensor",
     "read_metadata",
 ]

@@ -16,6 +16,7 @@ finished tensors of a partial directory made from the same source and options.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -24,12 +25,15 @@ import sys
 import time
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 import itq3s_jax
+from itq3s_jax._src import blocks
 from itq3s_jax.checkpoint import errors
+from itq3s_jax.checkpoint import gguf_writer
 from itq3s_jax.checkpoint import policy as policy_lib
 from itq3s_jax.checkpoint import sources
 from itq3s_jax.checkpoint import writers
@@ -58,10 +62,13 @@ def staging_path(dst: str) -> str:
   return os.path.join(head, f".{tail}.itq3s-partial")
 
 
-def _writer(dst: str, stage: str):
-  if dst.endswith(".gguf"):
-    from itq3s_jax.checkpoint import gguf_writer  # pylint: disable=g-import-not-at-top
-    return gguf_writer.GgufWriter(stage)
+def _is_gguf(dst: str) -> bool:
+  return dst.lower().endswith(".gguf")
+
+
+def _writer(dst: str, stage: str, source: sources.Source):
+  if _is_gguf(dst):
+    return gguf_writer.GgufWriter(stage, source.gguf_metadata)
   return writers.OrbaxWriter(stage)
 
 
@@ -75,9 +82,25 @@ def _check_finite(name: str, x: np.ndarray) -> None:
           f"{lo + int(np.argmax(bad))}); fix the source checkpoint or --exclude it.")
 
 
+@functools.partial(jax.jit, static_argnames=("format", "seed"))
+def _quantize(w, importance, format: str, seed: int) -> itq3s_jax.QuantizedTensor:
+  return itq3s_jax.quantize(w, format, seed=seed, importance=importance)
+
+
+@functools.partial(jax.jit, static_argnames=("format", "seed"))
+def _peak(w, format: str, seed: int) -> jax.Array:
+  return jnp.max(jnp.abs(itq3s_jax.rotate_activations(w, format, seed)), initial=0.0)
+
+
 def quantize_tensor(w: np.ndarray, policy: policy_lib.Policy, k_axis: int = -1,
                     importance: np.ndarray | None = None) -> itq3s_jax.QuantizedTensor:
   """Quantizes one weight exactly as ``itq3s_jax.quantize`` would, in row chunks.
+
+  Each chunk runs ``itq3s_jax.quantize`` under ``jax.jit`` (one compilation per
+  chunk shape instead of one per eager op; the codes are the same bytes, which
+  the tests check). The eager value checks ``quantize`` skips under jit are
+  done here: NaN/Inf by the caller, the format's range with
+  ``rotate_activations``.
 
   Args:
     w: float array (N, K) (or (K, N) with ``k_axis=0``, transposed first).
@@ -87,13 +110,24 @@ def quantize_tensor(w: np.ndarray, policy: policy_lib.Policy, k_axis: int = -1,
 
   Returns:
     QuantizedTensor of shape (N, K), bytes equal to ``quantize(w, ...)``.
+
+  Raises:
+    ValueError: K not a multiple of 32, or values beyond the format's range.
   """
   if k_axis == 0:
     w = w.T
+  fmt = itq3s_jax.get_format(policy.format)
+  blocks.check_k(w.shape[-1])
   rows = max(1, CHUNK_WEIGHTS // max(1, w.shape[-1]))
-  parts = [np.asarray(itq3s_jax.quantize(
-      np.ascontiguousarray(w[lo:lo + rows]), policy.format, seed=policy.seed,
-      importance=importance).data) for lo in range(0, w.shape[0], rows)]
+  parts = []
+  for lo in range(0, w.shape[0], rows):
+    chunk = jnp.asarray(np.ascontiguousarray(w[lo:lo + rows]))
+    peak = float(_peak(chunk, policy.format, policy.seed))
+    if peak > fmt.max_abs:
+      raise ValueError(f"values too large for {fmt.name}: a coefficient of magnitude "
+                       f"{peak:.4g} exceeds {fmt.max_abs:.4g}; rescale the tensor or "
+                       "--exclude it.")
+    parts.append(np.asarray(_quantize(chunk, importance, policy.format, policy.seed).data))
   data = parts[0] if len(parts) == 1 else np.concatenate(parts)
   return itq3s_jax.QuantizedTensor(jnp.asarray(data), tuple(w.shape), policy.format,
                                    policy.seed)
@@ -157,16 +191,18 @@ def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
   dst = os.fspath(dst)
   if os.path.lexists(dst) and not overwrite:
     raise errors.CheckpointError(f"{dst} already exists; pass --overwrite to replace it.")
+  if _is_gguf(dst):
+    gguf_writer.check_format(policy.format)
   start = time.perf_counter()
   source = sources.open_source(src)
   plan = [(i, t, policy_lib.decide(policy, t.name, t.shape, t.dtype, t.k_axis))
           for i, t in enumerate(source.tensors)]
   src_hash = sources.sha256(source.files, source.path)
   job = {"source_sha256": src_hash, "source_kind": source.kind,
-         "policy": policy.to_json(), "dst_kind": "gguf" if dst.endswith(".gguf") else "orbax"}
+         "policy": policy.to_json(), "dst_kind": "gguf" if _is_gguf(dst) else "orbax"}
   stage = staging_path(dst)
   done = {e["name"]: e for e in _prepare_stage(stage, job, resume)}
-  writer = _writer(dst, stage)
+  writer = _writer(dst, stage, source)
   entries, converted = [], 0
   total = sum(math.prod(t.shape) for _, t, _ in plan)
   bar = tqdm.tqdm(total=total, unit="w", unit_scale=True, disable=not progress,

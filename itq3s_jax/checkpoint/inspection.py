@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 
 import itq3s_jax
+from itq3s_jax.checkpoint import errors
 from itq3s_jax.checkpoint import reader
 
 
@@ -67,11 +69,26 @@ def _row(entry: dict, t) -> Row:
              float(bound.max()) if bound.size else 0.0, rel, "")
 
 
+def _gguf_tensors(path: str):
+  from itq3s_jax._src import gguf_io  # pylint: disable=g-import-not-at-top
+  try:
+    tensors = gguf_io.read_quantized(path)
+    md = gguf_io.read_metadata(path)
+  except (ValueError, NotImplementedError) as exc:
+    raise errors.CheckpointError(str(exc)) from None
+  for name, t in tensors.items():
+    kind = "quantized" if isinstance(t, itq3s_jax.QuantizedTensor) else "array"
+    yield {"name": name, "kind": kind, "reason": "GGUF tensor"}, t
+  source = {"kind": "gguf", "sha256": md.get("itq3s_jax.source_sha256")}
+  yield None, source
+
+
 def inspect(path: str) -> Report:
   """Summarises a converted checkpoint, reading one tensor at a time.
 
   Args:
-    path: an itq3s orbax checkpoint directory.
+    path: an itq3s orbax checkpoint directory, or a GGUF file (its iq3_s /
+      itq3_s tensors are shown as quantized, the others as arrays).
 
   Returns:
     A :class:`Report` (rows in checkpoint order).
@@ -79,6 +96,20 @@ def inspect(path: str) -> Report:
   Raises:
     CheckpointError: not an itq3s checkpoint, or a damaged one.
   """
+  path = os.fspath(path)
+  if os.path.isfile(path) and _magic(path) == b"GGUF":
+    rows, source = [], {}
+    for entry, t in _gguf_tensors(path):
+      if entry is None:
+        source = t
+      else:
+        rows.append(_row(entry, t))
+    return Report(path, source, tuple(rows))
   meta = reader.read_metadata(path)
   rows = tuple(_row(entry, t) for entry, t in reader.iter_tensors(path))
-  return Report(str(path), meta.get("source", {}), rows)
+  return Report(path, meta.get("source", {}), rows)
+
+
+def _magic(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read(4)

@@ -20,7 +20,7 @@ from itq3s_jax._src import qtensor
 from itq3s_jax.checkpoint import errors
 from itq3s_jax.checkpoint import writers
 
-Tensor = "itq3s_jax.QuantizedTensor | jax.Array"
+Tensor = "itq3s_jax.QuantizedTensor | np.ndarray"
 
 
 def read_metadata(path: str) -> dict:
@@ -66,7 +66,7 @@ def _restore(path: str, entry: dict) -> Tensor:
       raise errors.CheckpointError(
           f"{path}: tensor {entry['name']!r} has shape {list(arr.shape)}, metadata says "
           f"{entry['shape']}.")
-    return jnp.asarray(arr)
+    return arr
   try:
     return qtensor.validate(itq3s_jax.QuantizedTensor(
         jnp.asarray(arr), tuple(int(d) for d in entry["shape"]), entry["format"],
@@ -90,10 +90,29 @@ def load(path: str) -> dict[str, Tensor]:
 
   Returns:
     {tensor name: QuantizedTensor (data uint8 (N, row_nbytes), shape (N, K))
-    for quantized weights, or jax.Array (original dtype) for kept ones}.
+    for quantized weights, or np.ndarray (original dtype) for kept ones}.
     Transposed Flax kernels come back as (out, in) QuantizedTensors.
 
   Raises:
     CheckpointError: not an itq3s checkpoint, or a damaged one.
   """
   return {entry["name"]: t for entry, t in iter_tensors(path)}
+
+
+def load_tree(path: str, sep: str = "/") -> dict:
+  """``load`` nested by splitting names on ``sep`` (orbax sources join keys with "/").
+
+  ``load_tree(path)["params"]`` of a converted linen checkpoint is a params
+  tree for ``itq3s_jax.flax.QuantizedDense`` layers: kernels are (out, in)
+  QuantizedTensors, exactly what ``itq3s_jax.flax.quantize_params`` makes.
+  """
+  tree: dict = {}
+  for name, t in load(path).items():
+    *parents, leaf = name.split(sep)
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        raise errors.CheckpointError(f"{path}: tensor name {name!r} clashes with another.")
+    node[leaf] = t
+  return tree

@@ -121,3 +121,33 @@ def read_tensor(path: str, entry: Entry) -> np.ndarray:
     raise errors.CheckpointError(
         f"{path}: truncated file while reading tensor {entry.name!r}.")
   return out
+
+
+def write(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
+          produce, metadata: dict[str, str] | None = None) -> None:
+  """Writes a safetensors file streaming, one tensor in memory at a time.
+
+  Args:
+    path: output file.
+    specs: {name: (shape, numpy dtype)} in file order (dtypes from ``DTYPES``).
+    produce: name -> array of that shape and dtype, called once per tensor.
+    metadata: optional ``__metadata__`` strings.
+  """
+  codes = {v: k for k, v in DTYPES.items()}
+  header, offset = {}, 0
+  if metadata:
+    header["__metadata__"] = metadata
+  for name, (shape, dtype) in specs.items():
+    n = math.prod(shape) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": codes[np.dtype(dtype)], "shape": list(shape),
+                    "data_offsets": [offset, offset + n]}
+    offset += n
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes, as safetensors does
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)) + raw)
+    for name, (shape, dtype) in specs.items():
+      arr = np.ascontiguousarray(produce(name), dtype=dtype)
+      if arr.shape != tuple(shape):
+        raise ValueError(f"produce({name!r}) gave shape {arr.shape}, expected {shape}.")
+      f.write(arr.reshape(-1).view(np.uint8).data)

@@ -1,0 +1,370 @@
+"""itq3s convert: round trip, policy, streaming chunks, atomicity, resume, bad input.
+
+Shapes are few and small (one eager compile each); every comparison of codes
+is exact: conversion must reproduce in-memory quantization bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import itq3s_jax
+from itq3s_jax import checkpoint
+from itq3s_jax import cli
+from itq3s_jax.checkpoint import converter
+from itq3s_jax.checkpoint import safetensors_file
+
+RNG = np.random.default_rng(0)
+# name -> array: two quantizable weights (float32 and bfloat16, K=288 has a 32-tail), an
+# embedding, a norm, a bias, an int buffer and a weight whose K is not a multiple of 32.
+TENSORS = {
+    "model.embed_tokens.weight": (RNG.standard_normal((40, 64)) * 0.02).astype(np.float32),
+    "model.layers.0.q_proj.weight": (RNG.standard_normal((64, 256)) * 0.02).astype(np.float32),
+    "model.layers.0.o_proj.weight":
+        (RNG.standard_normal((32, 288)) * 0.02).astype(ml_dtypes.bfloat16),
+    "model.layers.0.q_proj.bias": np.linspace(-1, 1, 64).astype(np.float32),
+    "model.layers.0.norm.weight": np.ones(64, np.float16),
+    "model.layers.0.odd.weight": (RNG.standard_normal((16, 100)) * 0.02).astype(np.float32),
+    "model.position_ids": np.arange(64, dtype=np.int64),
+}
+QUANTIZED = ("model.layers.0.q_proj.weight", "model.layers.0.o_proj.weight")
+POLICY = checkpoint.Policy(min_size=1024)
+
+
+def write_st(path, tensors=TENSORS):
+  safetensors_file.write(str(path), {k: (v.shape, v.dtype) for k, v in tensors.items()},
+                         tensors.__getitem__)
+  return str(path)
+
+
+def _read(path) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def run_cli(*argv):
+  return cli.main(["convert", *map(str, argv), "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  d = tmp_path_factory.mktemp("conv")
+  src = write_st(d / "model.safetensors")
+  summary = checkpoint.convert(src, str(d / "out"), policy=POLICY)
+  return src, str(d / "out"), summary
+
+
+def test_round_trip_is_bit_identical_to_in_memory_quantization(converted):
+  _, out, _ = converted
+  loaded = checkpoint.load(out)
+  assert set(loaded) == set(TENSORS)
+  for name, w in TENSORS.items():
+    got = loaded[name]
+    if name in QUANTIZED:
+      want = itq3s_jax.quantize(w, "itq3_t", seed=0)
+      assert isinstance(got, itq3s_jax.QuantizedTensor)
+      assert (got.shape, got.format, got.seed) == (want.shape, want.format, want.seed)
+      np.testing.assert_array_equal(np.asarray(got.data), np.asarray(want.data))
+      np.testing.assert_array_equal(np.asarray(itq3s_jax.dequantize(got)),
+                                    np.asarray(itq3s_jax.dequantize(want)))
+    else:
+      assert np.asarray(got).dtype == w.dtype, name
+      np.testing.assert_array_equal(np.asarray(got), w)
+
+
+def test_metadata_records_format_shape_seed_bpw_and_source_hash(converted):
+  src, out, _ = converted
+  meta = checkpoint.read_metadata(out)
+  assert meta["format_version"] == 1
+  content = _read(src)
+  want = hashlib.sha256(content).hexdigest()  # what sha256sum prints
+  assert meta["source"]["sha256"] == want
+  by_name = {e["name"]: e for e in meta["tensors"]}
+  e = by_name["model.layers.0.o_proj.weight"]
+  qt = itq3s_jax.quantize(TENSORS["model.layers.0.o_proj.weight"])
+  assert (e["format"], e["shape"], e["seed"]) == ("itq3_t", [32, 288], 0)
+  assert e["bits_per_weight"] == qt.bits_per_weight
+  assert by_name["model.layers.0.odd.weight"]["reason"].startswith("skipped: K=100")
+
+
+def test_composite_orbax_layout_restores_items_without_a_target(converted):
+  _, out, _ = converted
+  entry = checkpoint.read_metadata(out)["tensors"][1]
+  with ocp.StandardCheckpointer() as c:
+    tree = c.restore(os.path.join(out, entry["item"]))
+  assert set(tree) == {"data" if entry["kind"] == "quantized" else "value"}
+
+
+@pytest.mark.parametrize("name,shape,dtype,kw,want", [
+    ("a.q_proj.weight", (64, 256), np.float32, {}, "quantized"),
+    ("a.q_proj.weight", (64, 256), np.int32, {}, "kept: int32"),
+    ("a.norm.weight", (256,), np.float32, {}, "kept: 1-D"),
+    ("embed_tokens.weight", (64, 256), np.float32, {}, "kept: embedding"),
+    ("embed_tokens.weight", (64, 256), np.float32, {"quantize_embeddings": True}, "quantized"),
+    ("lm_head.weight", (64, 256), np.float32, {}, "kept: embedding"),
+    ("output.weight", (64, 256), np.float32, {}, "kept: embedding"),
+    ("a.q_proj.weight", (8, 32), np.float32, {}, "kept: fewer than"),
+    ("a.q_proj.weight", (64, 250), np.float32, {}, "skipped: K=250"),
+    ("a.q_proj.weight", (64, 256), np.float32, {"exclude": "q_proj"}, "kept: matches --exclude"),
+    ("a.k_proj.weight", (64, 256), np.float32, {"include": "q_proj"}, "kept: does not match"),
+])
+def test_policy_table(name, shape, dtype, kw, want):
+  d = checkpoint.decide(checkpoint.Policy(**kw), name, shape, np.dtype(dtype))
+  assert d.reason.startswith(want), d.reason
+  assert d.quantize == want.startswith("quantized")
+
+
+def test_policy_k_axis_of_flax_kernels():
+  p = checkpoint.Policy()
+  assert checkpoint.decide(p, "d/kernel", (256, 100), np.dtype(np.float32), k_axis=0).quantize
+  assert not checkpoint.decide(p, "d/kernel", (100, 256), np.dtype(np.float32), k_axis=0).quantize
+
+
+def test_chunked_quantization_equals_one_call(monkeypatch):
+  w = TENSORS["model.layers.0.q_proj.weight"]
+  monkeypatch.setattr(converter, "CHUNK_WEIGHTS", 32 * 256)  # two calls of 32 rows
+  got = checkpoint.quantize_tensor(w, checkpoint.Policy(seed=5))
+  want = itq3s_jax.quantize(w, seed=5)
+  np.testing.assert_array_equal(np.asarray(got.data), np.asarray(want.data))
+
+
+def test_orbax_flax_params_source_transposes_kernels(tmp_path):
+  kernel = TENSORS["model.layers.0.q_proj.weight"].T.copy()  # Flax (in, out) = (256, 64)
+  params = {"params": {"Dense_0": {"kernel": kernel, "bias": np.zeros(64, np.float32)}}}
+  with ocp.StandardCheckpointer() as c:
+    c.save(str(tmp_path / "src"), params)
+  checkpoint.convert(str(tmp_path / "src"), str(tmp_path / "out"), policy=POLICY)
+  loaded = checkpoint.load(str(tmp_path / "out"))
+  qt = loaded["params/Dense_0/kernel"]
+  want = itq3s_jax.quantize(kernel.T)
+  assert qt.shape == (64, 256)
+  np.testing.assert_array_equal(np.asarray(qt.data), np.asarray(want.data))
+  np.testing.assert_array_equal(np.asarray(loaded["params/Dense_0/bias"]), np.zeros(64))
+
+
+def test_sharded_directory_with_and_without_index(tmp_path):
+  names = list(TENSORS)
+  write_st(tmp_path / "model-00001-of-00002.safetensors", {n: TENSORS[n] for n in names[:3]})
+  write_st(tmp_path / "model-00002-of-00002.safetensors", {n: TENSORS[n] for n in names[3:]})
+  checkpoint.convert(str(tmp_path), str(tmp_path.parent / "noindex"), policy=POLICY)
+  assert set(checkpoint.load(str(tmp_path.parent / "noindex"))) == set(TENSORS)
+  index = {"weight_map": {n: f"model-0000{1 + (i >= 3)}-of-00002.safetensors"
+                          for i, n in enumerate(names) if n != "model.position_ids"}}
+  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+  checkpoint.convert(str(tmp_path), str(tmp_path.parent / "index"), policy=POLICY)
+  assert set(checkpoint.load(str(tmp_path.parent / "index"))) == set(TENSORS) - {
+      "model.position_ids"}
+  os.remove(tmp_path / "model-00002-of-00002.safetensors")
+  with pytest.raises(checkpoint.CheckpointError, match="shard .* is missing"):
+    checkpoint.convert(str(tmp_path), str(tmp_path.parent / "broken"), policy=POLICY)
+
+
+class _Boom(Exception):
+  pass
+
+
+def test_failure_midway_leaves_no_dst_and_resume_finishes(tmp_path, converted):
+  src, reference, _ = converted
+  dst = str(tmp_path / "out")
+
+  def fail_after_three(n):
+    if n == 3:
+      raise _Boom
+
+  with pytest.raises(_Boom):
+    checkpoint.convert(src, dst, policy=POLICY, on_tensor=fail_after_three)
+  assert not os.path.exists(dst)
+  assert os.path.isdir(converter.staging_path(dst))
+  summary = checkpoint.convert(src, dst, policy=POLICY, resume=True)
+  done_before = sum(int(np.prod(TENSORS[e["name"]].shape)) for e in summary.entries[:3])
+  assert summary.weights_converted == sum(v.size for v in TENSORS.values()) - done_before
+  assert not os.path.exists(converter.staging_path(dst))
+  _assert_same_checkpoint(dst, reference)
+
+
+def test_resume_refuses_other_options(tmp_path, converted):
+  src, _, _ = converted
+  dst = str(tmp_path / "out")
+  with pytest.raises(_Boom):
+    checkpoint.convert(src, dst, policy=POLICY, on_tensor=_raise)
+  with pytest.raises(checkpoint.CheckpointError, match="other options"):
+    checkpoint.convert(src, dst, policy=checkpoint.Policy(min_size=1024, seed=1), resume=True)
+  assert not os.path.exists(dst)
+
+
+def _raise(n):
+  raise _Boom
+
+
+def _assert_same_checkpoint(a, b):
+  la, lb = checkpoint.load(a), checkpoint.load(b)
+  assert list(la) == list(lb)
+  for name in la:
+    x, y = la[name], lb[name]
+    if isinstance(x, itq3s_jax.QuantizedTensor):
+      assert (x.shape, x.format, x.seed) == (y.shape, y.format, y.seed)
+      x, y = x.data, y.data
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_killed_subprocess_then_resume(tmp_path, converted):
+  # 24 identical-shape weights: the child needs several seconds, so SIGKILL lands midway.
+  many = {f"layers.{i}.mlp.weight": (RNG.standard_normal((64, 256)) * 0.02).astype(np.float32)
+          for i in range(24)}
+  src, dst = write_st(tmp_path / "m.safetensors", many), str(tmp_path / "out")
+  journal = os.path.join(converter.staging_path(dst), "done.jsonl")
+  proc = subprocess.Popen([sys.executable, "-m", "itq3s_jax.cli", "convert", src, dst,
+                           "--quiet", "--min-size", "1024"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and proc.poll() is None:
+    if os.path.exists(journal) and _read(journal).count(b"\n") >= 2:
+      break
+    time.sleep(0.02)
+  assert proc.poll() is None, "the child finished or died before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  finished = _read(journal).count(b"\n")
+  assert 2 <= finished < len(many)
+  assert not os.path.exists(dst)
+  summary = checkpoint.convert(src, dst, policy=POLICY, resume=True)
+  assert summary.weights_converted <= (len(many) - finished) * 64 * 256
+  loaded = checkpoint.load(dst)
+  for name, w in many.items():
+    np.testing.assert_array_equal(np.asarray(loaded[name].data),
+                                  np.asarray(itq3s_jax.quantize(w).data))
+
+
+# ---- bad input: one line on stderr, exit 2, no DST, no staging directory left ----
+
+def _corrupt(tmp_path, kind):
+  good = write_st(tmp_path / "good.safetensors")
+  raw = _read(good)
+  (n,) = struct.unpack("<Q", raw[:8])
+  p = tmp_path / f"{kind}.safetensors"
+  if kind == "truncated":
+    p.write_bytes(raw[:-100])
+  elif kind == "tiny":
+    p.write_bytes(raw[:5])
+  elif kind == "header_length":
+    p.write_bytes(struct.pack("<Q", 1 << 40) + raw[8:])
+  elif kind == "header_json":
+    p.write_bytes(raw[:8] + b"{" * n + raw[8 + n:])
+  elif kind == "dtype":
+    p.write_bytes(raw[:8] + raw[8:8 + n].replace(b'"BF16"', b'"C64" ') + raw[8 + n:])
+  elif kind == "pickle":
+    p = tmp_path / "model.bin"
+    p.write_bytes(b"\x80\x04\x95" + b"\0" * 32)
+  return str(p)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("truncated", "truncated file: tensor"),
+    ("tiny", "truncated safetensors file"),
+    ("header_length", "corrupt safetensors header"),
+    ("header_json", "corrupt safetensors header"),
+    ("dtype", "unsupported dtype C64"),
+    ("pickle", "pickle"),
+    ("missing", "no such file"),
+])
+def test_bad_input_is_one_clear_line(tmp_path, capsys, kind, message):
+  src = str(tmp_path / "nope.safetensors") if kind == "missing" else _corrupt(tmp_path, kind)
+  dst = tmp_path / "out"
+  assert run_cli(src, dst) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("itq3s convert: error: ") and message in err, err
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert not dst.exists() and not os.path.exists(converter.staging_path(str(dst)))
+
+
+def test_nan_tensor_is_named(tmp_path, capsys):
+  bad = dict(TENSORS)
+  w = TENSORS["model.layers.0.q_proj.weight"].copy()
+  w[3, 7] = np.nan
+  bad["model.layers.0.q_proj.weight"] = w
+  src = write_st(tmp_path / "nan.safetensors", bad)
+  assert run_cli(src, tmp_path / "out", "--min-size", 1024) == 2
+  err = capsys.readouterr().err
+  assert "'model.layers.0.q_proj.weight' has NaN/Inf" in err and "3 * 256 + 7" not in err
+  assert str(3 * 256 + 7) in err
+  assert not (tmp_path / "out").exists()
+  assert not os.path.exists(converter.staging_path(str(tmp_path / "out")))
+
+
+def test_existing_dst_needs_overwrite(tmp_path, capsys, converted):
+  src, _, _ = converted
+  dst = tmp_path / "out"
+  dst.mkdir()
+  (dst / "keep").write_text("x")
+  assert run_cli(src, dst) == 2
+  assert "already exists; pass --overwrite" in capsys.readouterr().err
+  assert (dst / "keep").exists()
+  assert run_cli(src, dst, "--overwrite", "--min-size", 1024) == 0
+  assert not (dst / "keep").exists()
+  assert set(checkpoint.load(str(dst))) == set(TENSORS)
+
+
+def test_bad_regex_is_a_clear_error(tmp_path, capsys, converted):
+  assert run_cli(converted[0], tmp_path / "out", "--include", "(") == 2
+  assert "invalid regular expression" in capsys.readouterr().err
+
+
+def test_cli_prints_table_unless_quiet(tmp_path, capsys, converted):
+  src, _, _ = converted
+  assert cli.main(["convert", src, str(tmp_path / "a"), "--min-size", "1024"]) == 0
+  out = capsys.readouterr().out
+  assert "skipped: K=100 is not a multiple of 32" in out and "2 of 7 tensors quantized" in out
+  assert run_cli(src, tmp_path / "b", "--min-size", 1024) == 0
+  assert capsys.readouterr().out == ""
+
+
+def test_format_and_include_exclude_flags(tmp_path, capsys, converted):
+  src, _, _ = converted
+  assert run_cli(src, tmp_path / "u", "--format", "uniform3", "--min-size", 1024,
+                 "--exclude", "o_proj") == 0
+  loaded = checkpoint.load(str(tmp_path / "u"))
+  assert loaded["model.layers.0.q_proj.weight"].format == "uniform3"
+  assert not isinstance(loaded["model.layers.0.o_proj.weight"], itq3s_jax.QuantizedTensor)
+  assert loaded["model.layers.0.o_proj.weight"].dtype == jnp.bfloat16
+
+
+def test_flax_round_trip_outputs_bit_identical_to_in_memory_quantization(tmp_path):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top
+
+  class Mlp(nn.Module):
+    dense: type = nn.Dense
+
+    @nn.compact
+    def __call__(self, x):
+      return self.dense(32, name="out")(nn.relu(self.dense(64, name="hidden")(x)))
+
+  x = jnp.asarray(RNG.standard_normal((3, 256)), jnp.float32)
+  params = Mlp().init(jax.random.key(0), x)["params"]
+  params = jax.tree.map(np.asarray, params)
+  with ocp.StandardCheckpointer() as c:
+    c.save(str(tmp_path / "float"), {"params": params})
+  checkpoint.convert(str(tmp_path / "float"), str(tmp_path / "q"), policy=POLICY)
+  restored = checkpoint.load_tree(str(tmp_path / "q"))["params"]
+  in_memory, report = qflax.quantize_params(params)
+  assert len(report.quantized) == 2
+  model = Mlp(dense=qflax.QuantizedDense)
+  y_restored = np.asarray(model.apply({"params": restored}, x))
+  y_memory = np.asarray(model.apply({"params": in_memory}, x))
+  np.testing.assert_array_equal(y_restored, y_memory)
+  # And the layer is really quantized: outputs differ from the float model's.
+  assert not np.array_equal(y_restored, np.asarray(Mlp().apply({"params": params}, x)))

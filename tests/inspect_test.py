@@ -1,0 +1,127 @@
+"""itq3s inspect: the report matches the checkpoint, bounds hold, malformed input is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import itq3s_jax
+from itq3s_jax import checkpoint
+from itq3s_jax import cli
+from itq3s_jax.checkpoint import safetensors_file
+
+RNG = np.random.default_rng(1)
+TENSORS = {
+    "layers.0.q_proj.weight": (RNG.standard_normal((64, 256)) * 0.02).astype(np.float32),
+    "layers.0.norm.weight": np.ones(64, np.float32),
+}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  d = tmp_path_factory.mktemp("insp")
+  src = str(d / "m.safetensors")
+  safetensors_file.write(src, {k: (v.shape, v.dtype) for k, v in TENSORS.items()},
+                         TENSORS.__getitem__)
+  checkpoint.convert(src, str(d / "out"), policy=checkpoint.Policy(min_size=1024))
+  return str(d / "out")
+
+
+def test_report_rows_and_certified_bound(ckpt):
+  report = checkpoint.inspect(ckpt)
+  rows = {r.name: r for r in report.rows}
+  q = rows["layers.0.q_proj.weight"]
+  assert (q.kind, q.format, q.shape, q.bits_per_weight) == ("quantized", "itq3_t", (64, 256),
+                                                            3.4375)
+  assert rows["layers.0.norm.weight"].kind == "array"
+  assert report.total_weights == 64 * 256 + 64
+  # The report's Frobenius bound must cover the true error, measured in float64 against the
+  # float weights the checkpoint came from (blocks are disjoint: squared errors add).
+  qt = checkpoint.load(ckpt)["layers.0.q_proj.weight"]
+  w_hat = np.asarray(itq3s_jax.dequantize(qt), np.float64)
+  err = np.linalg.norm(TENSORS["layers.0.q_proj.weight"].astype(np.float64) - w_hat)
+  assert 0 < err <= q.rel_frob_bound * np.linalg.norm(w_hat)
+  assert q.max_block_bound == pytest.approx(float(np.max(itq3s_jax.error_bound(qt))))
+
+
+def test_cli_prints_table_and_totals(ckpt, capsys):
+  assert cli.main(["inspect", ckpt]) == 0
+  out = capsys.readouterr().out
+  assert "layers.0.q_proj.weight" in out and "itq3_t" in out and "3.4375" in out
+  assert "2 tensors, 16448 weights" in out and "1 quantized (3.4375 bpw)" in out
+
+
+def test_format_without_bound_says_so(tmp_path):
+  unbounded = [f for f in itq3s_jax.formats() if not itq3s_jax.has_bound(f)]
+  if not unbounded:
+    pytest.skip("no registered format without a certified bound")
+  src = str(tmp_path / "m.safetensors")
+  safetensors_file.write(src, {k: (v.shape, v.dtype) for k, v in TENSORS.items()},
+                         TENSORS.__getitem__)
+  checkpoint.convert(src, str(tmp_path / "out"),
+                     policy=checkpoint.Policy(format=unbounded[0], min_size=1024))
+  q = checkpoint.inspect(str(tmp_path / "out")).quantized[0]
+  assert q.rel_frob_bound is None and "no certified bound" in q.note
+
+
+def _write(path, text):
+  with open(path, "w") as f:
+    f.write(text)
+
+
+def _damage(path, kind):
+  meta_path = os.path.join(path, "itq3s", "metadata")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if kind == "no_meta":
+    os.remove(meta_path)
+  elif kind == "bad_json":
+    _write(meta_path, "{not json")
+  elif kind == "version":
+    meta["format_version"] = 99
+    _write(meta_path, json.dumps(meta))
+  elif kind == "missing_item":
+    shutil.rmtree(os.path.join(path, meta["tensors"][0]["item"]))
+  elif kind == "shape":
+    for e in meta["tensors"]:
+      if e["kind"] == "quantized":
+        e["shape"] = [64, 512]
+    _write(meta_path, json.dumps(meta))
+  elif kind == "format":
+    for e in meta["tensors"]:
+      if e["kind"] == "quantized":
+        e["format"] = "nope"
+    _write(meta_path, json.dumps(meta))
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("no_meta", "not an itq3s checkpoint"),
+    ("bad_json", "corrupt metadata"),
+    ("version", "unsupported itq3s checkpoint version 99"),
+    ("missing_item", "is missing or damaged"),
+    ("shape", "expected (64, 220) for shape (64, 512)"),
+    ("format", "unknown format 'nope'"),
+])
+def test_malformed_checkpoint_is_one_clear_line(ckpt, tmp_path, capsys, kind, message):
+  path = str(tmp_path / "copy")
+  shutil.copytree(ckpt, path)
+  _damage(path, kind)
+  assert cli.main(["inspect", path]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  assert captured.err.startswith("itq3s inspect: error: ") and message in captured.err, \
+      captured.err
+  assert captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("what", ["missing", "file"])
+def test_not_a_checkpoint(tmp_path, capsys, what):
+  path = tmp_path / "x"
+  if what == "file":
+    path.write_bytes(b"hello")
+  assert cli.main(["inspect", str(path)]) == 2
+  assert "not a directory" in capsys.readouterr().err
