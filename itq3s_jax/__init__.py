@@ -1,7 +1,9 @@
 """itq3s-jax: ITQ3_S 3-bit weight formats for JAX (public API; code lives in _src)."""
 
 from itq3s_jax._src import formats as _formats  # noqa: F401  (registers the formats)
+from itq3s_jax._src.calibrate import calibrate
 from itq3s_jax._src.fwht import fwht
+from itq3s_jax._src.gptq import error_bound as two_neighbour_bound
 from itq3s_jax._src.matmul import matmul
 from itq3s_jax._src.fwht import ifwht
 from itq3s_jax._src.fwht import sign_vector
@@ -20,6 +22,7 @@ from itq3s_jax._src.registry import get_format
 __all__ = [
     "QuantizedTensor",
     "block_columns",
+    "calibrate",
     "decode_rotated",
     "dequantize",
     "error_bound",
@@ -33,4 +36,5 @@ __all__ = [
     "rotate_activations",
     "rounding_slack",
     "sign_vector",
+    "two_neighbour_bound",
 ]

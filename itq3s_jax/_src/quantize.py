@@ -115,7 +115,7 @@ def quantize(w: ArrayLike, format: str = "itq3_t", *, seed: int = 0,
     hessian: optional (K, K) input second moment Sigma = E[x x^T] of the layer
       (``itq3s_jax.calibrate``): rounds with GPTQ in the coding domain to
       minimise tr(dW Sigma dW^T), each coefficient to one of its two neighbouring
-      levels (bound: ``itq3s_jax.gptq_error_bound``; options: ``gptq.quantize``).
+      levels (bound: ``itq3s_jax.two_neighbour_bound``; options: ``gptq.quantize``).
 
   Returns:
     A :class:`QuantizedTensor` with ``data`` uint8 (..., row_nbytes).

@@ -1,0 +1,165 @@
+"""Tests of Hessian-aware (GPTQ) rounding: hooks, exact reductions, options, errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import itq3s_jax
+from itq3s_jax._src import gptq
+from itq3s_jax._src import registry
+
+HOOKED = tuple(f for f in itq3s_jax.formats() if registry.get_format(f).levels is not None)
+K = 288  # 256 + a 32 tail block: both block lengths in one row
+
+
+def _weights(rows: int = 6, k: int = K, seed: int = 0) -> np.ndarray:
+  return (np.random.default_rng(seed).standard_normal((rows, k)) * 0.02).astype(np.float32)
+
+
+def _hessian(k: int = K, seed: int = 1, outlier: float = 30.0) -> np.ndarray:
+  """Correlated inputs with one large channel, like an LLM's (float64 X^T X / n)."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((4 * k, k)) @ (np.eye(k) + 0.3 * rng.standard_normal((k, k)) / np.sqrt(k))
+  x[:, 3] *= outlier
+  return (x.T @ x / len(x)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", HOOKED)
+def test_levels_and_repack_reproduce_the_encoder(fmt):
+  """decode == step * q exactly with lo <= q <= hi, and repack(b, q) == b byte for byte."""
+  f = registry.get_format(fmt)
+  z = jnp.asarray(_weights(4, 256) * 50)
+  for n in (256, 32):
+    b = f.encode(z[..., :n], None)
+    step, lo, hi = f.levels(b, n)
+    zh = f.decode(b, n)
+    q = jnp.round(zh / jnp.where(step == 0, 1, step)).astype(jnp.int32)
+    np.testing.assert_array_equal(np.asarray(q * step), np.asarray(zh))
+    assert bool(jnp.all((lo <= q) & (q <= hi)))
+    np.testing.assert_array_equal(np.asarray(f.repack(b, q, n)), np.asarray(b))
+
+
+@pytest.mark.parametrize("fmt", HOOKED)
+@pytest.mark.parametrize("rounding", gptq.ROUNDINGS)
+def test_identity_hessian_is_round_to_nearest(fmt, rounding):
+  """With Sigma = I the inverse factor is diagonal, no error is fed forward, and GPTQ with
+  the encoder's own scales must give the round-to-nearest bytes exactly."""
+  w = _weights()
+  qt = gptq.quantize(w, fmt, np.eye(K, dtype=np.float32), scales="rtn", rounding=rounding)
+  np.testing.assert_array_equal(np.asarray(qt.data), np.asarray(itq3s_jax.quantize(w, fmt).data))
+
+
+@pytest.mark.parametrize("fmt", HOOKED)
+@pytest.mark.parametrize("rounding", gptq.ROUNDINGS)
+def test_gptq_lowers_the_output_error(fmt, rounding):
+  """On correlated inputs GPTQ must beat round-to-nearest in tr(dW Sigma dW^T)."""
+  w, h = _weights(), _hessian()
+  rtn = float(gptq.output_error(w, itq3s_jax.quantize(w, fmt), h))
+  ours = float(gptq.output_error(w, gptq.quantize(w, fmt, h, rounding=rounding), h))
+  assert ours < rtn, (ours, rtn)
+
+
+@pytest.mark.parametrize("fmt", HOOKED)
+def test_two_neighbour_codes_and_bound(fmt):
+  """Every coefficient is floor or ceil of its own z / step: the T10 bound then holds."""
+  w, h = _weights(), _hessian()
+  qt = gptq.quantize(w, fmt, h, act_order=True)
+  z = np.asarray(itq3s_jax.rotate_activations(w, fmt), np.float64)
+  zh = np.asarray(itq3s_jax.decode_rotated(qt), np.float64)
+  eps = np.asarray(gptq.error_bound(qt, include_rounding=False), np.float64)
+  # |z - z_hat| < step per coefficient; the block sum of step^2 is eps^2. float32 coefficients
+  # and quotients add relative error ~10 u (proofs/T10.md), covered by the 1e-5 factor.
+  col = 0
+  for b, (lo, hi) in enumerate(itq3s_jax.block_columns(fmt, K)):
+    n = hi - lo
+    err = np.linalg.norm(z[:, col:col + n] - zh[:, col:col + n], axis=-1)
+    assert np.all(err <= eps[:, b] * (1 + 1e-5)), (b, err, eps[:, b])
+    col += n
+  d = np.asarray(itq3s_jax.dequantize(qt), np.float64) - w
+  cols = itq3s_jax.block_columns(fmt, K)
+  err = np.stack([np.linalg.norm(d[:, a:c], axis=-1) for a, c in cols], -1)
+  assert np.all(err <= np.asarray(gptq.error_bound(qt)))
+
+
+def test_quantize_dispatch_and_options_agree():
+  w, h = _weights(), _hessian()
+  a = itq3s_jax.quantize(w, "itq3_t", hessian=h, seed=3)
+  b = gptq.quantize(w, "itq3_t", h, seed=3)
+  np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+  assert (a.format, a.seed, a.shape) == ("itq3_t", 3, w.shape)
+
+
+def test_leading_axes_are_rows_and_jit_matches_eager():
+  w, h = _weights(6), _hessian()
+  flat = gptq.quantize(w, "itq3_t", h)
+  nested = gptq.quantize(w.reshape(2, 3, K), "itq3_t", h)
+  np.testing.assert_array_equal(np.asarray(nested.data).reshape(6, -1), np.asarray(flat.data))
+  jitted = jax.jit(lambda w, h: gptq.quantize(w, "itq3_t", h).data)(w, h)
+  np.testing.assert_array_equal(np.asarray(jitted), np.asarray(flat.data))
+
+
+def test_scaling_the_hessian_changes_nothing():
+  """GPTQ depends on Sigma only up to a positive factor (damping is relative)."""
+  w, h = _weights(), _hessian()
+  a = gptq.quantize(w, "itq3_t", h)
+  b = gptq.quantize(w, "itq3_t", h * 64.0)  # a power of two: exact in float32
+  np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+
+
+def test_rotate_hessian_matches_float64_reference():
+  """R Sigma R^T against dense float64 rotations; float32 FWHT error ~ log2(n) u ||Sigma||."""
+  h = _hessian().astype(np.float64)
+  fmt = "itq3_t"
+  r = np.zeros((K, K))
+  for lo, hi in itq3s_jax.block_columns(fmt, K):
+    r[lo:hi, lo:hi] = np.asarray(itq3s_jax.rotate_activations(np.eye(hi - lo, dtype=np.float32),
+                                                              fmt)[:, :hi - lo]).T
+  ref = r @ h @ r.T
+  got = np.asarray(gptq.rotate_hessian(h, fmt), np.float64)
+  assert np.max(np.abs(got - ref)) <= 2 * 2 * 8 * 2.0**-24 * np.max(np.abs(h)) * K
+
+
+def test_zero_rows_and_dead_inputs():
+  """All-zero weights code to zero; a never-active input column does not break the factorization."""
+  h = _hessian()
+  h[5, :] = 0
+  h[:, 5] = 0
+  w = np.zeros((2, K), np.float32)
+  qt = gptq.quantize(w, "itq3_t", h)
+  assert not np.any(np.asarray(itq3s_jax.dequantize(qt)))
+  qt = gptq.quantize(_weights(2), "itq3_t", np.zeros((K, K), np.float32))
+  assert np.all(np.isfinite(np.asarray(itq3s_jax.dequantize(qt))))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(hessian=np.eye(64, dtype=np.float32)), "hessian has shape"),
+    (dict(rounding="stochastic"), "unknown rounding"),
+    (dict(scales="joint"), "unknown scales"),
+    (dict(damp=0.0), "must be > 0"),
+])
+def test_bad_options_raise(kwargs, match):
+  args = dict(hessian=np.eye(K, dtype=np.float32)) | kwargs
+  h = args.pop("hessian")
+  with pytest.raises(ValueError, match=match):
+    gptq.quantize(_weights(), "itq3_t", h, **args)
+
+
+def test_nan_hessian_and_importance_conflict_raise():
+  h = np.eye(K, dtype=np.float32)
+  h[0, 0] = np.nan
+  with pytest.raises(ValueError, match="NaN/Inf"):
+    gptq.quantize(_weights(), "itq3_t", h)
+  with pytest.raises(ValueError, match="not both"):
+    itq3s_jax.quantize(_weights(), "itq3_t", hessian=np.eye(K), importance=np.ones(K))
+
+
+def test_format_without_hooks_is_not_implemented(monkeypatch):
+  fmt = registry.Format(name="_nohooks", transform="none", tail="pow2",
+                        block_nbytes=lambda n: n, encode=None, decode=None, bound=None,
+                        max_abs=1.0)
+  monkeypatch.setitem(registry._REGISTRY, fmt.name, fmt)
+  with pytest.raises(NotImplementedError, match="no levels/repack hooks"):
+    gptq.quantize(_weights(), "_nohooks", np.eye(K, dtype=np.float32))
