@@ -1,0 +1,279 @@
+"""``iq3_s`` (GGML IQ3_S, type 21) and ``itq3_s`` (published ITQ3_S, type 41).
+
+Block of 256 values, 110 bytes (formats.md §1.1), little-endian:
+
+  0    d          fp16 super-scale
+  2    qs[64]     low 8 bits of the 9-bit grid index of each 4-group
+  66   qh[8]      bit k of qh[ib]: 9th index bit of group k of sub-block ib
+  74   signs[32]  bit e%8 of signs[e/8] set: value e is negative
+  106  scales[4]  4-bit s of sub-block ib: low nibble of scales[ib/2] if ib even
+
+  y[e] = (fp32(d) * (1 + 2 s_ib)) * grid[idx_g][e % 4] * (-1)^sign_e
+
+in float32 with exactly that rounding order, which is gguf's and llama.cpp's
+(bit-exact; tests/iq3s_test.py). ``itq3_s`` stores IQ3_S codes of the block's
+natural-order Hadamard transform z = H w / 16 (the driver's "hadamard"
+transform, fwht.py) and decodes through the same butterfly and x 1/16.
+
+Encoder (vectorised and deterministic, jit-compiled). It minimises
+sum_i a_i (z_i - y_i)^2 (a = importance, default 1) in three searches:
+  1. per 32-value sub-block, a continuous scale: for each ratio r in
+     ``_RATIOS`` assign codes at S = max|z| / r, refit S by weighted least
+     squares, keep the best; then reassign and refit once more;
+  2. per block, d in fp16 from the largest sub-block scale over ``_DIVISORS``,
+     and per sub-block the two multipliers 1 + 2s bracketing its scale;
+  3. codes at every tried effective scale: each 4-group rounds to a lattice
+     point, then scores its ``NCAND`` nearest grid points exactly (iq3s_grid).
+Every candidate is scored with the exact decoded values, so the bytes decode
+to what the encoder chose, in gguf and llama.cpp alike.
+
+Zero sub-blocks (formats.md §1.5(a)). IQ3_S cannot code a zero inside a block
+with d > 0 (magnitudes are odd, multipliers >= 1); the nearest it can do is
++-d, so an all-zero sub-block is written at its own position with s = 0 and
+grid entry 0 (1, 1, 1, 1): each value decodes to +d, and the d search counts
+that cost. Nothing is shifted (llama.cpp's encoder shifts later sub-blocks'
+codes one slot on such a block and decodes them as garbage). An all-zero block
+gets d = 0 and decodes to exact zeros.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from itq3s_jax._src import registry
+from itq3s_jax._src.formats import iq3s_grid
+
+QK = 256
+NBYTES = 110
+_FP16_MAX = 65504.0
+# Largest |value| a block can hold: fp16 max d, multiplier 31, magnitude 15.
+MAX_ABS = _FP16_MAX * 31 * 15
+# Sub-block scale search: S = max|z| / r (r = what the largest value maps to,
+# in odd-level units; llama.cpp scans 13.2..16.8).
+_RATIOS = (11.0, 12.0, 13.0, 14.0, 15.0, 16.0)
+# Block super-scale search: d = fp16(max_b S_b / c).
+_DIVISORS = (31.0, 30.0, 29.0)
+
+
+def block_nbytes(n: int) -> int:
+  if n != QK:
+    raise ValueError(f"IQ3_S blocks hold 256 values, got {n=}.")
+  return NBYTES
+
+
+def _split(b: jax.Array):
+  return b[..., 0:2], b[..., 2:66], b[..., 66:74], b[..., 74:106], b[..., 106:110]
+
+
+def _fp16_to_f32(lo_hi: jax.Array) -> jax.Array:
+  bits = lo_hi[..., 0].astype(jnp.uint16) | (lo_hi[..., 1].astype(jnp.uint16) << 8)
+  return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
+
+
+def _bits(x: jax.Array, nbits: int) -> jax.Array:
+  """uint8 (..., m) -> uint8 (..., m, nbits): bit j of each byte (LSB first)."""
+  return (x[..., None] >> jnp.arange(nbits, dtype=jnp.uint8)) & 1
+
+
+@jax.jit
+def _decode(b: jax.Array) -> jax.Array:
+  lead = b.shape[:-1]
+  d_b, qs, qh, signs, scales = _split(b)
+  d = _fp16_to_f32(d_b)  # (...,)
+  s = jnp.stack([scales & 15, scales >> 4], axis=-1).reshape(*lead, 8)
+  db = d[..., None] * (1 + 2 * s.astype(jnp.int32)).astype(jnp.float32)  # (..., 8)
+  idx = qs.astype(jnp.int32).reshape(*lead, 8, 8) | (
+      _bits(qh, 8).astype(jnp.int32) << 8)  # (..., 8 sub-blocks, 8 groups)
+  g = jnp.asarray(iq3s_grid.grid())[idx].reshape(*lead, 8, 32)
+  neg = _bits(signs, 8).reshape(*lead, 8, 32)
+  y = db[..., None] * g
+  return jnp.where(neg == 1, -y, y).reshape(*lead, QK)
+
+
+def decode(b: jax.Array, n: int) -> jax.Array:
+  """uint8 (..., 110) -> float32 (..., 256) coding-domain values (bit-exact)."""
+  block_nbytes(n)
+  if b.shape[-1] != NBYTES:
+    raise ValueError(f"IQ3_S block data must have {NBYTES} bytes per block, got "
+                     f"trailing axis {b.shape[-1]}.")
+  return _decode(jnp.asarray(b, jnp.uint8))
+
+
+# Encoder layout: values as (4 coordinate, 8 group, 8 sub-block, N block) so that
+# every step is an elementwise op over long contiguous N-vectors and sums over
+# groups/coordinates add whole slabs (XLA's CPU backend vectorises those well,
+# small trailing reductions and row gathers poorly).
+
+
+def _levels(code: jax.Array, j: int) -> jax.Array:
+  """Odd magnitude 2L+1 of coordinate j of lattice codes (any int shape), float32."""
+  return (2 * ((code >> (3 * j)) & 7) + 1).astype(jnp.float32)
+
+
+def _assign(xa: jax.Array, a: jax.Array, scale: jax.Array):
+  """Best grid point of every 4-group at a fixed scale per sub-block.
+
+  Args:
+    xa, a: magnitudes and weights, each 4 float32 (8, 8, N) arrays (one per
+      coordinate; kept apart so XLA does not fuse through a concatenation).
+    scale: float32 (8, N) effective sub-block scales (> 0).
+
+  Returns:
+    (lattice code int32 (8, 8, N) of the chosen grid points, their magnitudes
+    as 4 float32 (8, 8, N) arrays).
+  """
+  lvl = [jnp.clip(jnp.round((x / scale - 1.0) * 0.5), 0, 7).astype(jnp.int32) for x in xa]
+  code = lvl[0] | (lvl[1] << 3) | (lvl[2] << 6) | (lvl[3] << 9)
+  table = jnp.asarray(iq3s_grid.candidates())
+
+  def score(k, best):
+    # A loop, not a Python unroll: XLA keeps each candidate's scoring one small
+    # vectorised kernel instead of fusing (and duplicating) all of them into
+    # every consumer of the result, which runs 5-10x slower on CPU.
+    best_cost, best_code = best
+    cand = table[k][code]
+    cost = 0.0
+    for j in range(4):
+      diff = xa[j] - scale * _levels(cand, j)
+      cost = cost + a[j] * diff * diff
+    better = cost < best_cost  # strict: ties keep the nearer-listed candidate
+    return jnp.where(better, cost, best_cost), jnp.where(better, cand, best_code)
+
+  init = (jnp.full(code.shape, jnp.inf), code)
+  _, best_code = jax.lax.fori_loop(0, table.shape[0], score, init)
+  best_code = best_code.astype(jnp.int32)
+  return best_code, [_levels(best_code, j) for j in range(4)]
+
+
+def _coord_sum(terms) -> jax.Array:
+  """Sum over the 4 coordinates (a list) and the 8 groups: (8, N)."""
+  return jnp.sum(terms[0] + terms[1] + terms[2] + terms[3], axis=0)
+
+
+def _fit(xa, a, g):
+  """Weighted least-squares scale (8, N) of codes g and the error at that scale."""
+  sxg = _coord_sum([a[j] * xa[j] * g[j] for j in range(4)])
+  sgg = _coord_sum([a[j] * g[j] * g[j] for j in range(4)])
+  sxx = _coord_sum([a[j] * xa[j] * xa[j] for j in range(4)])
+  scale = sxg / jnp.maximum(sgg, 1e-30)
+  return scale, sxx - scale * sxg
+
+
+def _sse(xa, a, g, scale):
+  return _coord_sum([a[j] * (xa[j] - scale * g[j]) ** 2 for j in range(4)])
+
+
+def _subblock_scales(xa, a):
+  """Step 1: (8, N) continuous least-squares scale of each sub-block (0 if empty)."""
+  m = jnp.max(jnp.maximum(jnp.maximum(xa[0], xa[1]), jnp.maximum(xa[2], xa[3])), axis=0)
+  safe = jnp.where(m > 0, m, 1.0)
+
+  def try_scale(carry, trial):
+    best_err, best_scale = carry
+    _, g = _assign(xa, a, trial)
+    scale, err = _fit(xa, a, g)
+    better = (err < best_err) & (scale > 0)
+    return (jnp.where(better, err, best_err), jnp.where(better, scale, best_scale)), None
+
+  # lax.scan, not a Python loop: XLA fuses nothing across loop iterations, so
+  # the trials stay separate vectorised kernels instead of one duplicated fusion.
+  carry = (jnp.full(m.shape, jnp.inf), safe / 15.0)
+  trials = safe / jnp.asarray(_RATIOS, jnp.float32)[:, None, None]
+  carry, _ = jax.lax.scan(try_scale, carry, trials)
+  (_, best_scale), _ = try_scale(carry, carry[1])  # reassign at the refit scale
+  return jnp.where(m > 0, best_scale, 0.0)
+
+
+def _superscale_search(xa, a, sub):
+  """Step 2: per block the fp16 d, per sub-block s and codes of least error.
+
+  Returns (d16 float16 (N,), s int32 (8, N), lattice codes int32 (8, 8, N)).
+  """
+  top = jnp.max(sub, axis=0)  # (N,)
+
+  def try_divisor(best, c):
+    d16 = jnp.minimum(top / c, _FP16_MAX).astype(jnp.float16)
+    dsafe = jnp.where(d16 > 0, d16.astype(jnp.float32), 1.0)
+    s0 = jnp.clip(jnp.floor((sub / dsafe - 1.0) * 0.5), 0, 15).astype(jnp.int32)
+    pick = None
+    for s in (s0, jnp.minimum(s0 + 1, 15)):
+      scale = dsafe * (1 + 2 * s).astype(jnp.float32)  # as the decoder rounds it
+      code, g = _assign(xa, a, scale)
+      err = _sse(xa, a, g, scale)
+      if pick is None:
+        pick = (err, s, code)
+      else:
+        better = err < pick[0]
+        pick = (jnp.where(better, err, pick[0]), jnp.where(better, s, pick[1]),
+                jnp.where(better, code, pick[2]))
+    cand = (jnp.sum(pick[0], axis=0), d16, *pick[1:])
+    better = cand[0] < best[0]
+    return tuple(jnp.where(better, new, old) for new, old in zip(cand, best)), None
+
+  n = top.shape[0]
+  init = (jnp.full((n,), jnp.inf), jnp.zeros((n,), jnp.float16),
+          jnp.zeros((8, n), jnp.int32), jnp.zeros((8, 8, n), jnp.int32))
+  (_, d16, s, code), _ = jax.lax.scan(try_divisor, init,
+                                      jnp.asarray(_DIVISORS, jnp.float32))
+  return d16, s, code
+
+
+def _pack(d16, s, idx, neg):
+  """Bytes of N blocks: d16 float16 (N,), s int32 (N, 8), idx int32 (N, 8, 8),
+  neg bool (N, 256) -> uint8 (N, 110)."""
+  n = d16.shape[0]
+  dbits = jax.lax.bitcast_convert_type(d16, jnp.uint16)
+  d_b = jnp.stack([dbits & 255, dbits >> 8], axis=-1).astype(jnp.uint8)
+  qs = (idx & 255).astype(jnp.uint8).reshape(n, 64)
+  weights8 = 1 << jnp.arange(8, dtype=jnp.int32)
+  qh = jnp.sum(((idx >> 8) & 1) * weights8, axis=-1).astype(jnp.uint8)
+  signs = jnp.sum(neg.reshape(n, 32, 8).astype(jnp.int32) * weights8,
+                  axis=-1).astype(jnp.uint8)
+  s2 = s.reshape(n, 4, 2)
+  scales = (s2[..., 0] | (s2[..., 1] << 4)).astype(jnp.uint8)
+  return jnp.concatenate([d_b, qs, qh, signs, scales], axis=-1)
+
+
+@jax.jit
+def _encode(z: jax.Array, a: jax.Array) -> jax.Array:
+  """float32 (N, 256) values and weights -> uint8 (N, 110)."""
+  # (N, sub, group, coord) -> (coord, group, sub, N)
+  xa = list(jnp.abs(z).reshape(-1, 8, 8, 4).transpose(3, 2, 1, 0))
+  a = list(a.reshape(-1, 8, 8, 4).transpose(3, 2, 1, 0))
+  d16, s, code = _superscale_search(xa, a, _subblock_scales(xa, a))
+  idx = jnp.asarray(iq3s_grid.index_of_code())[code]  # (group, sub, N)
+  zero = d16.astype(jnp.float32) <= 0  # all-zero block (or d below fp16 range)
+  d16 = jnp.where(zero, jnp.float16(0), d16)
+  s = jnp.where(zero, 0, s).T  # (N, 8)
+  idx = jnp.where(zero, 0, idx).transpose(2, 1, 0)  # (N, sub, group)
+  return _pack(d16, s, idx, z < 0)
+
+
+def encode(z: jax.Array, importance: jax.Array | None = None) -> jax.Array:
+  """float32 (..., 256) coding-domain values [+ weights (..., 256)] -> uint8 (..., 110)."""
+  block_nbytes(z.shape[-1])
+  z = jnp.asarray(z, jnp.float32)
+  a = jnp.ones_like(z) if importance is None else jnp.asarray(importance, jnp.float32)
+  a = jnp.broadcast_to(a, z.shape)
+  lead = z.shape[:-1]
+  z, a = z.reshape(-1, QK), a.reshape(-1, QK)
+  rows = z.shape[0]
+  # pad the block count to a power of two: one compilation serves many shapes
+  pad = max(8, 1 << (rows - 1).bit_length()) - rows
+  if pad:
+    z, a = jnp.pad(z, ((0, pad), (0, 0))), jnp.pad(a, ((0, pad), (0, 0)))
+  return _encode(z, a)[:rows].reshape(*lead, NBYTES)
+
+
+_COMMON = dict(tail="pad256", block_nbytes=block_nbytes, encode=encode, decode=decode,
+               bound=None, max_abs=MAX_ABS)
+IQ3_S = registry.register(registry.Format(
+    name="iq3_s", transform="none", gguf_type=21,
+    description="llama.cpp IQ3_S: 512-point grid of 4-groups, 3.4375 bpw (GGML type 21)",
+    **_COMMON))
+ITQ3_S = registry.register(registry.Format(
+    name="itq3_s", transform="hadamard", gguf_type=41,
+    description="published ITQ3_S: IQ3_S codes of H w / 16 per 256-block (GGML type 41)",
+    **_COMMON))
