@@ -20,15 +20,12 @@ from itq3s_jax._src import blocks
 
 
 @functools.partial(jax.jit, static_argnames=("format", "seed"))
-def _quantize(w: jax.Array, format: str, seed: int) -> itq3s_jax.QuantizedTensor:
-  return itq3s_jax.quantize(w, format, seed=seed)
-
-
-@functools.partial(jax.jit, static_argnames=("format", "seed"))
-def _coding_stats(w: jax.Array, format: str, seed: int) -> tuple[jax.Array, jax.Array]:
-  """(all finite, max |coding-domain value|) of w (N, K)."""
+def _quantize(w: jax.Array, format: str, seed: int
+              ) -> tuple[itq3s_jax.QuantizedTensor, jax.Array, jax.Array]:
+  """(quantize(w), all finite, max |coding-domain value|) of w (N, K), one compilation."""
   z = itq3s_jax.rotate_activations(w, format, seed)
-  return jnp.all(jnp.isfinite(w)), jnp.max(jnp.abs(z), initial=0.0)
+  peak = jnp.max(jnp.abs(z), initial=0.0)
+  return itq3s_jax.quantize(w, format, seed=seed), jnp.all(jnp.isfinite(w)), peak
 
 
 def quantize_kernel(kernel: ArrayLike, format: str, seed: int) -> itq3s_jax.QuantizedTensor:
@@ -38,8 +35,8 @@ def quantize_kernel(kernel: ArrayLike, format: str, seed: int) -> itq3s_jax.Quan
   feature is one coded row. Runs ``itq3s_jax.quantize`` under ``jax.jit``
   (one compilation per shape instead of one per eager op, which dominates
   model surgery time); the eager value checks of ``quantize`` (NaN/Inf,
-  values beyond the format's range) are done here first when the kernel is
-  concrete.
+  values beyond the format's range) are computed in the same compilation
+  and raised here when the kernel is concrete.
 
   Args:
     kernel: float (in_features, out_features), as ``nnx.Linear``/``nn.Dense``
@@ -60,16 +57,15 @@ def quantize_kernel(kernel: ArrayLike, format: str, seed: int) -> itq3s_jax.Quan
                      f"got shape {kernel.shape}.")
   fmt = itq3s_jax.get_format(format)
   blocks.check_k(kernel.shape[0])
-  w = kernel.T
-  if not isinstance(w, jax.core.Tracer) and w.size:
-    finite, peak = _coding_stats(w, format, seed)
+  qt, finite, peak = _quantize(kernel.T, format, seed)
+  if not isinstance(kernel, jax.core.Tracer) and kernel.size:
     if not bool(finite):
       raise ValueError("kernel has NaN/Inf values; fix or mask them before quantizing.")
     if float(peak) > fmt.max_abs:
       raise ValueError(f"values too large for {format}: a coefficient of magnitude "
                        f"{float(peak):.4g} exceeds {fmt.max_abs:.4g}; rescale the kernel "
                        "or keep this layer in float.")
-  return _quantize(w, format, seed)
+  return qt
 
 
 def output_dtype(x_dtype, dtype, param_dtype):

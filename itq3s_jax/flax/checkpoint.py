@@ -22,9 +22,11 @@ Recipe (what these helpers do)::
   nnx.replace_by_pure_dict(abs_state, restored.state)
   model = nnx.merge(graphdef, abs_state)
 
-Sharded restore: build the abstract model under ``jax.set_mesh(mesh)`` and
-pass it through ``nnx.as_abstract``; orbax then places each array with the
-sharding of its abstract leaf.
+Sharded restore: give the abstract leaves concrete shardings, e.g.
+``graphdef, abs_state = nnx.get_abstract_model(lambda: quantize_model(build(),
+...)[0], mesh)`` and ``restore(path, nnx.merge(graphdef, abs_state))`` (the
+kernels annotated with ``out_sharding`` as in tests/sharding_test.py); orbax
+then places each array with the sharding of its abstract leaf.
 
 >>> import tempfile, os, jax.numpy as jnp
 >>> from flax import nnx

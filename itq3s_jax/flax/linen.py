@@ -74,7 +74,12 @@ class QuantizedDense(nn.Module):
     def init(key, shape, dtype):
       return _core.quantize_kernel(self.kernel_init(key, shape, dtype), self.format, self.seed)
 
-    qt = self.param("kernel", init, (k, self.features), self.param_dtype)
+    if self.has_variable("params", "kernel"):
+      # Read it directly: self.param would compare it with the shape of an init
+      # in self.format and reject kernels coded in other formats.
+      qt = self.get_variable("params", "kernel")
+    else:
+      qt = self.param("kernel", init, (k, self.features), self.param_dtype)
     if not isinstance(qt, itq3s_jax.QuantizedTensor):
       raise TypeError(f"QuantizedDense kernel must be a QuantizedTensor, got "
                       f"{type(qt).__name__}; convert float params with quantize_params.")

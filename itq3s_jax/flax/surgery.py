@@ -53,7 +53,9 @@ def quantize_model(model: M, *, format: str = "itq3_t", include: str | None = No
 
   The model is modified in place (like Flax's surgery guide) and returned.
   Each layer is quantized eagerly from its kernel (in, out) transposed to
-  (out, in); biases and kernel sharding annotations carry over. Under
+  (out, in); biases and kernel sharding annotations carry over. A Linear
+  shared by several paths is selected by its first path and every reference
+  gets the same QuantizedLinear. Under
   ``nnx.eval_shape`` the same call builds the abstract quantized model that
   :func:`itq3s_jax.flax.restore` needs.
 
@@ -80,22 +82,33 @@ def quantize_model(model: M, *, format: str = "itq3_t", include: str | None = No
     raise TypeError(f"quantize_model needs an nnx.Module, got {type(model).__name__}; "
                     "for linen parameter trees use quantize_params.")
   _core.check_rules(format, include, exclude, min_features)
-  # Collect first: replacing while iterating would walk the new modules.
-  targets = [(path, m) for path, m in nnx.iter_modules(model)
-             if isinstance(m, nnx.Linear) and path]
   quantized, skipped = [], []
-  for path, linear in targets:
-    name = _core.dotted(path)
-    shape = (linear.out_features, linear.in_features)
-    reason = _core.skip_reason(name, linear.in_features, include=include, exclude=exclude,
-                               min_features=min_features)
-    if reason is not None:
-      skipped.append(_core.Skipped(name, shape, reason))
-      continue
-    layer = qnnx.QuantizedLinear.from_linear(linear, format=format, seed=seed, method=method)
-    parent = model
-    for key in path[:-1]:
-      parent = _get_child(parent, key)
-    _set_child(parent, path[-1], layer)
-    quantized.append(_core.Quantized(name, shape, int(layer.weight[...].size)))
+  done: dict[int, qnnx.QuantizedLinear] = {}  # id(linear) -> its replacement
+  kept: set[int] = set()
+  while True:
+    # Collect first: replacing while iterating would walk the new modules. A
+    # Linear shared by several paths is listed once per pass (at its first
+    # path), so passes repeat until every reference to it is replaced by the
+    # same QuantizedLinear: weight tying survives the surgery.
+    targets = [(path, m) for path, m in nnx.iter_modules(model)
+               if path and isinstance(m, nnx.Linear) and id(m) not in kept]
+    if not targets:
+      break
+    for path, linear in targets:
+      if id(linear) not in done:
+        name = _core.dotted(path)
+        shape = (linear.out_features, linear.in_features)
+        reason = _core.skip_reason(name, linear.in_features, include=include,
+                                   exclude=exclude, min_features=min_features)
+        if reason is not None:
+          skipped.append(_core.Skipped(name, shape, reason))
+          kept.add(id(linear))
+          continue
+        done[id(linear)] = qnnx.QuantizedLinear.from_linear(linear, format=format, seed=seed,
+                                                            method=method)
+        quantized.append(_core.Quantized(name, shape, int(done[id(linear)].weight[...].size)))
+      parent = model
+      for key in path[:-1]:
+        parent = _get_child(parent, key)
+      _set_child(parent, path[-1], done[id(linear)])
   return model, _core.QuantizationReport(format, tuple(quantized), tuple(skipped))

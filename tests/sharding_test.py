@@ -1,0 +1,101 @@
+"""A quantized NNX model on an 8-device CPU mesh: weights sharded along outputs.
+
+XLA_FLAGS=--xla_force_host_platform_device_count=8 only takes effect before
+jax is imported, so the body runs in a fresh interpreter (``_body``), started
+from the pytest test with that flag set.
+
+Layout: mesh ("data", "model") = (2, 4). Each ``nnx.Linear`` kernel is
+annotated (None, "model") and its bias ("model",); surgery turns that into
+("model", None) on the coded rows (one row per output feature, so row shards
+decode independently). Activations are sharded along "data". Outputs must
+equal the single-device run up to float32 accumulation order.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+MESH = (2, 4)
+
+
+def _body() -> None:
+  import tempfile
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+  from jax.sharding import PartitionSpec as P
+
+  import itq3s_jax
+  from itq3s_jax import flax as qflax
+
+  assert len(jax.devices()) == 8, jax.devices()
+  mesh = jax.make_mesh(MESH, ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  d_in, d_hid, d_out = 64, 96, 32  # outputs divisible by the 4-way "model" axis
+
+  class MLP(nnx.Module):
+
+    def __init__(self, rngs):
+      kw = dict(kernel_metadata={"out_sharding": (None, "model")},
+                bias_metadata={"out_sharding": ("model",)}, rngs=rngs)
+      self.layers = nnx.List([nnx.Linear(d_in, d_hid, **kw), nnx.Linear(d_hid, d_out, **kw)])
+
+    def __call__(self, x):
+      return self.layers[1](jax.nn.relu(self.layers[0](x)))
+
+  fwd = nnx.jit(lambda m, x: m(x))
+  x = jax.random.normal(jax.random.key(1), (8, d_in), jnp.float32)
+  u = 2.0**-24
+  for fmt in itq3s_jax.formats():
+    with jax.set_mesh(mesh):
+      model, _ = qflax.quantize_model(MLP(nnx.Rngs(0)), format=fmt)
+    for layer in model.layers:
+      data = layer.weight[...]
+      assert isinstance(layer, qflax.QuantizedLinear)
+      assert data.sharding.spec == P("model", None), (fmt, data.sharding)
+      rows = layer.out_features // MESH[1]
+      assert {s.data.shape for s in data.addressable_shards} == {(rows, data.shape[1])}
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data", None)))
+    with jax.set_mesh(mesh):
+      y = fwd(model, xs)
+    assert y.sharding.spec == P("data", "model"), (fmt, y.sharding)
+
+    graphdef, state = nnx.split(model)
+    single = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+    y1 = fwd(single, x)
+    assert len(y1.devices()) == 1
+    # Same products, possibly a different summation order per shard: each output
+    # is a length-K float32 dot (|err| <= K u sum|x w|) feeding a second one;
+    # bound both layers crudely by 4 (K1 + K2) u (|y| + 1).
+    tol = 4 * (d_in + d_hid) * u * (np.abs(np.asarray(y1)) + 1)
+    err = np.abs(np.asarray(y) - np.asarray(y1))
+    assert np.all(err <= tol), (fmt, float(err.max()))
+
+    # Sharded orbax restore: an abstract model built under the mesh restores sharded.
+    path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    qflax.save(path, single)
+    graphdef, abs_state = nnx.get_abstract_model(
+        lambda: qflax.quantize_model(MLP(nnx.Rngs(5)), format=fmt)[0], mesh)
+    restored = qflax.restore(path, nnx.merge(graphdef, abs_state))
+    with jax.set_mesh(mesh):
+      assert restored.layers[0].weight[...].sharding.spec == P("model", None)
+      np.testing.assert_array_equal(fwd(restored, xs), y)
+    print("ok", fmt, "max |sharded - single| =", float(err.max()), flush=True)
+
+
+def test_quantized_model_on_an_8_device_mesh():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  here = os.path.dirname(os.path.abspath(__file__))
+  code = f"import sys; sys.path.insert(0, {here!r}); import sharding_test; sharding_test._body()"
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=900, check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+  print(proc.stdout)  # max |sharded - single| per format, shown with -s
+  import itq3s_jax  # after the subprocess: the parent's jax state does not matter
+  for fmt in itq3s_jax.formats():
+    assert f"ok {fmt} " in proc.stdout, proc.stdout
