@@ -235,12 +235,17 @@ def fused(xk: jax.Array, data: jax.Array, out_init: jax.Array | None, *, format:
       dot_dtype=dot_dtype)
   if out_init is not None:  # the poisoned buffer is written only through the output ref
     kernel = functools.partial(_drop_aliased, kernel)
+  # Under shard_map(check_vma=True) the output must declare the mesh axes it varies
+  # along: those of x and of the weight, read off an op that joins the two.
+  joined = jax.typeof(xk[0, 0].astype(jnp.float32) + data[0, 0].astype(jnp.float32))
+  out_shape = jax.ShapeDtypeStruct((mp, np_), jnp.float32,
+                                   manual_axis_type=getattr(joined, "mat", None))
   out = pl.pallas_call(
       kernel,
       grid=(mp // bm, np_ // bn),
       in_specs=in_specs,
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.float32),
+      out_shape=out_shape,
       input_output_aliases=aliases,
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=config.num_warps,

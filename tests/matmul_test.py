@@ -1,0 +1,169 @@
+"""``itq3s_jax.matmul``: the XLA reference vs a float64 oracle, dispatch, jit, shard_map.
+
+Oracle: the coding-domain values (decode_rotated: exact float32 numbers) are
+inverse-transformed in float64 with scipy's Hadamard matrix, so it shares no
+transform code with the library. Tolerance (Cauchy-Schwarz as in
+pallas_kernels_test.py): float32 dequantize (8 butterfly stages, <= 8 u per
+element relative to the block norm, i.e. <= 128 u ||x|| ||w|| in the dot) plus
+K float32 accumulations: 1.25 (K + 128) u ||x_m|| ||w_n||.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+import itq3s_jax
+from itq3s_jax._src import kernel_decode
+from itq3s_jax._src import matmul as matmul_lib
+
+_U32 = 2.0**-24
+METHODS = ("xla", "weight_ifwht", "act_rotate")
+
+
+def _oracle_weights(qt) -> np.ndarray:
+  """float64 (N, K) from the coding-domain values, inverse transform by scipy.
+
+  For the pow2-tail formats under test every block is whole (n = stop - start).
+  """
+  z = np.asarray(itq3s_jax.decode_rotated(qt), np.float64)
+  fmt = itq3s_jax.get_format(qt.format)
+  out = []
+  for lo, hi in itq3s_jax.block_columns(qt.format, qt.shape[-1]):
+    zb, n = z[:, lo:hi], hi - lo
+    if fmt.transform == "none":
+      out.append(zb)
+      continue
+    sig = itq3s_jax.sign_vector(qt.seed, n) if fmt.transform == "rht" else np.ones(n)
+    out.append(sig * (zb @ scipy.linalg.hadamard(n).T / np.sqrt(n)))
+  return np.concatenate(out, axis=-1)
+
+
+def _weights(n, k, seed=0):
+  return np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", ["itq3_t", "uniform3", "uniform3_rot"])
+@pytest.mark.parametrize("k", [256, 576, 992])
+def test_xla_matches_float64_oracle(fmt, k):
+  qt = itq3s_jax.quantize(_weights(12, k), fmt, seed=7)
+  x = np.random.default_rng(k).standard_normal((2, 5, k)).astype(np.float32)
+  w64 = _oracle_weights(qt)
+  x64 = x.reshape(-1, k).astype(np.float64)
+  y = np.asarray(itq3s_jax.matmul(x, qt, method="xla")).reshape(-1, 12)
+  tol = 1.25 * (k + 128) * _U32 * np.outer(np.linalg.norm(x64, axis=-1),
+                                            np.linalg.norm(w64, axis=-1))
+  assert (np.abs(y - x64 @ w64.T) <= tol).all()
+
+
+def test_auto_is_xla_on_cpu():
+  qt = itq3s_jax.quantize(_weights(8, 256), "itq3_t")
+  x = jax.ShapeDtypeStruct((4, 256), jnp.float32)
+  assert matmul_lib.choose(x, qt) == "xla"
+  assert matmul_lib.choose(x, qt, backend="tpu") == "xla"
+  y = itq3s_jax.matmul(np.ones((4, 256), np.float32), qt)
+  np.testing.assert_array_equal(y, itq3s_jax.matmul(np.ones((4, 256), np.float32), qt,
+                                                    method="xla"))
+
+
+def test_auto_on_gpu_picks_act_rotate_and_falls_back(monkeypatch):
+  qt = itq3s_jax.quantize(_weights(8, 288), "uniform3")
+  small = jax.ShapeDtypeStruct((2, 8, 288), jnp.bfloat16)
+  big = jax.ShapeDtypeStruct((matmul_lib.AUTO_MAX_ROWS + 1, 288), jnp.bfloat16)
+  assert matmul_lib.choose(small, qt, backend="gpu") == "act_rotate"
+  assert matmul_lib.choose(big, qt, backend="gpu") == "xla"
+  tiny_k = itq3s_jax.quantize(_weights(8, 128), "itq3_t")
+  assert matmul_lib.choose(jax.ShapeDtypeStruct((1, 128), jnp.float32), tiny_k,
+                           backend="gpu") == "xla"
+  monkeypatch.delitem(kernel_decode.CODECS, "uniform3")  # a format without a decoder (itq3_s)
+  assert matmul_lib.choose(small, qt, backend="gpu") == "xla"
+  with pytest.raises(NotImplementedError, match="no kernel decoder"):
+    itq3s_jax.matmul(np.ones((1, 288), np.float32), qt, method="act_rotate")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(method="cuda"), "unknown matmul method"),
+    (dict(k=128), "x has K=128"),
+])
+def test_errors(kw, match):
+  qt = itq3s_jax.quantize(_weights(4, 256), "itq3_t")
+  x = np.ones((1, kw.get("k", 256)), np.float32)
+  with pytest.raises(ValueError, match=match):
+    itq3s_jax.matmul(x, qt, method=kw.get("method", "xla"))
+
+
+def test_three_dim_weight_rejected():
+  qt = itq3s_jax.quantize(_weights(8, 256).reshape(2, 4, 256), "itq3_t")
+  with pytest.raises(ValueError, match="2-D weight"):
+    itq3s_jax.matmul(np.ones((1, 256), np.float32), qt)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_methods_agree_under_jit_without_recompiling(method):
+  qt = itq3s_jax.quantize(_weights(20, 320, seed=1), "itq3_t", seed=2)
+  traces = []
+
+  @jax.jit
+  def f(x, qt):
+    traces.append(1)
+    return itq3s_jax.matmul(x, qt, method=method)
+
+  rng = np.random.default_rng(3)
+  x1, x2 = (rng.standard_normal((3, 320)).astype(np.float32) for _ in range(2))
+  w64 = np.asarray(itq3s_jax.dequantize(qt), np.float64)
+  for x in (x1, x2):
+    x64 = x.astype(np.float64)
+    # Pallas methods: tolerance of pallas_kernels_test.py (K + 256) u; xla: (K + 128) u.
+    tol = 1.25 * (320 + 256) * _U32 * np.outer(np.linalg.norm(x64, axis=-1),
+                                                np.linalg.norm(w64, axis=-1))
+    assert (np.abs(np.asarray(f(x, qt)) - x64 @ w64.T) <= tol).all()
+  assert len(traces) == 1
+
+
+_SHARD_MAP_SCRIPT = textwrap.dedent("""
+    import numpy as np, jax, itq3s_jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    assert jax.device_count() == 8, jax.devices()
+    K = 576
+    w = np.random.default_rng(0).standard_normal((8 * 5, K)).astype(np.float32)
+    qt = itq3s_jax.quantize(w, "itq3_t", seed=4)
+    x = np.random.default_rng(1).standard_normal((3, K)).astype(np.float32)
+    mesh = jax.make_mesh((8,), ("x",))
+    data = jax.device_put(qt.data, NamedSharding(mesh, P("x", None)))
+    xs = jax.device_put(x, NamedSharding(mesh, P()))
+    w64 = np.asarray(itq3s_jax.dequantize(qt), np.float64)
+    want = x.astype(np.float64) @ w64.T
+    # Error model of pallas_kernels_test.py: 1.25 (K + 256) u ||x_m|| ||w_n||.
+    tol = 1.25 * (K + 256) * 2.0**-24 * np.outer(np.linalg.norm(x, axis=-1),
+                                                 np.linalg.norm(w64, axis=-1))
+    for method in ("xla", "weight_ifwht", "act_rotate"):
+      def local(x, d):  # each device holds N/8 weight rows
+        q = itq3s_jax.QuantizedTensor(d, (d.shape[0], K), qt.format, qt.seed)
+        return itq3s_jax.matmul(x, q, method=method)
+      # check_vma=False: jax's Pallas *interpreter* mixes varying and invariant
+      # values in its grid loop carry (ValueError in jax 0.10.2); compiled GPU
+      # kernels declare the output's varying axes instead (_driver.fused).
+      f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("x", None)),
+                                out_specs=P(None, "x"), check_vma=method == "xla"))
+      y = f(xs, data)
+      assert y.sharding.spec == P(None, "x"), y.sharding
+      assert (np.abs(np.asarray(y) - want) <= tol).all(), method
+      print("ok", method)
+""")
+
+
+def test_shard_map_weight_sharded_along_n():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["ok", "xla", "ok", "weight_ifwht", "ok", "act_rotate"]

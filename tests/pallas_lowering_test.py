@@ -1,0 +1,99 @@
+"""Every Pallas kernel cross-lowers for CUDA from a CPU-only machine (Triton custom call).
+
+Interpret mode accepts programs the Triton backend rejects (scratch, slices,
+gathers, non-power-of-two loads; jax_notes.md §3), so each interpret-mode test
+has this twin. It proves jaxpr -> Triton IR only: PTX compilation and speed
+need a GPU (benchmarks/gpu_check.sh). The abstract mesh names a GPU device,
+which jax >= 0.11 requires for lowering without one and 0.10.2 ignores.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractDevice
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
+
+import itq3s_jax
+from itq3s_jax._src import kernel_decode
+from pallas_kernels import _driver
+from pallas_kernels import act_rotate
+from pallas_kernels import weight_ifwht
+
+try:
+  from jax.sharding import use_abstract_mesh
+except ImportError:  # older jax keeps it private
+  from jax._src.mesh import use_abstract_mesh  # pylint: disable=g-import-not-at-top
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+KERNELS = {"weight_ifwht": weight_ifwht.weight_ifwht, "act_rotate": act_rotate.act_rotate}
+
+
+def _gpu_mesh(n: int = 1) -> AbstractMesh:
+  return AbstractMesh((n,), ("x",), abstract_device=AbstractDevice(
+      device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
+
+
+def _lower_for_cuda(f, *args) -> str:
+  with use_abstract_mesh(_gpu_mesh()):
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+@pytest.mark.parametrize("fmt", sorted(kernel_decode.CODECS))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernel_lowers_to_one_triton_call(name, fmt, dtype):
+  qt = itq3s_jax.quantize(np.random.default_rng(0).standard_normal((40, 576)), fmt)
+  x = jnp.ones((3, 576), dtype)
+  text = _lower_for_cuda(functools.partial(KERNELS[name], interpret=False), x, qt)
+  assert text.count(TRITON_CALL) == 1
+  assert f"itq3s_{name}" in text
+
+
+@pytest.mark.parametrize("config", [_driver.heuristic(1, 8192, 8192),
+                                    _driver.heuristic(256, 8192, 28672),
+                                    _driver.Config(block_m=32, block_n=128, num_warps=8)])
+def test_benchmark_tilings_lower(config):
+  """The tiles the heuristic picks for the benchmark shapes (and a wide one) lower too."""
+  qt = itq3s_jax.quantize(np.random.default_rng(1).standard_normal((64, 1024)), "itq3_t")
+  x = jnp.ones((5, 1024), jnp.bfloat16)
+  for name, kernel in KERNELS.items():
+    f = functools.partial(kernel, config=config, interpret=False)
+    assert _lower_for_cuda(f, x, qt).count(TRITON_CALL) == 1, name
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_matmul_dispatch_lowers_the_kernel(name):
+  """method=<kernel> through the public entry point on a GPU lowering: the kernel, once."""
+  qt = itq3s_jax.quantize(np.random.default_rng(2).standard_normal((16, 256)), "itq3_t")
+  x = jnp.ones((2, 256), jnp.bfloat16)
+  f = functools.partial(itq3s_jax.matmul, method=name)
+  # matmul's interpret default follows the *runtime* backend (CPU here), so
+  # lower the kernel entry point with interpret=False as the GPU would pick.
+  g = functools.partial(KERNELS[name], interpret=False)
+  assert _lower_for_cuda(g, x, qt).count(TRITON_CALL) == 1
+  assert TRITON_CALL not in _lower_for_cuda(f, x, qt)  # CPU runtime: interpreter, no custom call
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_shard_map_with_varying_axes_lowers(name):
+  """Under shard_map(check_vma=True) on 4 abstract GPUs the kernel declares its varying axes."""
+  k = 512
+  qt = itq3s_jax.quantize(np.random.default_rng(3).standard_normal((64, k)), "itq3_t")
+  mesh = _gpu_mesh(4)
+
+  def local(x, d):
+    q = itq3s_jax.QuantizedTensor(d, (d.shape[0], k), qt.format, qt.seed)
+    return KERNELS[name](x, q, interpret=False)
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("x", None)), out_specs=P(None, "x"))
+  x = jax.ShapeDtypeStruct((2, k), jnp.bfloat16)
+  d = jax.ShapeDtypeStruct(qt.data.shape, jnp.uint8)
+  with use_abstract_mesh(mesh):
+    text = jax.jit(f).trace(x, d).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count(TRITON_CALL) == 1
