@@ -221,23 +221,32 @@ def _assert_same_checkpoint(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_killed_subprocess_then_resume(tmp_path, converted):
-  # 24 identical-shape weights: the child needs several seconds, so SIGKILL lands midway.
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_subprocess_then_resume(tmp_path, sig):
+  # 24 identical-shape weights: the child needs several seconds, so the signal lands midway.
+  # SIGKILL is a crash; SIGINT is Ctrl-C (the command exits 130 and says how to resume).
   many = {f"layers.{i}.mlp.weight": (RNG.standard_normal((64, 256)) * 0.02).astype(np.float32)
           for i in range(24)}
   src, dst = write_st(tmp_path / "m.safetensors", many), str(tmp_path / "out")
   journal = os.path.join(converter.staging_path(dst), "done.jsonl")
   proc = subprocess.Popen([sys.executable, "-m", "itq3s_jax.cli", "convert", src, dst,
                            "--quiet", "--min-size", "1024"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.monotonic() + 240
-  while time.monotonic() < deadline and proc.poll() is None:
-    if os.path.exists(journal) and _read(journal).count(b"\n") >= 2:
-      break
-    time.sleep(0.02)
-  assert proc.poll() is None, "the child finished or died before it could be killed"
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+      if os.path.exists(journal) and _read(journal).count(b"\n") >= 2:
+        break
+      time.sleep(0.02)
+    assert proc.poll() is None, "the child finished or died before it could be killed"
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=120)[1].decode()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  if sig == signal.SIGINT:
+    assert proc.returncode == 130 and "rerun with --resume" in err, err
   finished = _read(journal).count(b"\n")
   assert 2 <= finished < len(many)
   assert not os.path.exists(dst)

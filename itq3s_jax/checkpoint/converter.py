@@ -154,6 +154,8 @@ def _prepare_stage(stage: str, job: dict, resume: bool) -> list[dict]:
             done.append(json.loads(line))
           except ValueError:  # the line being written when the process died
             break
+    with open(done_path, "w", encoding="utf-8") as f:  # drop that line before appending
+      f.writelines(json.dumps(e) + "\n" for e in done)
     return done
   if os.path.isdir(stage):
     shutil.rmtree(stage)
