@@ -377,3 +377,11 @@ def test_flax_round_trip_outputs_bit_identical_to_in_memory_quantization(tmp_pat
   np.testing.assert_array_equal(y_restored, y_memory)
   # And the layer is really quantized: outputs differ from the float model's.
   assert not np.array_equal(y_restored, np.asarray(Mlp().apply({"params": params}, x)))
+
+
+def test_dst_equal_to_src_is_refused_even_with_overwrite(tmp_path, capsys):
+  src = write_st(tmp_path / "m.safetensors")
+  before = _read(src)
+  assert run_cli(src, src, "--overwrite") == 2
+  assert "is the source" in capsys.readouterr().err
+  assert _read(src) == before

@@ -191,6 +191,8 @@ def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
   """
   policy = policy or policy_lib.Policy()
   dst = os.fspath(dst)
+  if os.path.realpath(dst) == os.path.realpath(os.fspath(src)):
+    raise errors.CheckpointError(f"{dst} is the source; choose another destination.")
   if os.path.lexists(dst) and not overwrite:
     raise errors.CheckpointError(f"{dst} already exists; pass --overwrite to replace it.")
   if _is_gguf(dst):
@@ -226,16 +228,19 @@ def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
         bar.update(math.prod(info.shape))
         if on_tensor is not None:
           on_tensor(len(entries) - len(done))
+    bar.close()
+    meta = {"format_version": writers.FORMAT_VERSION, "created_by": "itq3s convert",
+            "source": {"path": os.path.abspath(src), "kind": source.kind,
+                       "sha256": src_hash},
+            "policy": policy.to_json(), "source_metadata": source.metadata,
+            "tensors": entries}
+    result = writer.finish(meta)
   except errors.CheckpointError:
     writer.close()
     shutil.rmtree(stage, ignore_errors=True)  # the source is bad: nothing worth resuming
     raise
   finally:
     bar.close()
-  meta = {"format_version": writers.FORMAT_VERSION, "created_by": "itq3s convert",
-          "source": {"path": os.path.abspath(src), "kind": source.kind, "sha256": src_hash},
-          "policy": policy.to_json(), "source_metadata": source.metadata, "tensors": entries}
-  result = writer.finish(meta)
   for name in ("job.json", "done.jsonl"):
     if os.path.exists(os.path.join(stage, name)):
       os.remove(os.path.join(stage, name))

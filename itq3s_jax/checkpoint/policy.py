@@ -43,9 +43,9 @@ class Policy:
     exclude: regex; None means nothing is excluded.
     min_size: smallest number of weights worth quantizing.
     quantize_embeddings: also quantize embeddings and the output head.
-    calibration: path of activation statistics (an "imatrix") used as the
-      importance of each quantized tensor; None means plain quantization. The
-      calibration work adds the reader (see ``convert.importance_for``).
+
+  Calibration (importance weights per tensor) is not a policy field: it is
+  the ``importance_fn`` argument of ``convert``.
   """
 
   format: str = "itq3_t"
@@ -54,7 +54,6 @@ class Policy:
   exclude: str | None = None
   min_size: int = 4096
   quantize_embeddings: bool = False
-  calibration: str | None = None
 
   def __post_init__(self):
     registry.get_format(self.format)
