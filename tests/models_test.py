@@ -30,6 +30,10 @@ TINY_BERT = bert.BertConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, ff
                             max_positions=16)
 
 
+# Jitted calls: eager op-by-op dispatch of a whole model is far slower on CPU.
+_apply = nnx.jit(lambda m, *args: m(*args))
+
+
 def _tokens(shape, vocab, seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
 
@@ -42,7 +46,7 @@ def test_llama_shapes(tie):
   import dataclasses
   cfg = dataclasses.replace(TINY_LLAMA, tie_embeddings=tie)
   model = llama.Llama(cfg, rngs=nnx.Rngs(0))
-  logits = model(_tokens((3, 10), cfg.vocab_size))
+  logits = _apply(model, _tokens((3, 10), cfg.vocab_size))
   assert logits.shape == (3, 10, cfg.vocab_size) and logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
 
@@ -51,7 +55,7 @@ def test_llama_causal():
   model = llama.Llama(TINY_LLAMA, rngs=nnx.Rngs(1))
   toks = _tokens((1, 12), TINY_LLAMA.vocab_size)
   changed = toks.at[0, 7].set((toks[0, 7] + 1) % TINY_LLAMA.vocab_size)
-  a, b = np.asarray(model(toks)), np.asarray(model(changed))
+  a, b = np.asarray(_apply(model, toks)), np.asarray(_apply(model, changed))
   scale = np.abs(a).max()
   np.testing.assert_allclose(a[0, :7], b[0, :7], rtol=0, atol=F32_RTOL * scale)
   assert np.abs(a[0, 7:] - b[0, 7:]).max() > 1e-3 * scale  # later positions do see it
@@ -113,7 +117,7 @@ def test_attention_matches_llamacpp_layout_reference():
   attn.k_proj.kernel[...] = jnp.asarray(llama.unpermute_rope_rows(w["k"], cfg.n_kv_heads).T, jnp.float32)
   attn.v_proj.kernel[...] = jnp.asarray(w["v"].T, jnp.float32)
   attn.o_proj.kernel[...] = jnp.asarray(wo.T, jnp.float32)
-  got = np.asarray(attn(jnp.asarray(x[None], jnp.float32)))[0]
+  got = np.asarray(_apply(attn, jnp.asarray(x[None], jnp.float32)))[0]
   np.testing.assert_allclose(got, ref, rtol=0, atol=F32_RTOL * np.abs(ref).max())
 
 
@@ -141,7 +145,7 @@ def test_gguf_mapping_round_trip():
   abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
   loaded = _params.assign(abstract, llama.params_from_gguf_tensors(cfg, t))
   toks = _tokens((2, 8), cfg.vocab_size)
-  np.testing.assert_array_equal(np.asarray(loaded(toks)), np.asarray(src(toks)))
+  np.testing.assert_array_equal(np.asarray(_apply(loaded, toks)), np.asarray(_apply(src, toks)))
   del t["blk.1.ffn_up.weight"]
   with pytest.raises(KeyError):
     llama.params_from_gguf_tensors(cfg, t)
@@ -164,13 +168,15 @@ def test_config_validation():
 
 def test_quantize_model_touches_linear_layers_only():
   qflax = pytest.importorskip("itq3s_jax.flax")
-  model = llama.Llama(TINY_LLAMA, rngs=nnx.Rngs(0))
-  toks = _tokens((1, 8), TINY_LLAMA.vocab_size)
-  ref = np.asarray(model(toks))
+  import dataclasses
+  cfg = dataclasses.replace(TINY_LLAMA, n_layers=1)
+  model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+  toks = _tokens((1, 8), cfg.vocab_size)
+  ref = np.asarray(_apply(model, toks))
   qmodel, report = qflax.quantize_model(nnx.clone(model), format="itq3_t")
-  assert len(report.quantized) == 7 * TINY_LLAMA.n_layers and not report.skipped
+  assert len(report.quantized) == 7 and not report.skipped
   assert isinstance(qmodel.embed, nnx.Embed) and isinstance(qmodel.layers[0].input_norm, llama.RMSNorm)
-  got = np.asarray(nnx.jit(lambda m, t: m(t))(qmodel, toks))
+  got = np.asarray(_apply(qmodel, toks))
   assert got.shape == ref.shape and np.isfinite(got).all()
   assert isinstance(model.layers[0].attn.q_proj, nnx.Linear)  # the float model is untouched
 
@@ -183,8 +189,8 @@ def test_bert_padding_invariance():
   ids = _tokens((1, 6), TINY_BERT.vocab_size)
   padded = jnp.concatenate([ids, _tokens((1, 4), TINY_BERT.vocab_size, seed=1)], 1)
   mask = jnp.arange(10)[None] < 6
-  h = model(ids, jnp.ones((1, 6), bool))
-  hp = model(padded, mask)
+  h = _apply(model, ids, jnp.ones((1, 6), bool))
+  hp = _apply(model, padded, mask)
   assert hp.shape == (1, 10, TINY_BERT.d_model)
   np.testing.assert_allclose(np.asarray(hp[:, :6]), np.asarray(h), rtol=0, atol=F32_RTOL * 10)
   e, ep = bert.mean_pool_normalize(h, jnp.ones((1, 6))), bert.mean_pool_normalize(hp, mask)
