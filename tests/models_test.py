@@ -313,6 +313,14 @@ def test_eval_reports_unregistered_format():
   assert row["status"].startswith("unavailable")
 
 
+def test_eval_command_rejects_bad_arguments(capsys):
+  from itq3s_jax import cli
+  assert cli.main(["eval", "--tokens", "600"]) == 2
+  assert "must be >= 1024" in capsys.readouterr().err
+  assert cli.main(["eval", "--formats", ","]) == 2
+  assert "--formats is empty" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------- real models
 
 

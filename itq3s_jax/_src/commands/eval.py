@@ -108,7 +108,7 @@ def run_smollm2(formats: list[str], n_tokens: int, batch: int, seed: int) -> dic
       row["ppl"] = evaluation.perplexity(row["nlls"])
       if fmt == REF:
         ref_nlls = row["nlls"]
-      else:
+      elif ref_nlls is not None:
         d = evaluation.delta_ppl(ref_nlls, row["nlls"])
         row["delta_ppl"], row["delta_se"] = d.delta, d.se
     if fmt in formats:
