@@ -57,8 +57,9 @@ def candidates() -> np.ndarray:
   """Per lattice code, the lattice codes of its NCAND nearest grid points.
 
   Returns:
-    int32 (NCAND, 4096): row k holds every code's k-th nearest grid point
-    (row 0 is the code itself when it is on the grid).
+    int32 (NCAND // 2, 4096): word w of a code packs its candidates 2w (bits
+    0..11) and 2w+1 (bits 12..23); candidate 0 is the code itself when it is
+    on the grid. Packed because XLA's CPU gather costs per element.
   """
   g = grid()
   levels = (np.arange(4096)[:, None] >> (3 * np.arange(4))) & 7  # (4096, 4)
@@ -66,4 +67,5 @@ def candidates() -> np.ndarray:
   dist = ((point[:, None, :] - g[None, :, :]) ** 2).sum(-1)  # (4096, 512)
   # stable sort: ties keep ascending grid index
   near = np.argsort(dist, axis=1, kind="stable")[:, :NCAND]
-  return codes()[near].T.astype(np.int32).copy()
+  near = codes()[near].astype(np.int32)
+  return (near[:, 0::2] | (near[:, 1::2] << 12)).T.copy()
