@@ -1,0 +1,121 @@
+"""Tests of calibration statistics on a tiny NNX model against float64 references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import itq3s_jax
+from itq3s_jax._src import calibrate
+from itq3s_jax.flax import nnx as qnnx
+
+D, F, V = 64, 96, 50  # model width, hidden width, vocabulary
+
+
+class Tiny(nnx.Module):
+  """Embedding -> (a, b) on the same input (like q/k/v) -> c on their product; a list too."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(V, D, rngs=rngs)
+    self.a = nnx.Linear(D, F, use_bias=False, rngs=rngs)
+    self.b = nnx.Linear(D, F, rngs=rngs)
+    self.blocks = nnx.List([nnx.Linear(F, D, rngs=rngs)])
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    h = jax.nn.silu(self.a(x)) * self.b(x)
+    return self.blocks[0](h)
+
+
+def _inputs64(model: Tiny, tokens: np.ndarray) -> dict[str, np.ndarray]:
+  """Each layer's input (n, K) in float64, recomputed with numpy."""
+  x = np.asarray(model.embed.embedding[...], np.float64)[tokens].reshape(-1, D)
+  a = x @ np.asarray(model.a.kernel[...], np.float64)
+  b = x @ np.asarray(model.b.kernel[...], np.float64) + np.asarray(model.b.bias[...], np.float64)
+  h = a / (1 + np.exp(-a)) * b
+  return {"a": x, "b": x, "blocks.0": h}
+
+
+def _tokens(n_windows: int = 5, t: int = 16, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, V, (n_windows, t)).astype(np.int32)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_moments_match_float64_reference(dtype):
+  model = Tiny(nnx.Rngs(0))
+  toks = _tokens()
+  stats = calibrate.calibrate(model, toks, batch_size=2, dtype=dtype)  # 2 + 2 + 1 windows
+  assert set(stats) == {"a", "b", "blocks.0"}
+  for name, x in _inputs64(model, toks).items():
+    ref = x.T @ x / len(x)
+    # Each batch sum is a float32 dot product of <= 2*16 terms (Higham gamma_32 |x|^T|x|), the
+    # layer inputs themselves carry ~10 u relative error (silu, products), and a float32
+    # accumulator adds one rounding per batch: 64 u |x|^T|x| / n covers all of it.
+    tol = 64 * 2.0**-24 * (np.abs(x).T @ np.abs(x)) / len(x)
+    assert stats[name].dtype == dtype
+    assert np.all(np.abs(stats[name] - ref) <= tol), name
+
+
+def test_shared_inputs_share_one_array_and_nbytes_counts_it_once():
+  stats = calibrate.calibrate(Tiny(nnx.Rngs(0)), _tokens(2))
+  assert stats["a"] is stats["b"]
+  assert calibrate.nbytes(stats) == (D * D + F * F) * 8
+
+
+def test_one_dimensional_tokens_are_cut_into_windows():
+  model = Tiny(nnx.Rngs(0))
+  toks = _tokens(3)
+  flat = np.concatenate([toks.reshape(-1), [1, 2, 3]])  # a partial window, dropped
+  a = calibrate.calibrate(model, flat, window=16)
+  b = calibrate.calibrate(model, toks)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-6)  # same windows, batches may differ
+
+
+def test_model_is_not_modified_and_include_selects():
+  model = Tiny(nnx.Rngs(0))
+  stats = calibrate.calibrate(model, _tokens(2), include=lambda p: p.startswith("blocks"))
+  assert set(stats) == {"blocks.0"}
+  assert isinstance(model.a, nnx.Linear) and isinstance(model.blocks[0], nnx.Linear)
+
+
+def test_save_load_round_trip(tmp_path):
+  stats = calibrate.calibrate(Tiny(nnx.Rngs(0)), _tokens(2))
+  path = tmp_path / "stats.npz"
+  calibrate.save(path, stats)
+  back = calibrate.load(path)
+  assert set(back) == set(stats) and back["a"] is back["b"]
+  for k in stats:
+    np.testing.assert_array_equal(back[k], stats[k].astype(np.float32))
+  np.savez(tmp_path / "other.npz", x=np.zeros(3))
+  with pytest.raises(ValueError, match="not an itq3s calibration file"):
+    calibrate.load(tmp_path / "other.npz")
+
+
+def test_bad_inputs_raise():
+  model = Tiny(nnx.Rngs(0))
+  with pytest.raises(ValueError, match="no complete window"):
+    calibrate.calibrate(model, np.arange(5), window=16)
+  with pytest.raises(ValueError, match="float32 or float64"):
+    calibrate.calibrate(model, _tokens(1), dtype=np.int32)
+  with pytest.raises(ValueError, match="no nnx.Linear"):
+    calibrate.calibrate(model, _tokens(1), include=lambda p: False)
+
+
+def test_quantize_model_uses_gptq_weights_and_runs_under_jit():
+  model = Tiny(nnx.Rngs(0))
+  toks = _tokens(4)
+  stats = calibrate.calibrate(model, toks)
+  weights = calibrate.quantize_weights(model, stats, format="itq3_t")
+  q = calibrate.quantize_model(nnx.clone(model), stats, format="itq3_t")
+  for name, layer in (("a", q.a), ("b", q.b), ("blocks.0", q.blocks[0])):
+    assert isinstance(layer, qnnx.QuantizedLinear)
+    np.testing.assert_array_equal(np.asarray(layer.qt.data), np.asarray(weights[name].data))
+  # Rows stacked with a shared Sigma quantize as they would alone (rows are independent).
+  alone = itq3s_jax.quantize(model.b.kernel[...].T, "itq3_t", hessian=stats["b"])
+  np.testing.assert_array_equal(np.asarray(alone.data), np.asarray(weights["b"].data))
+  out = nnx.jit(lambda m, t: m(t))(q, jnp.asarray(toks))
+  assert out.shape == (*toks.shape, D) and bool(jnp.all(jnp.isfinite(out)))
