@@ -75,7 +75,7 @@ def _body() -> None:
     err = np.abs(np.asarray(y) - np.asarray(y1))
     assert np.all(err <= tol), (fmt, float(err.max()))
 
-    # Sharded orbax restore: an abstract model built under the mesh restores sharded.
+    # Sharded orbax restore: abstract leaves with concrete shardings restore sharded.
     path = os.path.join(tempfile.mkdtemp(), "ckpt")
     qflax.save(path, single)
     graphdef, abs_state = nnx.get_abstract_model(
