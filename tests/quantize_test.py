@@ -1,0 +1,122 @@
+"""The shared driver (rows -> blocks -> transform -> codec): plans, transforms, tails.
+
+Per-format behaviour (round trips, bounds, bad input) is in formats_test.py;
+these tests pin what the driver itself promises.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+import scipy.linalg
+
+import itq3s_jax
+from itq3s_jax._src import quantize as quantize_lib
+
+FORMATS = itq3s_jax.formats()
+
+
+def _padded_k(fmt: str, k: int) -> int:
+  return -(-k // 256) * 256 if itq3s_jax.get_format(fmt).tail == "pad256" else k
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k", [32, 96, 224, 576, 4096])
+def test_block_columns_tile_the_row(fmt, k):
+  cols = itq3s_jax.block_columns(fmt, k)
+  assert cols[0][0] == 0 and cols[-1][1] == k
+  assert all(a[1] == b[0] for a, b in zip(cols, cols[1:]))
+  sizes = [hi - lo for lo, hi in cols]
+  if itq3s_jax.get_format(fmt).tail == "pow2":
+    assert all(s in (32, 64, 128, 256) for s in sizes)
+    assert sizes == sorted(sizes, reverse=True)  # 256-blocks first, then 128/64/32
+  else:
+    assert all(s == 256 for s in sizes[:-1]) and 0 < sizes[-1] <= 256
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rotate_activations_is_the_documented_block_transform(fmt):
+  k = 256 + 128 + 64 + 32  # formats_test.SHAPE: shares its compiled eager ops
+  x = np.random.default_rng(0).standard_normal((2, k)).astype(np.float32)
+  got = np.asarray(itq3s_jax.rotate_activations(x, fmt, seed=3))
+  f = itq3s_jax.get_format(fmt)
+  assert got.shape == (2, _padded_k(fmt, k))
+  xp = np.pad(x, ((0, 0), (0, _padded_k(fmt, k) - k)))
+  start = 0
+  for lo, hi in itq3s_jax.block_columns(fmt, k):
+    n = 256 if f.tail == "pad256" else hi - lo
+    block = xp[:, start:start + n]
+    if f.transform == "none":
+      want = block
+    else:
+      signs = itq3s_jax.sign_vector(3, n) if f.transform == "rht" else None
+      want = np.asarray(itq3s_jax.fwht(block, signs=signs))
+    np.testing.assert_array_equal(got[:, start:start + n], want)
+    start += n
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_decode_rotated_inverts_to_dequantize(fmt):
+  k = 256 + 128 + 64 + 32  # formats_test.SHAPE: shares its compiled eager ops
+  w = np.random.default_rng(1).standard_normal((2, k)).astype(np.float32)
+  qt = itq3s_jax.quantize(w, fmt)
+  z_hat = np.asarray(itq3s_jax.decode_rotated(qt), np.float64)
+  w_hat = np.asarray(itq3s_jax.dequantize(qt), np.float64)
+  assert z_hat.shape == (2, _padded_k(fmt, k))
+  f = itq3s_jax.get_format(fmt)
+  start = 0
+  for lo, hi in itq3s_jax.block_columns(fmt, k):
+    n = 256 if f.tail == "pad256" else hi - lo
+    z = z_hat[:, start:start + n]
+    if f.transform != "none":
+      # Exact inverse in float64: x = signs * H z / sqrt(n).
+      z = z @ scipy.linalg.hadamard(n) / math.sqrt(n)
+      if f.transform == "rht":
+        z = z * itq3s_jax.sign_vector(0, n)
+    # float32 inverse transform vs exact: <= (log2 n + 2) u ||z|| (fwht_test error model).
+    tol = (math.log2(n) + 2) * 2.0**-24 * np.linalg.norm(z, axis=-1) + 1e-30
+    assert np.all(np.linalg.norm(w_hat[:, lo:hi] - z[:, :hi - lo], axis=-1) <= tol)
+    start += n
+
+
+def test_rounding_slack_is_small_and_grows_with_n():
+  s = [itq3s_jax.rounding_slack(n) for n in (32, 64, 128, 256)]
+  assert s == sorted(s) and s[0] > 0
+  # (2 log2 n + 8) u: a few dozen float32 unit roundoffs.
+  assert itq3s_jax.rounding_slack(256) < 30 * 2.0**-24
+
+
+def test_tail_widths_keep_the_bound_under_jit():
+  # K = 32, 96, 224, 576 in one jitted call (one compilation).
+  ks = (32, 96, 224, 576)
+  rng = np.random.default_rng(2)
+  ws = [rng.standard_normal((2, k)).astype(np.float32) for k in ks]
+
+  @jax.jit
+  def run(ws):
+    out = []
+    for w in ws:
+      qt = itq3s_jax.quantize(w, "itq3_t")
+      out.append((itq3s_jax.dequantize(qt), itq3s_jax.error_bound(qt)))
+    return out
+
+  for w, (w_hat, bound), k in zip(ws, run(ws), ks):
+    cols = itq3s_jax.block_columns("itq3_t", k)
+    d = w.astype(np.float64) - np.asarray(w_hat, np.float64)
+    err = np.stack([np.linalg.norm(d[:, lo:hi], axis=-1) for lo, hi in cols], -1)
+    assert np.all(err <= np.asarray(bound)), k
+
+
+def test_has_bound_matches_the_registry():
+  for fmt in FORMATS:
+    assert itq3s_jax.has_bound(fmt) == (itq3s_jax.get_format(fmt).bound is not None)
+  with pytest.raises(ValueError, match="unknown format"):
+    itq3s_jax.has_bound("nope")
+
+
+def test_quantize_doc_states_the_jit_contract():
+  doc = quantize_lib.quantize.__doc__
+  assert "jax.jit" in doc and "value checks cannot run" in doc
