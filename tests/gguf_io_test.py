@@ -101,3 +101,81 @@ def test_write_rejects_unknown_things(tmp_path):
     gguf_io.write_gguf(tmp_path / "x.gguf", {"a": np.zeros(4, np.uint16)})
   with pytest.raises(ValueError, match="type41"):
     list(gguf_io.read_tensors(tmp_path / "x.gguf", type41="q4"))
+
+
+def _quantized(rng, fmt, shape):
+  import itq3s_jax  # noqa: PLC0415  (registers the formats)
+  return itq3s_jax.quantize(rng.standard_normal(shape).astype(np.float32), fmt)
+
+
+def test_quantized_round_trip_is_bit_exact(tmp_path):
+  import itq3s_jax  # noqa: PLC0415
+  rng = np.random.default_rng(3)
+  tensors = {
+      "blk.0.ffn_down.weight": _quantized(rng, "iq3_s", (4, 512)),
+      "blk.0.attn_q.weight": _quantized(rng, "itq3_s", (3, 768)),
+      "blk.0.ffn_up.weight": _quantized(rng, "itq3_s", (2, 320)),  # K = 320: padded
+      "blk.0.attn_norm.weight": rng.standard_normal(512).astype(np.float32),
+  }
+  path = tmp_path / "q.gguf"
+  gguf_io.write_gguf(path, tensors, {"general.architecture": "llama"})
+  # what llama.cpp sees: types 21 / 41 and shapes in elements, K padded to 256
+  # (gguf's own reader calls 41 Q1_0, with the wrong size, but the header is right)
+  raw = {t.name: (int(t.tensor_type), [int(d) for d in t.shape])
+         for t in gguf.GGUFReader(path).tensors}
+  assert raw["blk.0.ffn_down.weight"] == (21, [512, 4])
+  assert raw["blk.0.attn_q.weight"] == (41, [768, 3])
+  assert raw["blk.0.ffn_up.weight"] == (41, [512, 2])
+  back = gguf_io.read_quantized(path)
+  for name, want in tensors.items():
+    got = back[name]
+    if isinstance(want, np.ndarray):
+      np.testing.assert_array_equal(got, want)
+      continue
+    assert (got.format, got.shape) == (want.format, want.shape), name
+    np.testing.assert_array_equal(np.asarray(got.data), np.asarray(want.data))
+  floats = dict(gguf_io.read_tensors(path))
+  for name, want in tensors.items():
+    if not isinstance(want, np.ndarray):
+      np.testing.assert_array_equal(floats[name], np.asarray(itq3s_jax.dequantize(want)))
+
+
+def test_iq3s_tensor_decodes_like_gguf(tmp_path):
+  """The stored bytes are plain IQ3_S: gguf's own reader + dequantize agree."""
+  import itq3s_jax  # noqa: PLC0415
+  qt = _quantized(np.random.default_rng(4), "iq3_s", (2, 256))
+  path = tmp_path / "q.gguf"
+  gguf_io.write_gguf(path, {"w": qt})
+  t = gguf.GGUFReader(path).tensors[0]
+  assert t.tensor_type == gguf.GGMLQuantizationType.IQ3_S
+  np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type),
+                                np.asarray(itq3s_jax.dequantize(qt)))
+
+
+def test_type41_can_be_forced_to_q1_0(tmp_path):
+  """gguf 0.19 calls id 41 Q1_0 (18 B / 128 weights) and cannot decode it; the
+  size test reads our file as ITQ3_S, forcing Q1_0 gives a clear error."""
+  qt = _quantized(np.random.default_rng(5), "itq3_s", (2, 256))
+  path = tmp_path / "q.gguf"
+  gguf_io.write_gguf(path, {"w": qt})
+  assert gguf_io.read_quantized(path)["w"].format == "itq3_s"
+  assert gguf_io.read_quantized(path, type41="itq3_s")["w"].format == "itq3_s"
+  with pytest.raises(NotImplementedError, match="Q1_0"):
+    gguf_io.read_quantized(path, type41="q1_0")
+
+
+def test_wrong_sized_block_data_is_rejected(tmp_path):
+  import itq3s_jax  # noqa: PLC0415
+  qt = _quantized(np.random.default_rng(6), "iq3_s", (2, 512))
+  bad = itq3s_jax.QuantizedTensor(qt.data[:, :200], qt.shape, "iq3_s")
+  with pytest.raises(ValueError, match="expected"):
+    gguf_io.write_gguf(tmp_path / "x.gguf", {"w": bad})
+  with pytest.raises(ValueError, match="has no GGML type"):
+    gguf_io.write_gguf(tmp_path / "x.gguf",
+                       {"w": _quantized(np.random.default_rng(6), "itq3_t", (2, 256))})
+  path = tmp_path / "q.gguf"
+  gguf_io.write_gguf(path, {"w": qt})
+  raw = path.read_bytes()
+  (tmp_path / "cut.gguf").write_bytes(raw[:-100])  # block data cut short
+  with pytest.raises(ValueError, match="truncated"):
+    gguf_io.read_quantized(tmp_path / "cut.gguf")

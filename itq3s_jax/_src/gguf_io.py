@@ -124,9 +124,9 @@ def _to_float32(reader: _Reader, t) -> np.ndarray:
     out = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
   except NotImplementedError:
     raise NotImplementedError(
-        f"tensor {t.name!r} has GGML type {t.tensor_type.name}, which gguf "
-        f"{gguf.__version__ if hasattr(gguf, '__version__') else ''} cannot dequantize; "
-        "upgrade the gguf package or convert the file with llama.cpp.") from None
+        f"tensor {t.name!r} has GGML type {t.tensor_type.name}, which the installed "
+        "gguf package cannot dequantize; upgrade gguf or convert the file with "
+        "llama.cpp.") from None
   n = math.prod(int(d) for d in t.shape.tolist())
   full = tuple(int(d) for d in reversed(t.shape.tolist()))
   return np.asarray(out, np.float32).reshape(full)[..., :shape[-1]].reshape(shape) \
