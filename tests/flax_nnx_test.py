@@ -127,6 +127,22 @@ def test_from_linear_stores_the_cores_codes(fmt, quantized):
   assert report.nbytes == sum(q.weight[...].size for q in model.layers)
 
 
+def test_jitted_model_compiles_once(quantized):
+  model = nnx.clone(quantized("uniform3")[1])  # mutated below
+  traces = []
+
+  @nnx.jit
+  def fwd(m, x):
+    traces.append(1)
+    return m(x)
+
+  fwd(model, _x(seed=1))
+  fwd(model, _x(seed=2))
+  model.layers[0].bias[...] = model.layers[0].bias[...] + 1  # new values, same structure
+  fwd(model, _x(seed=3))
+  assert len(traces) == 1
+
+
 def test_constructor_initialises_like_linear():
   layer = qflax.QuantizedLinear(D_IN, 24, format="uniform3", rngs=nnx.Rngs(0))
   lin = nnx.Linear(D_IN, 24, rngs=nnx.Rngs(0))
