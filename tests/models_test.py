@@ -309,7 +309,7 @@ def test_mean_cosine():
 
 def test_eval_reports_unregistered_format():
   from itq3s_jax._src.commands import eval as eval_cmd
-  row = eval_cmd._row("no_such_format", None, 0, lambda m: {})
+  row = eval_cmd._row("no_such_format", None, {}, lambda m: {})
   assert row["status"].startswith("unavailable")
 
 

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", choices=("smollm2", "minilm", "both"), default="both")
   p.add_argument("--batch", type=int, default=4, help="windows per forward call (default: %(default)s)")
   p.add_argument("--seed", type=int, default=0, help="sign-vector seed of randomized formats")
+  p.add_argument("--include", help="regex: quantize only linear layers whose dotted path matches "
+                 "(e.g. 'mlp' for SmolLM2, 'intermediate|output' for MiniLM)")
+  p.add_argument("--exclude", help="regex: linear layers whose dotted path matches stay float")
   p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
 
 
@@ -50,10 +53,10 @@ def _state_nbytes(model: nnx.Module) -> int:
   return int(sum(x.nbytes for x in jax.tree.leaves(nnx.state(model))))
 
 
-def _quantized(model: nnx.Module, fmt: str, seed: int):
+def _quantized(model: nnx.Module, fmt: str, rules: dict[str, Any]):
   """(model copy with its linear layers in ``fmt``, report); raises on failure."""
   from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top
-  return qflax.quantize_model(nnx.clone(model), format=fmt, seed=seed)
+  return qflax.quantize_model(nnx.clone(model), format=fmt, **rules)
 
 
 def _status(fmt: str) -> str | None:
@@ -63,7 +66,7 @@ def _status(fmt: str) -> str | None:
   return f"unavailable (not registered; known: {', '.join(itq3s_jax.formats())})"
 
 
-def _row(fmt: str, model, seed: int, measure) -> dict[str, Any]:
+def _row(fmt: str, model, rules: dict[str, Any], measure) -> dict[str, Any]:
   """Quantizes (unless ref), runs ``measure(model) -> dict``; errors become a status."""
   status = _status(fmt)
   if status is not None:
@@ -74,7 +77,7 @@ def _row(fmt: str, model, seed: int, measure) -> dict[str, Any]:
     if fmt == REF:
       qmodel, row["bpw"], row["quantized_bytes"] = model, 32.0, None
     else:
-      qmodel, report = _quantized(model, fmt, seed)
+      qmodel, report = _quantized(model, fmt, rules)
       row["bpw"] = 8.0 * report.nbytes / report.num_weights
       row["quantized_bytes"] = report.nbytes
       row["quantized_layers"] = len(report.quantized)
@@ -87,7 +90,7 @@ def _row(fmt: str, model, seed: int, measure) -> dict[str, Any]:
   return row
 
 
-def run_smollm2(formats: list[str], n_tokens: int, batch: int, seed: int) -> dict[str, Any]:
+def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, Any]) -> dict[str, Any]:
   from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   model, tok, cfg = llama.load_gguf()
@@ -103,7 +106,7 @@ def run_smollm2(formats: list[str], n_tokens: int, batch: int, seed: int) -> dic
   rows = []
   order = [REF] + [f for f in formats if f != REF]  # the reference first: deltas need it
   for fmt in order:
-    row = _row(fmt, model, seed, lambda m: {"nlls": evaluation.nlls(m, windows, batch).tolist()})
+    row = _row(fmt, model, rules, lambda m: {"nlls": evaluation.nlls(m, windows, batch).tolist()})
     if row["status"] == "ok":
       row["ppl"] = evaluation.perplexity(row["nlls"])
       if fmt == REF:
@@ -118,7 +121,7 @@ def run_smollm2(formats: list[str], n_tokens: int, batch: int, seed: int) -> dic
   return {**info, "rows": rows}
 
 
-def run_minilm(formats: list[str], seed: int) -> dict[str, Any]:
+def run_minilm(formats: list[str], rules: dict[str, Any]) -> dict[str, Any]:
   from itq3s_jax.models import bert  # pylint: disable=g-import-not-at-top
   model, tok, _ = bert.load_minilm()
   ref = bert.embed(model, tok, evaluation.SENTENCES)
@@ -127,7 +130,7 @@ def run_minilm(formats: list[str], seed: int) -> dict[str, Any]:
   paired = {k for p in evaluation.PARAPHRASE_PAIRS for k in (p, p[::-1])}
   unrel = [float(sims[i, j]) for i in range(len(ref)) for j in range(i + 1, len(ref))
            if (i, j) not in paired]
-  rows = [_row(fmt, model, seed, lambda m: {"cosine": evaluation.mean_cosine(
+  rows = [_row(fmt, model, rules, lambda m: {"cosine": evaluation.mean_cosine(
       bert.embed(m, tok, evaluation.SENTENCES), ref)}) for fmt in formats]
   return {"paraphrase_cos_min": min(para), "unrelated_cos_max": max(unrel),
           "sentences": len(evaluation.SENTENCES), "rows": rows}
@@ -178,19 +181,22 @@ def run(args: argparse.Namespace) -> int:
   if args.batch < 1:
     raise cli.CommandError(f"--batch={args.batch} must be >= 1.")
   t0, c0 = time.perf_counter(), time.process_time()
-  out: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform()}
+  rules = {"seed": args.seed, "include": args.include, "exclude": args.exclude}
+  out: dict[str, Any] = {"rules": rules, "python": sys.version.split()[0], "platform": platform.platform()}
   try:
     if args.model in ("smollm2", "both"):
-      out["smollm2"] = run_smollm2(formats, args.tokens, args.batch, args.seed)
+      out["smollm2"] = run_smollm2(formats, args.tokens, args.batch, rules)
       print(render_smollm2(out["smollm2"]), flush=True)
     if args.model in ("minilm", "both"):
-      out["minilm"] = run_minilm(formats, args.seed)
+      out["minilm"] = run_minilm(formats, rules)
       print(render_minilm(out["minilm"]), flush=True)
   except (FileNotFoundError, ModuleNotFoundError) as exc:
     raise cli.CommandError(str(exc)) from None
   out["wall_seconds"], out["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
-  print("Quantized: every nnx.Linear (attention q/k/v/o and FFN projections); embeddings, "
-        "the output head and norms stay float32.")
+  print("Quantized: every nnx.Linear (attention q/k/v/o and FFN projections)"
+        + (f" matching include={args.include!r}" if args.include else "")
+        + (f" except exclude={args.exclude!r}" if args.exclude else "")
+        + "; embeddings, the output head and norms stay float32.")
   print(f"total wall time {out['wall_seconds']:.1f} s (process CPU time {out['cpu_seconds']:.1f} s)")
   if args.json:
     with open(args.json, "w") as f:
