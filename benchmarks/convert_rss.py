@@ -4,7 +4,8 @@ Generates a LLaMA-shaped float safetensors checkpoint of about ``--gb`` GB in
 ``--dir`` (default /tmp; streamed, never committed), converts it with the CLI
 in a child process, and prints the child's peak RSS (``wait4`` rusage), the
 largest tensor, the claim ``peak <= 2 x largest + constant`` (the constant
-measured by converting a one-tensor checkpoint the same way) and weights/s.
+measured by converting one chunk-sized tensor per quantized K the same way, so
+the same jit compilations happen) and weights/s.
 
   python benchmarks/convert_rss.py --gb 2 [--format itq3_t] [--keep]
 """
@@ -21,6 +22,8 @@ import time
 
 import numpy as np
 
+from itq3s_jax import checkpoint
+from itq3s_jax.checkpoint import converter
 from itq3s_jax.checkpoint import safetensors_file
 
 
@@ -88,19 +91,24 @@ def main() -> None:
   generate(src, specs)
   print(f"generated {os.path.getsize(src) / 1e9:.2f} GB, {len(specs)} tensors in "
         f"{time.perf_counter() - t0:.0f} s: {src}")
-  # The constant: the same command on one tensor of the quantized shape (imports, jit
-  # caches, one chunk's temporaries, orbax threads).
-  generate(tiny, {"model.layers.0.mlp.up_proj.weight": ((args.inter, args.hidden), dtype)})
+  # The constant: the same command on one chunk-sized tensor per K that gets quantized
+  # (imports, the same jit compilations, one chunk's temporaries, orbax threads), minus
+  # the largest of those tensors.
+  policy = checkpoint.Policy(format=args.format)
+  ks = sorted({s[-1] for name, (s, d) in specs.items()
+               if checkpoint.decide(policy, name, s, np.dtype(d)).quantize})
+  tiny_specs = {f"layers.{k}.proj.weight": ((converter.CHUNK_WEIGHTS // k, k), dtype)
+                for k in ks}
+  generate(tiny, tiny_specs)
   base_rss, _, _ = convert(tiny, os.path.join(work, "tiny_out"), args.format)
-  tiny_bytes = args.inter * args.hidden * dtype.itemsize
-  const = base_rss - tiny_bytes
+  const = base_rss - max(np.prod(s) * dtype.itemsize for s, _ in tiny_specs.values())
   rss, wall, out = convert(src, os.path.join(work, "out"), args.format)
   largest = max(np.prod(s) * np.dtype(d).itemsize for s, d in specs.values())
   weights = sum(int(np.prod(s)) for s, _ in specs.values())
   m = re.search(r"([\d.]+) s, ([\d.]+) M weights/s", out)
   print(out.strip().splitlines()[-1])
   print(f"peak RSS {rss / 2**20:.0f} MiB; largest tensor {largest / 2**20:.0f} MiB; constant "
-        f"(one-tensor run minus its tensor) {const / 2**20:.0f} MiB; "
+        f"(chunk-sized run minus its largest tensor) {const / 2**20:.0f} MiB; "
         f"2 x largest + constant = {(2 * largest + const) / 2**20:.0f} MiB -> "
         f"{'OK' if rss <= 2 * largest + const else 'EXCEEDED'}")
   print(f"{weights / 1e6:.0f} M weights in {wall:.0f} s wall (child incl. start-up): "

@@ -15,6 +15,7 @@ finished tensors of a partial directory made from the same source and options.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import json
@@ -118,19 +119,49 @@ def quantize_tensor(w: np.ndarray, policy: policy_lib.Policy, k_axis: int = -1,
     w = w.T
   fmt = itq3s_jax.get_format(policy.format)
   blocks.check_k(w.shape[-1])
-  rows = max(1, CHUNK_WEIGHTS // max(1, w.shape[-1]))
-  parts = []
-  for lo in range(0, w.shape[0], rows):
-    chunk = jnp.asarray(np.ascontiguousarray(w[lo:lo + rows]))
+  n = w.shape[0]
+  rows = min(n, max(1, CHUNK_WEIGHTS // max(1, w.shape[-1])))
+  data = None
+  for lo in range(0, n, rows):
+    # Every chunk has `rows` rows (the last one zero-padded, its padding codes dropped):
+    # one compilation per (rows, K), and rows are coded independently.
+    chunk = np.zeros((rows, w.shape[-1]), w.dtype)
+    chunk[:min(rows, n - lo)] = w[lo:lo + rows]
+    chunk = jnp.asarray(chunk)
     peak = float(_peak(chunk, policy.format, policy.seed))
     if peak > fmt.max_abs:
       raise ValueError(f"values too large for {fmt.name}: a coefficient of magnitude "
                        f"{peak:.4g} exceeds {fmt.max_abs:.4g}; rescale the tensor or "
                        "--exclude it.")
-    parts.append(np.asarray(_quantize(chunk, importance, policy.format, policy.seed).data))
-  data = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    codes = np.asarray(_quantize(chunk, importance, policy.format, policy.seed).data)
+    if data is None:
+      data = np.empty((n, codes.shape[-1]), np.uint8)
+    data[lo:lo + rows] = codes[:min(rows, n - lo)]
+    del chunk, codes
   return itq3s_jax.QuantizedTensor(jnp.asarray(data), tuple(w.shape), policy.format,
                                    policy.seed)
+
+
+def _release_freed_memory() -> None:
+  """Hands memory freed by the last tensor back to the OS (glibc only).
+
+  Tensor-sized buffers freed by NumPy, XLA and orbax's writer threads stay in
+  glibc's per-thread arenas; without a trim the RSS of a long conversion
+  creeps up by several tensors' worth (measured: benchmarks/convert_rss.py).
+  """
+  if _LIBC is not None:
+    _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+  try:
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "malloc_trim") else None
+  except OSError:
+    return None
+
+
+_LIBC = _load_libc()
 
 
 def _prepare_stage(stage: str, job: dict, resume: bool) -> list[dict]:
@@ -224,6 +255,7 @@ def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
         journal.flush()
         os.fsync(journal.fileno())
         entries.append(entry)
+        _release_freed_memory()
         converted += math.prod(info.shape)
         bar.update(math.prod(info.shape))
         if on_tensor is not None:
