@@ -11,9 +11,9 @@ lattice point ``code = L0 + 8 L1 + 64 L2 + 512 L3`` (L in 0..7) that is on the
 grid for only 512 of the 4096 codes. For every code we list the ``NCAND`` grid
 points nearest to it (squared distance in level units, ties by grid index);
 an on-grid code lists itself first. The encoder scores these candidates
-exactly and keeps the best, which reproduces an exhaustive 512-point search
-on all but a negligible fraction of groups (measured in benchmarks/
-iq3s_encoder.py) at 1/64 of its cost.
+exactly and keeps the best. At a fixed scale this matches an exhaustive
+512-point search on 98.6% of N(0,1) groups and costs 0.8% more squared error
+overall (benchmarks/iq3s_encoder.py), at 1/64 of the search.
 """
 
 from __future__ import annotations
