@@ -118,10 +118,11 @@ def test_malformed_checkpoint_is_one_clear_line(ckpt, tmp_path, capsys, kind, me
   assert captured.err.count("\n") == 1
 
 
-@pytest.mark.parametrize("what", ["missing", "file"])
-def test_not_a_checkpoint(tmp_path, capsys, what):
+@pytest.mark.parametrize("what,message", [("missing", "no such file or directory"),
+                                          ("file", "not a directory")])
+def test_not_a_checkpoint(tmp_path, capsys, what, message):
   path = tmp_path / "x"
   if what == "file":
     path.write_bytes(b"hello")
   assert cli.main(["inspect", str(path)]) == 2
-  assert "not a directory" in capsys.readouterr().err
+  assert message in capsys.readouterr().err

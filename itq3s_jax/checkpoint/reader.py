@@ -26,6 +26,8 @@ Tensor = "itq3s_jax.QuantizedTensor | np.ndarray"
 def read_metadata(path: str) -> dict:
   """The JSON metadata of an itq3s orbax checkpoint (format version checked)."""
   path = os.fspath(path)
+  if not os.path.exists(path):
+    raise errors.CheckpointError(f"{path}: no such file or directory.")
   if not os.path.isdir(path):
     raise errors.CheckpointError(f"{path}: not a directory; an itq3s orbax checkpoint "
                                  "is a directory made by `itq3s convert`.")
