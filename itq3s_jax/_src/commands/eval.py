@@ -116,7 +116,10 @@ def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, 
         row["delta_ppl"], row["delta_se"] = d.delta, d.se
     if fmt in formats:
       rows.append(row)
-    print(f"  {fmt}: {row['status']} ({row['seconds']:.1f} s, cpu {row['cpu_seconds']:.1f} s)",
+    progress = f"ppl {row['ppl']:.3f}" if "ppl" in row else row["status"]
+    if "delta_ppl" in row:
+      progress += f", Δppl {row['delta_ppl']:+.3f} ± {row['delta_se']:.3f}"
+    print(f"  {fmt}: {progress} ({row['seconds']:.1f} s, cpu {row['cpu_seconds']:.1f} s)",
           flush=True)
   return {**info, "rows": rows}
 
