@@ -188,9 +188,10 @@ def _signs(fmt: registry.Format, seed: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("format", "seed", "transform", "config",
-                                             "interpret", "n"))
+                                             "interpret", "n", "name"))
 def fused(xk: jax.Array, data: jax.Array, out_init: jax.Array | None, *, format: str,
-          seed: int, n: int, transform: bool, config: Config, interpret: bool) -> jax.Array:
+          seed: int, n: int, transform: bool, config: Config, interpret: bool,
+          name: str) -> jax.Array:
   """The kernel on the 256-block part: xk (M, n_blocks*256) . W_blocks^T -> f32 (M, n).
 
   Args:
@@ -205,6 +206,7 @@ def fused(xk: jax.Array, data: jax.Array, out_init: jax.Array | None, *, format:
     transform: apply the inverse block transform to decoded tiles.
     config: tiling.
     interpret: run the Pallas interpreter (CPU).
+    name: the calling kernel's name (the custom call is named ``itq3s_<name>``).
 
   Returns:
     float32 (M, n).
@@ -250,7 +252,7 @@ def fused(xk: jax.Array, data: jax.Array, out_init: jax.Array | None, *, format:
       interpret=interpret,
       compiler_params=plt.CompilerParams(num_warps=config.num_warps,
                                          num_stages=config.num_stages),
-      name=f"itq3s_{'weight_ifwht' if transform else 'act_rotate'}",
+      name=f"itq3s_{name}",
   )(*args)
   return out[:m, :n]
 
@@ -295,7 +297,8 @@ def run(x, qt, *, rotate_x: bool, config: Config | None, interpret: bool | None,
     xk = jnp.pad(xk, ((0, 0), (0, p.n_blocks * QK - p.k_cols)))
   y = fused(xk, qt.data, out_init, format=qt.format, seed=qt.seed, n=n,
             transform=not rotate_x and registry.get_format(qt.format).transform != "none",
-            config=config, interpret=interpret)
+            config=config, interpret=interpret,
+            name="act_rotate" if rotate_x else "weight_ifwht")
   tail = tail_matmul(x2, qt, p)
   if tail is not None:
     y = y + tail
