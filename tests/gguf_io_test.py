@@ -113,7 +113,7 @@ def test_quantized_round_trip_is_bit_exact(tmp_path):
   rng = np.random.default_rng(3)
   tensors = {
       "blk.0.ffn_down.weight": _quantized(rng, "iq3_s", (4, 512)),
-      "blk.0.attn_q.weight": _quantized(rng, "itq3_s", (3, 768)),
+      "blk.0.attn_q.weight": _quantized(rng, "itq3_s", (2, 768)),
       "blk.0.ffn_up.weight": _quantized(rng, "itq3_s", (2, 320)),  # K = 320: padded
       "blk.0.attn_norm.weight": rng.standard_normal(512).astype(np.float32),
   }
@@ -124,7 +124,7 @@ def test_quantized_round_trip_is_bit_exact(tmp_path):
   raw = {t.name: (int(t.tensor_type), [int(d) for d in t.shape])
          for t in gguf.GGUFReader(path).tensors}
   assert raw["blk.0.ffn_down.weight"] == (21, [512, 4])
-  assert raw["blk.0.attn_q.weight"] == (41, [768, 3])
+  assert raw["blk.0.attn_q.weight"] == (41, [768, 2])
   assert raw["blk.0.ffn_up.weight"] == (41, [512, 2])
   back = gguf_io.read_quantized(path)
   for name, want in tensors.items():

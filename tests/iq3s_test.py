@@ -76,13 +76,14 @@ def _rel_mse(w, w_hat) -> float:
 
 @pytest.mark.parametrize("fmt", ["iq3_s", "itq3_s"])
 def test_encoder_accuracy_on_gaussian(fmt):
-  # 64 rows x 1024 of N(0,1): rel-MSE of llama.cpp's IQ3_S encoder is 0.0188
+  # 16 rows x 1024 of N(0,1): rel-MSE of llama.cpp's IQ3_S encoder is 0.0188
   # (imatrix ones) and 0.0276 (NULL) on 256x4096 (numbers.md T2/T1); ours is
-  # ~0.0168 there. 256 blocks give a sampling error of about 1% relative, so
-  # 0.0188 still separates "better than llama.cpp" from a broken search.
-  w = np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32)
+  # 0.0173 there. Per-block rel-MSE varies by ~10% (chi-square with 256 dof),
+  # so 64 blocks give ~1.3% relative sampling error: 0.0188 is > 6 sigma above
+  # our expected value and still fails a search that is worse than llama.cpp's.
+  w = np.random.default_rng(0).standard_normal((16, 1024)).astype(np.float32)
   qt = itq3s_jax.quantize(w, fmt)
-  assert qt.data.shape == (64, 4 * 110) and qt.bits_per_weight == 3.4375
+  assert qt.data.shape == (16, 4 * 110) and qt.bits_per_weight == 3.4375
   assert _rel_mse(w, itq3s_jax.dequantize(qt)) <= 0.0188
 
 
