@@ -96,6 +96,8 @@ def main() -> None:
   p.add_argument("--tokens", type=int, default=evaluation.N_TOKENS)
   p.add_argument("--calib", default="16384:24576", help="calibration token range start:stop")
   p.add_argument("--stats", help="npz of statistics: loaded if present, else written")
+  p.add_argument("--ref-nlls", help=".npy of the float model's per-window NLLs: loaded if present, "
+                 "else written (the reference costs as much as one format)")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--bound-check", action="store_true", help="check the certified bound on every block")
@@ -118,7 +120,12 @@ def main() -> None:
   info = {"python": platform.python_version(), "text_sha256": evaluation.text_sha256(text),
           "windows": len(windows), "jax": jax.__version__, "calib": a.calib}
   t0 = time.perf_counter()
-  ref = _nlls(model, windows, a.batch)
+  if a.ref_nlls and os.path.exists(a.ref_nlls):
+    ref = np.load(a.ref_nlls)
+  else:
+    ref = _nlls(model, windows, a.batch)
+    if a.ref_nlls:
+      np.save(a.ref_nlls, ref)
   info["ref_ppl"] = evaluation.perplexity(ref)
   info["ref_seconds"] = time.perf_counter() - t0
   print(f"ref ppl {info['ref_ppl']:.3f} ({info['ref_seconds']:.0f} s)", flush=True)
