@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -157,6 +158,32 @@ def code(fmt_name: str, seed: int, w: np.ndarray) -> Coded:
 @functools.lru_cache(maxsize=None)
 def rotate_fn(fmt_name: str, seed: int):
   return jax.jit(lambda x: itq3s_jax.rotate_activations(x, fmt_name, seed))
+
+
+def matmul_methods(every: bool | None = None) -> tuple[str, ...]:
+  """matmul methods registered at the time (the kernels helper adds Pallas ones).
+
+  Pallas methods run in interpret mode on CPU (slow): property runs use them only in
+  the thorough profile (``every``); each also has one pinned ci test.
+  """
+  from itq3s_jax._src import matmul as matmul_lib
+  if every is None:
+    every = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
+  names = tuple(getattr(matmul_lib, "_METHODS", {"xla": None}))
+  return names if every else tuple(m for m in names if m == "xla")
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul(method: str):
+  return jax.jit(lambda x, qt: itq3s_jax.matmul(x, qt, method=method))
+
+
+def run_matmul(method: str, x, qt) -> np.ndarray | None:
+  """float64 result, or None where the method documents NotImplementedError (format/shape)."""
+  try:
+    return f64(_matmul(method)(x, qt))
+  except NotImplementedError:
+    return None
 
 
 def f64(x) -> np.ndarray:

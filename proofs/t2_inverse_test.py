@@ -38,7 +38,10 @@ def _check(case: strategies.Case, fmt: str) -> float | None:
     assert np.all(dec <= bound), (fmt, dec, bound)
     # (iii) hence the float32 error equals the coding-domain error up to that bound.
     err32 = np.linalg.norm(wb[..., :hi - lo] - w_hat[..., lo:hi], axis=-1)
-    assert np.all(np.abs(err32 - rhs) <= bound + tol64), (fmt, err32, rhs, bound)
+    if hi - lo == n:
+      assert np.all(np.abs(err32 - rhs) <= bound + tol64), (fmt, err32, rhs, bound)
+    else:  # pad256 tail: the decoded padding columns are dropped, so only one side holds
+      assert np.all(err32 <= rhs + bound + tol64), (fmt, err32, rhs, bound)
     ratio = np.where(bound > 0, dec / np.where(bound > 0, bound, 1), 0.0)
     worst = max(worst, float(np.max(ratio)))
   return worst

@@ -60,6 +60,39 @@ def coding_domain_no_clipping(case: strategies.Case) -> float | None:
   return worst
 
 
+def _itq3_t_steps(data: np.ndarray, k: int) -> list[np.ndarray]:
+  """Per block (bound order), float64 (rows, n/16) steps Delta_b read from the bytes."""
+  from itq3s_jax._src import blocks
+  f = itq3s_jax.get_format("itq3_t")
+  out = []
+  for seg in blocks.plan(k, f.tail, f.block_nbytes):
+    b = data[..., seg.byte_start:seg.byte_start + seg.count * seg.nbytes]
+    b = b.reshape(*data.shape[:-1], seg.count, seg.nbytes)
+    st_ = harness.f64(itq3_t.steps(jnp.asarray(b), seg.n))
+    out += [st_[..., i, :] for i in range(seg.count)]
+  return out
+
+
+@harness.check("T3", strategies.cases(ks=ALL_K))
+def itq3_t_never_clips(case: strategies.Case) -> float | None:
+  """The proof's invariant: every coefficient the encoder saw has |z_i| <= 4.5 Delta_b."""
+  if "itq3_t" not in itq3s_jax.formats() or not harness.in_range("itq3_t", case.seed, case.w):
+    return None
+  k = case.w.shape[-1]
+  coded = harness.code("itq3_t", case.seed, case.w)
+  z32 = harness.split_blocks(harness.f64(harness.rotate_fn("itq3_t", case.seed)(case.w)),
+                             "itq3_t", k)
+  worst = 0.0
+  for zb, delta in zip(z32, _itq3_t_steps(coded.data, k)):
+    m = np.max(np.abs(zb.reshape(*delta.shape, itq3_t.SUB)), -1)
+    live = delta > 0  # Delta = 0 only in the zero block (where every z32 is below 4.5 mu)
+    assert np.all(m[live] <= 4.5 * delta[live]), (m[live] / delta[live]).max()
+    assert np.all(m[~live] <= 4.5 * harness.MU), m[~live]
+    if live.any():
+      worst = max(worst, float(np.max(m[live] / (4.5 * delta[live]))))
+  return worst
+
+
 @harness.check("T3", strategies.cases(ks=ALL_K))
 def certified_float32(case: strategies.Case) -> float | None:
   worst = None
@@ -159,6 +192,13 @@ def tightness(args) -> float:
 @example(strategies.make("fp16_max", 480, 0, 0, 3))
 def test_coding_domain_no_clipping(case):
   coding_domain_no_clipping(case)
+
+
+@settings()
+@given(strategies.cases(ks=ALL_K))
+@example(strategies.make("gaussian", 256, 0, 0, 8))
+def test_itq3_t_never_clips(case):
+  itq3_t_never_clips(case)
 
 
 @settings()

@@ -8,45 +8,19 @@ term (README T4).
 
 from __future__ import annotations
 
-import functools
-import os
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
 
 import itq3s_jax
-from itq3s_jax._src import matmul as matmul_lib
 from proofs import harness
 from proofs import strategies
 from proofs import t6_rotated_matmul_test as t6
 
 
-def methods(every: bool | None = None) -> tuple[str, ...]:
-  """matmul methods registered at the time (the kernels helper adds Pallas ones).
-
-  Pallas methods run in interpret mode on CPU (slow): property runs use them only in
-  the thorough profile (``every``); each also has one pinned ci test.
-  """
-  if every is None:
-    every = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
-  names = tuple(getattr(matmul_lib, "_METHODS", {"xla": None}))
-  return names if every else tuple(m for m in names if m == "xla")
-
-
-def run_matmul(method: str, x, qt) -> np.ndarray | None:
-  """float64 result, or None where the method documents NotImplementedError (format/shape)."""
-  try:
-    return harness.f64(_matmul(method)(x, qt))
-  except NotImplementedError:
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _matmul(method: str):
-  return jax.jit(lambda x, qt: itq3s_jax.matmul(x, qt, method=method))
+methods = harness.matmul_methods
+run_matmul = harness.run_matmul
 
 
 def block_bounds(fmt: str, case: strategies.Case, coded: harness.Coded) -> np.ndarray:
@@ -83,6 +57,15 @@ def matvec_bound(args, every: bool | None = None) -> float | None:
     err = np.abs(x64 @ coded.w_hat.T - exact)
     assert np.all(err <= bound + slack64), (fmt, err, bound)
     worst = max(worst or 0.0, float(np.max(err / (bound + slack64 + 1e-300))))
+    # Aligned activations x_b = (w_hat_b - w_b) ||x_b|| / ||w_hat_b - w_b|| (row 0): the
+    # Cauchy-Schwarz equality case, where the error is sum_b ||e_b|| ||x_b||: checks the
+    # per-block bound is not under-reported.
+    e0 = coded.w_hat[0] - w64[0]
+    xa = np.concatenate([e0[lo:hi] / max(np.linalg.norm(e0[lo:hi]), 1e-300) * np.linalg.norm(
+        x64[0, lo:hi]) for lo, hi in itq3s_jax.block_columns(fmt, x.shape[-1])])
+    err_a = abs(float(xa @ e0))
+    bound_a = float(_xnorms(fmt, x[:1]) @ block_bounds(fmt, case, coded)[0])
+    assert err_a <= bound_a * (1 + 1e-12) + 1e-300, (fmt, "aligned", err_a, bound_a)
     qt = itq3s_jax.QuantizedTensor(jnp.asarray(coded.data), case.w.shape, fmt, case.seed)
     dot_slack = harness.gamma(x.shape[-1]) * (np.abs(x64) @ np.abs(coded.w_hat).T)
     rot_slack = t6.rotation_bound(fmt, case.seed, coded, x)

@@ -48,7 +48,6 @@ def _rotated_dot(fmt: str, seed: int):
 
 @harness.check("T6", strategies.matvec_cases(ks=strategies.ALL_K))
 def rotated_matmul(args, every: bool | None = None) -> float | None:
-  from proofs import t4_matvec_test  # methods() lives with T4, which imports this module
   case, x = args
   worst = None
   for fmt in itq3s_jax.formats():
@@ -61,8 +60,8 @@ def rotated_matmul(args, every: bool | None = None) -> float | None:
     bound = (rotation_bound(fmt, case.seed, coded, x)
              + harness.gamma(x.shape[-1]) * (np.abs(x64) @ np.abs(coded.w_hat).T))
     # float64 evaluation of the exact identity: z_hat . R x vs w_hat . x is inside `bound`.
-    for method in t4_matvec_test.methods(every):
-      b = t4_matvec_test.run_matmul(method, x, qt)
+    for method in harness.matmul_methods(every):
+      b = harness.run_matmul(method, x, qt)
       if b is None:
         continue
       err = np.abs(a - b)
