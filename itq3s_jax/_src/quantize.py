@@ -6,6 +6,7 @@ float32 whatever the input dtype; codecs see float32 (..., count, n) arrays.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -141,19 +142,31 @@ def quantize(w: ArrayLike, format: str = "itq3_t", *, seed: int = 0,
   fmt = registry.get_format(format)
   w = jnp.asarray(w)
   _check_input(w, fmt, seed)
-  seed = int(seed)
+  imp = None if importance is None else jnp.asarray(importance, jnp.float32)
+  data, top = _encode(w, imp, fmt.name, int(seed))
+  if _is_concrete(top) and float(top) > fmt.max_abs:
+    raise ValueError(f"values too large for {fmt.name}: a coefficient of magnitude "
+                     f"{float(top):.4g} exceeds {fmt.max_abs:.4g}; rescale the tensor first.")
+  return QuantizedTensor(data, tuple(w.shape), fmt.name, int(seed))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _encode(w: jax.Array, imp: jax.Array | None, format: str, seed: int):
+  """Jitted body of :func:`quantize`: (uint8 (..., row_nbytes), max |coding-domain value|).
+
+  One compiled program per shape: eagerly, each of the many small ops would be
+  dispatched (and compiled) on its own.
+  """
+  fmt = registry.get_format(format)
   x = w.astype(jnp.float32)
-  imp = None
-  if importance is not None:
-    imp = jnp.broadcast_to(jnp.asarray(importance, jnp.float32), x.shape)
-  out = []
+  if imp is not None:
+    imp = jnp.broadcast_to(imp, x.shape)
+  out, top = [], jnp.zeros((), jnp.float32)
   for seg in _segments(fmt, x.shape[-1]):
     xb = _blocks_of(x, seg)
-    if _is_concrete(xb) and xb.size:
-      top = float(jnp.max(jnp.abs(_forward(xb, fmt, seed))))
-      if top > fmt.max_abs:
-        raise ValueError(f"values too large for {fmt.name}: a coefficient of magnitude "
-                         f"{top:.4g} exceeds {fmt.max_abs:.4g}; rescale the tensor first.")
+    if xb.size:
+      top = jnp.maximum(top, jnp.max(jnp.abs(_chunked(
+          lambda v: jnp.max(jnp.abs(_forward(v, fmt, seed)), -1, keepdims=True), xb))))
     if imp is None:
       code = _chunked(lambda v: fmt.encode(_forward(v, fmt, seed), None), xb)
     else:
@@ -163,7 +176,7 @@ def quantize(w: ArrayLike, format: str = "itq3_t", *, seed: int = 0,
       code = _chunked(lambda v, a: fmt.encode(_forward(v, fmt, seed), a), xb, a)
     out.append(code.reshape(*x.shape[:-1], seg.count * seg.nbytes))
   data = jnp.concatenate(out, axis=-1) if out else jnp.zeros((*x.shape[:-1], 0), jnp.uint8)
-  return QuantizedTensor(data, tuple(w.shape), fmt.name, seed)
+  return data, top
 
 
 def _segment_bytes(qt: QuantizedTensor, seg: blocks.Segment) -> jax.Array:
@@ -184,6 +197,7 @@ def _decoded_segments(qt: QuantizedTensor, inverse: bool = False):
     yield seg, fmt, _chunked(fn, _segment_bytes(qt, seg))
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
   """Decodes ``qt`` to a dense array of shape ``qt.shape`` (computed in float32).
 
@@ -204,6 +218,7 @@ def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
   return jnp.concatenate(parts, axis=-1).reshape(*lead, qt.shape[-1]).astype(dtype)
 
 
+@jax.jit
 def decode_rotated(qt: QuantizedTensor) -> jax.Array:
   """Coding-domain values z_hat, float32 (..., Kp) (Kp = K plus any block padding).
 
@@ -256,6 +271,12 @@ def error_bound(qt: QuantizedTensor, *, include_rounding: bool = True) -> jax.Ar
   if fmt.bound is None:
     raise ValueError(f"format {fmt.name!r} has no certified error bound; use itq3_t, "
                      "uniform3 or uniform3_rot.")
+  return _error_bound(qt, include_rounding)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _error_bound(qt: QuantizedTensor, include_rounding: bool) -> jax.Array:
+  fmt = registry.get_format(qt.format)
   lead = qt.data.shape[:-1]
   out = []
   for seg, _, z in _decoded_segments(qt):
