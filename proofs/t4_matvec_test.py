@@ -64,7 +64,7 @@ def matvec_bound(args, every: bool | None = None) -> float | None:
     xa = np.concatenate([e0[lo:hi] / max(np.linalg.norm(e0[lo:hi]), 1e-300) * np.linalg.norm(
         x64[0, lo:hi]) for lo, hi in itq3s_jax.block_columns(fmt, x.shape[-1])])
     err_a = abs(float(xa @ e0))
-    bound_a = float(_xnorms(fmt, x[:1]) @ block_bounds(fmt, case, coded)[0])
+    bound_a = float((_xnorms(fmt, x[:1]) @ block_bounds(fmt, case, coded)[0])[0])
     assert err_a <= bound_a * (1 + 1e-12) + 1e-300, (fmt, "aligned", err_a, bound_a)
     qt = itq3s_jax.QuantizedTensor(jnp.asarray(coded.data), case.w.shape, fmt, case.seed)
     dot_slack = harness.gamma(x.shape[-1]) * (np.abs(x64) @ np.abs(coded.w_hat).T)
