@@ -385,3 +385,13 @@ def test_dst_equal_to_src_is_refused_even_with_overwrite(tmp_path, capsys):
   assert run_cli(src, src, "--overwrite") == 2
   assert "is the source" in capsys.readouterr().err
   assert _read(src) == before
+
+
+def test_large_kept_arrays_are_saved_in_row_blocks(tmp_path, monkeypatch, converted):
+  from itq3s_jax.checkpoint import writers  # pylint: disable=g-import-not-at-top
+  src, reference, _ = converted
+  monkeypatch.setattr(writers, "PART_BYTES", 3000)  # embedding 40x64 f32: 11 rows per block
+  checkpoint.convert(src, str(tmp_path / "out"), policy=POLICY)
+  entry = {e["name"]: e for e in checkpoint.read_metadata(str(tmp_path / "out"))["tensors"]}
+  assert entry["model.embed_tokens.weight"]["parts"] == 4  # ceil(40 / 11)
+  _assert_same_checkpoint(str(tmp_path / "out"), reference)

@@ -289,8 +289,8 @@ def _convert_one(source, info, decision, policy, writer, item, importance_fn) ->
   entry = {"name": info.name, "item": item, "dtype": x.dtype.name,
            "reason": decision.reason}
   if not decision.quantize:
-    writer.put(item, x, quantized=False)
-    entry.update(kind="array", shape=list(x.shape), nbytes=int(x.nbytes))
+    parts = writer.put(item, x, quantized=False)
+    entry.update(kind="array", shape=list(x.shape), nbytes=int(x.nbytes), parts=parts)
     return entry
   shape_nk = tuple(x.shape[::-1]) if info.k_axis == 0 else tuple(x.shape)
   imp = importance_fn(info.name, shape_nk) if importance_fn is not None else None

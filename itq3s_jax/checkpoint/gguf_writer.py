@@ -48,13 +48,14 @@ class GgufWriter:
   def has(self, item: str) -> bool:
     return os.path.isfile(self._path(item))
 
-  def put(self, item: str, array: np.ndarray, quantized: bool) -> None:
+  def put(self, item: str, array: np.ndarray, quantized: bool) -> int:
     if not quantized and array.dtype.name in _CASTS:
       array = array.astype(_CASTS[array.dtype.name])
     tmp = self._path(item) + ".tmp"
     with open(tmp, "wb") as f:
       np.save(f, array, allow_pickle=False)
     os.replace(tmp, self._path(item))
+    return 1
 
   def finish(self, meta: dict) -> str:
     tensors = {}

@@ -53,12 +53,14 @@ def read_metadata(path: str) -> dict:
 
 
 def _restore(path: str, entry: dict) -> Tensor:
-  item = os.path.join(path, entry["item"])
   quantized = entry["kind"] == "quantized"
   try:
+    blocks = []
     with ocp.StandardCheckpointer() as c:
-      tree = c.restore(item)
-    arr = np.asarray(tree[writers.leaf_key(quantized)])
+      for name in writers.part_items(entry):
+        blocks.append(np.asarray(c.restore(os.path.join(path, name))[
+            writers.leaf_key(quantized)]))
+    arr = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
   except Exception as exc:  # orbax/tensorstore raise many types for damaged items
     raise errors.CheckpointError(
         f"{path}: tensor {entry['name']!r} ({entry['item']}) is missing or damaged: "

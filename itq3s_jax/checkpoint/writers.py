@@ -11,6 +11,7 @@ Orbax layout (an orbax *composite* checkpoint, restorable without a target)::
   DST/itq3s/metadata           JSON item: format version, source hash, one entry per tensor
   DST/t00000/ ...              one StandardCheckpointHandler item per tensor:
                                {"data": uint8 (..., row_nbytes)} (quantized) or {"value": array}
+  DST/t00000_0001/ ...         further row blocks of a large kept array (``parts`` > 1)
 
 Static fields of ``QuantizedTensor`` (shape, format, seed) are not orbax
 leaves, so they live in the JSON entries (orbax stores no dataclass fields).
@@ -39,6 +40,18 @@ def leaf_key(quantized: bool) -> str:
   return "data" if quantized else "value"
 
 
+def part_items(entry: dict) -> list[str]:
+  """Items of one tensor: ``t00007`` or, for a large kept array saved in row
+  blocks, ``t00007``, ``t00007_0001``, ... (concatenate along axis 0)."""
+  return [entry["item"]] + [f"{entry['item']}_{j:04d}" for j in range(1, entry.get("parts", 1))]
+
+
+# Orbax's save holds about two extra copies of an array while it writes; kept arrays
+# larger than this are saved in row blocks of at most this size, one item each, so the
+# extra memory stays a constant instead of twice the largest tensor.
+PART_BYTES = 16 << 20
+
+
 class OrbaxWriter:
   """Writes the orbax layout of the module docstring into ``stage``."""
 
@@ -51,17 +64,28 @@ class OrbaxWriter:
   def has(self, item: str) -> bool:
     return os.path.isfile(os.path.join(self.stage, item, "_METADATA"))
 
-  def put(self, item: str, array: np.ndarray, quantized: bool) -> None:
-    path = os.path.join(self.stage, item)
-    self._ckpt.save(path, {leaf_key(quantized): array}, force=True)
-    self._ckpt.wait_until_finished()
+  def put(self, item: str, array: np.ndarray, quantized: bool) -> int:
+    """Saves one tensor; returns the number of items (row blocks) it took."""
+    rows = len(array) if array.ndim else 1
+    if not quantized and array.ndim and array.nbytes > PART_BYTES:
+      rows = max(1, PART_BYTES // max(1, array.nbytes // len(array)))
+    starts = range(0, len(array), rows) if array.ndim and len(array) else [None]
+    names = part_items({"item": item, "parts": len(starts)})
+    for name, lo in zip(names, starts):
+      block = array if lo is None else array[lo:lo + rows]
+      self._ckpt.save(os.path.join(self.stage, name), {leaf_key(quantized): block},
+                      force=True)
+      self._ckpt.wait_until_finished()
+    return len(names)
 
   def finish(self, meta: dict) -> str:
     """Writes the JSON item and the composite metadata; returns the path to rename."""
     self._ckpt.close()
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
       c.save(os.path.join(self.stage, META_ITEM), args=ocp.args.JsonSave(meta), force=True)
-    handlers = {META_ITEM: _JSON, **{e["item"]: _STANDARD for e in meta["tensors"]}}
+    handlers = {META_ITEM: _JSON}
+    for e in meta["tensors"]:
+      handlers.update({name: _STANDARD for name in part_items(e)})
     now = time.time_ns()
     with open(os.path.join(self.stage, "_CHECKPOINT_METADATA"), "w", encoding="utf-8") as f:
       json.dump({"item_handlers": handlers, "metrics": {}, "performance_metrics": {},
