@@ -179,3 +179,18 @@ def test_wrong_sized_block_data_is_rejected(tmp_path):
   (tmp_path / "cut.gguf").write_bytes(raw[:-100])  # block data cut short
   with pytest.raises(ValueError, match="truncated"):
     gguf_io.read_quantized(tmp_path / "cut.gguf")
+
+
+def test_tensor_file_lists_shapes_and_reads_by_name(tmp_path):
+  qt = _quantized(np.random.default_rng(7), "itq3_s", (2, 320))
+  path = tmp_path / "q.gguf"
+  tensors, _ = _write_floats(tmp_path / "f.gguf", np.random.default_rng(8))
+  gguf_io.write_gguf(path, {"q": qt, **tensors})
+  f = gguf_io.TensorFile(path)
+  assert f.names == ("q", *tensors)
+  assert f.shape("q") == (2, 320) and f.format("q") == "itq3_s"
+  assert f.shape("b.weight") == (2, 4, 32) and f.format("b.weight") is None
+  np.testing.assert_array_equal(np.asarray(f.read_quantized("q").data), np.asarray(qt.data))
+  np.testing.assert_array_equal(f.read("c.bias"), tensors["c.bias"])
+  with pytest.raises(ValueError, match="no tensor named"):
+    f.read("nope")

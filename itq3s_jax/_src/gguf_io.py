@@ -41,6 +41,8 @@ _K_KEY = "itq3s_jax.k."
 _IQ3S_BLOCK = (256, 110)  # weights, bytes
 _INTERNAL_KEYS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")
 Type41 = Literal["auto", "itq3_s", "q1_0"]
+_RAW_TYPES = (GGMLType.F16, GGMLType.F32, GGMLType.F64, GGMLType.I8, GGMLType.I16,
+              GGMLType.I32, GGMLType.I64)
 
 
 class _Reader(gguf.GGUFReader):
@@ -133,6 +135,55 @@ def _to_float32(reader: _Reader, t) -> np.ndarray:
       if n else np.zeros(shape, np.float32)
 
 
+class TensorFile:
+  """An open GGUF file: names and shapes without decoding, tensors by name.
+
+  The file is memory-mapped; nothing is decoded until :meth:`read` or
+  :meth:`read_quantized` asks for one tensor.
+
+  Raises (constructor):
+    ValueError: missing, non-GGUF or truncated file, or a bad ``type41``.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, type41: Type41 = "auto"):
+    self.path = os.fspath(path)
+    self._reader = _open(path, type41)
+    self._by_name = {t.name: t for t in self._reader.tensors}
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    """Tensor names in file order."""
+    return tuple(self._by_name)
+
+  def _get(self, name: str):
+    try:
+      return self._by_name[name]
+    except KeyError:
+      raise ValueError(f"{self.path}: no tensor named {name!r}.") from None
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    """Logical numpy shape of a tensor (GGUF dims reversed, padding cropped)."""
+    return _logical_shape(self._reader, self._get(name))
+
+  def format(self, name: str) -> str | None:
+    """``"iq3_s"`` / ``"itq3_s"`` for those tensors, else None."""
+    return _format_of(self._reader, self._get(name))
+
+  def read(self, name: str) -> np.ndarray:
+    """One tensor decoded to float32 in its logical shape."""
+    return _to_float32(self._reader, self._get(name))
+
+  def read_quantized(self, name: str) -> qtensor.QuantizedTensor | np.ndarray:
+    """One tensor as :func:`read_quantized` returns it."""
+    t = self._get(name)
+    fmt = _format_of(self._reader, t)
+    if fmt is not None:
+      return _quantized(self._reader, t, fmt)
+    if t.tensor_type in _RAW_TYPES:
+      return np.array(t.data).reshape(_logical_shape(self._reader, t))
+    return _to_float32(self._reader, t)
+
+
 def read_tensors(path: str | os.PathLike, *, type41: Type41 = "auto"
                  ) -> Iterator[tuple[str, np.ndarray]]:
   """Streams the tensors of a GGUF file as float32 arrays, one at a time.
@@ -149,9 +200,9 @@ def read_tensors(path: str | os.PathLike, *, type41: Type41 = "auto"
       ``next``).
     NotImplementedError: a tensor type gguf cannot dequantize.
   """
-  reader = _open(path, type41)
-  for t in reader.tensors:
-    yield t.name, _to_float32(reader, t)
+  f = TensorFile(path, type41=type41)
+  for name in f.names:
+    yield name, f.read(name)
 
 
 def read_metadata(path: str | os.PathLike, *, typed: bool = False) -> dict[str, Any]:
@@ -196,19 +247,8 @@ def read_quantized(path: str | os.PathLike, *, type41: Type41 = "auto"
     ValueError: missing, non-GGUF or truncated file, or block data that does
       not fit the tensor's shape.
   """
-  reader = _open(path, type41)
-  out: dict[str, qtensor.QuantizedTensor | np.ndarray] = {}
-  raw = (GGMLType.F16, GGMLType.F32, GGMLType.F64, GGMLType.I8, GGMLType.I16,
-         GGMLType.I32, GGMLType.I64)
-  for t in reader.tensors:
-    fmt = _format_of(reader, t)
-    if fmt is not None:
-      out[t.name] = _quantized(reader, t, fmt)
-    elif t.tensor_type in raw:
-      out[t.name] = np.array(t.data).reshape(_logical_shape(reader, t))
-    else:
-      out[t.name] = _to_float32(reader, t)
-  return out
+  f = TensorFile(path, type41=type41)
+  return {name: f.read_quantized(name) for name in f.names}
 
 
 def _add_metadata(writer: gguf.GGUFWriter, metadata: Mapping[str, Any]) -> None:
