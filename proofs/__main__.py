@@ -105,6 +105,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   _load_modules()
   checks = [c for c in harness.CHECKS if not args.only or c.theorem in args.only]
+  checks.sort(key=lambda c: int(c.theorem[1:]))  # stable: registration order within a theorem
   print(f"formats: {', '.join(harness.itq3s_jax.formats())}; with a bound: "
         f"{', '.join(harness.bound_formats())}")
   print(f"{'thm':<4} {'check':<34} {'status':<6} {'examples':>8} {'skipped':>7} "
