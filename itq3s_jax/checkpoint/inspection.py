@@ -72,13 +72,14 @@ def _row(entry: dict, t) -> Row:
 def _gguf_tensors(path: str):
   from itq3s_jax._src import gguf_io  # pylint: disable=g-import-not-at-top
   try:
-    tensors = gguf_io.read_quantized(path)
+    f = gguf_io.TensorFile(path)
     md = gguf_io.read_metadata(path)
+    for name in f.names:  # one tensor in memory at a time
+      t = f.read_quantized(name)
+      kind = "quantized" if isinstance(t, itq3s_jax.QuantizedTensor) else "array"
+      yield {"name": name, "kind": kind, "reason": "GGUF tensor"}, t
   except (ValueError, NotImplementedError) as exc:
     raise errors.CheckpointError(str(exc)) from None
-  for name, t in tensors.items():
-    kind = "quantized" if isinstance(t, itq3s_jax.QuantizedTensor) else "array"
-    yield {"name": name, "kind": kind, "reason": "GGUF tensor"}, t
   source = {"kind": "gguf", "sha256": md.get("itq3s_jax.source_sha256")}
   yield None, source
 

@@ -146,20 +146,16 @@ def _safetensors_dir(path: str, shards: list[str]) -> Source:
 
 
 def _gguf(path: str) -> Source:
-  # gguf_io has no public "list shapes" / "read one tensor by name" yet; its private
-  # helpers give exactly that without decoding every tensor (asked for in the report).
   from itq3s_jax._src import gguf_io  # pylint: disable=g-import-not-at-top
   try:
-    reader = gguf_io._open(path)  # pylint: disable=protected-access
-    by_name = {t.name: t for t in reader.tensors}
-    infos = tuple(TensorInfo(t.name, gguf_io._logical_shape(reader, t),  # pylint: disable=protected-access
-                             np.dtype(np.float32)) for t in reader.tensors)
+    f = gguf_io.TensorFile(path)
+    infos = tuple(TensorInfo(n, f.shape(n), np.dtype(np.float32)) for n in f.names)
   except ValueError as exc:
     raise errors.CheckpointError(str(exc)) from None
 
   def read(name: str) -> np.ndarray:
     try:
-      return gguf_io._to_float32(reader, by_name[name])  # pylint: disable=protected-access
+      return f.read(name)
     except (NotImplementedError, ValueError) as exc:
       raise errors.CheckpointError(f"{path}: tensor {name!r}: {exc}") from None
 
