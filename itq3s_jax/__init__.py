@@ -16,6 +16,7 @@ from itq3s_jax._src.quantize import has_bound
 from itq3s_jax._src.quantize import quantize
 from itq3s_jax._src.quantize import rotate_activations
 from itq3s_jax._src.quantize import rounding_slack
+from itq3s_jax._src.quantize import underflow_slack
 from itq3s_jax._src.registry import format_names as formats
 from itq3s_jax._src.registry import get_format
 
@@ -36,5 +37,6 @@ __all__ = [
     "rotate_activations",
     "rounding_slack",
     "sign_vector",
+    "underflow_slack",
     "two_neighbour_bound",
 ]
