@@ -223,13 +223,11 @@ def test_tightness(args):
   tightness(args)
 
 
-@pytest.mark.xfail(strict=True, reason="core gap (README T3, underflow): error_bound has no "
-                   "absolute term; XLA:CPU flushes subnormals, so a block whose coefficients are "
-                   "below ~4.5 * 2^-126 is coded as zero with bound 0 while ||w|| > 0.")
 @pytest.mark.parametrize("fmt,value", [(f, 1e-39) for f in harness.bound_formats()] + [
     (f, 1e-37) for f in harness.bound_formats() if f in harness.rotated_formats()])
-def test_core_error_bound_underflow_gap(fmt, value):
-  """1e-39 is subnormal (read as 0); 1e-37 is normal but its rotated coefficients are not."""
+def test_core_error_bound_underflow(fmt, value):
+  """README T3 finding 2 (fixed in the core by underflow_slack): 1e-39 is subnormal (read as
+  0); 1e-37 is normal but its rotated coefficients are not. Both code as the zero block."""
   w = np.zeros((1, 256), np.float32)
   w[0, :4] = value
   qt = itq3s_jax.quantize(jnp.asarray(w), fmt)
