@@ -171,7 +171,7 @@ def _kernel(x_ref, data_ref, signs_ref, *refs, codec, n_rows, p, block_n, transf
 
   def body(b, acc):
     z = codec.decode(_RefSource(data_ref, rows, b * p.nbytes, tables, lut_refs))
-    if transform:  # inverse RHT of each row: sigma * H z / 16 (quantize._inverse, n = 256)
+    if transform:  # inverse RHT of each row: sigma * H z / 16 (quantize._transform inverse, n = 256)
       z = kernel_decode.hadamard(z) * signs_ref[...]
     xt = x_ref[:, pl.ds(b * QK, QK)]
     return acc + lax.dot_general(xt, z.astype(dot_dtype), (((1,), (1,)), ((), ())),
@@ -303,3 +303,12 @@ def run(x, qt, *, rotate_x: bool, config: Config | None, interpret: bool | None,
   if tail is not None:
     y = y + tail
   return y.reshape(*lead, n)
+
+
+def supports(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor) -> bool:
+  """Whether the fused kernels take this x (..., K) and weight (N, K)."""
+  try:
+    check_supported(x, qt)
+  except (ValueError, TypeError, NotImplementedError):
+    return False
+  return True

@@ -24,13 +24,7 @@ heuristic = _driver.heuristic
 reference = functools.partial(matmul_lib.matmul, method="xla")
 
 
-def supports(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor) -> bool:
-  """Whether :func:`weight_ifwht` takes this x (..., K) and weight (N, K)."""
-  try:
-    _driver.check_supported(x, qt)
-  except (ValueError, TypeError, NotImplementedError):
-    return False
-  return True
+supports = _driver.supports
 
 
 def weight_ifwht(x: ArrayLike, qt: qtensor.QuantizedTensor, *, config: Config | None = None,

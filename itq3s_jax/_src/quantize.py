@@ -32,21 +32,12 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _forward(x: jax.Array, fmt: registry.Format, seed: int) -> jax.Array:
-  """float32 (..., n) -> coding domain (..., n)."""
-  n = x.shape[-1]
+def _transform(x: jax.Array, fmt: registry.Format, seed: int, inverse: bool = False) -> jax.Array:
+  """float32 (..., n): weights -> coding domain, or back when ``inverse``."""
   if fmt.transform == "none":
     return x
-  signs = fwht_lib.sign_vector(seed, n) if fmt.transform == "rht" else None
-  return fwht_lib.fwht(x, signs=signs)
-
-
-def _inverse(z: jax.Array, fmt: registry.Format, seed: int) -> jax.Array:
-  n = z.shape[-1]
-  if fmt.transform == "none":
-    return z
-  signs = fwht_lib.sign_vector(seed, n) if fmt.transform == "rht" else None
-  return fwht_lib.ifwht(z, signs=signs)
+  signs = fwht_lib.sign_vector(seed, x.shape[-1]) if fmt.transform == "rht" else None
+  return (fwht_lib.ifwht if inverse else fwht_lib.fwht)(x, signs=signs)
 
 
 def _segments(fmt: registry.Format, k: int):
@@ -166,14 +157,14 @@ def _encode(w: jax.Array, imp: jax.Array | None, format: str, seed: int):
     xb = _blocks_of(x, seg)
     if xb.size:
       top = jnp.maximum(top, jnp.max(jnp.abs(_chunked(
-          lambda v: jnp.max(jnp.abs(_forward(v, fmt, seed)), -1, keepdims=True), xb))))
+          lambda v: jnp.max(jnp.abs(_transform(v, fmt, seed)), -1, keepdims=True), xb))))
     if imp is None:
-      code = _chunked(lambda v: fmt.encode(_forward(v, fmt, seed), None), xb)
+      code = _chunked(lambda v: fmt.encode(_transform(v, fmt, seed), None), xb)
     else:
       a = _blocks_of(imp, seg)
       if fmt.transform != "none":  # diag(R diag(a) R^T) = mean(a) for a Hadamard R
         a = jnp.broadcast_to(jnp.mean(a, axis=-1, keepdims=True), a.shape)
-      code = _chunked(lambda v, a: fmt.encode(_forward(v, fmt, seed), a), xb, a)
+      code = _chunked(lambda v, a: fmt.encode(_transform(v, fmt, seed), a), xb, a)
     out.append(code.reshape(*x.shape[:-1], seg.count * seg.nbytes))
   data = jnp.concatenate(out, axis=-1) if out else jnp.zeros((*x.shape[:-1], 0), jnp.uint8)
   return data, top
@@ -195,7 +186,7 @@ def _decoded_segments(qt: QuantizedTensor, inverse: bool = False):
   fmt = registry.get_format(qt.format)
   for seg in _segments(fmt, qt.shape[-1]):
     z = fmt.decode(_segment_bytes(qt, seg), seg.n)
-    yield seg, fmt, (_inverse(z, fmt, qt.seed) if inverse else z)
+    yield seg, fmt, (_transform(z, fmt, qt.seed, inverse=True) if inverse else z)
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
@@ -236,7 +227,7 @@ def rotate_activations(x: ArrayLike, format: str, seed: int = 0) -> jax.Array:
   x = jnp.asarray(x, jnp.float32)
   parts = []
   for seg in _segments(fmt, x.shape[-1]):
-    z = _forward(_blocks_of(x, seg), fmt, seed)
+    z = _transform(_blocks_of(x, seg), fmt, seed)
     parts.append(z.reshape(*x.shape[:-1], seg.count * seg.n))
   return jnp.concatenate(parts, axis=-1)
 
