@@ -274,7 +274,8 @@ def error_bound(qt: qtensor.QuantizedTensor, *, include_rounding: bool = True) -
     eps = jnp.sqrt(jnp.sum(step * step, axis=-1))
     if include_rounding:
       zb = z[..., off:off + seg.count * seg.n].reshape(*lead, seg.count, seg.n)
-      eps = eps + quantize_lib.rounding_slack(seg.n) * (jnp.linalg.norm(zb, axis=-1) + eps)
+      eps = (eps + quantize_lib.rounding_slack(seg.n) * (jnp.linalg.norm(zb, axis=-1) + eps)
+             + quantize_lib.underflow_slack(seg.n))
     out.append(eps)
   return jnp.concatenate(out, axis=-1) if out else jnp.zeros((*lead, 0))
 

@@ -235,13 +235,18 @@ def rotate_activations(x: ArrayLike, format: str, seed: int = 0) -> jax.Array:
 def rounding_slack(n: int) -> float:
   """Relative float32 slack of the certified bound for a block of n weights.
 
-  ||w - w_hat_fp32|| <= eps_q + rounding_slack(n) * (||z_hat|| + eps_q): the
-  encoder's forward transform and the decoder's inverse each err by at most
-  log2(n) u ||.|| (one rounding per butterfly stage, norms preserved), the
-  1/sqrt(n) scale, step products and the float32 cast of the input add a few u
-  (derivation: proofs/README.md, T2).
+  ||w - w_hat_fp32|| <= eps_q + rounding_slack(n) * (||z_hat|| + eps_q) with
+  rounding_slack(n) = (2 L' + n/32 + 13) u (1 + 2^-10), u = 2^-24: the encoder's
+  forward and the decoder's inverse transform each err by at most L' u ||.||
+  (L' = log2 n, plus 2 when log2 n is odd and 1/sqrt(n) is inexact), the float32
+  evaluation of eps_q itself by (n/32 + 3) u eps_q, the encoder's quotient
+  rounding by 9 u eps_q, and the step products and input cast by a few u; the
+  last factor covers second-order terms (derivation: proofs/README.md, T3).
+  It is used for every format, rotated or not (an upper bound for unrotated ones).
   """
-  return (2 * math.log2(n) + 8) * _U
+  levels = int(math.log2(n))
+  rot = levels if levels % 2 == 0 else levels + 2
+  return (2 * rot + n / 32 + 13) * _U * (1 + 2.0**-10)
 
 
 def underflow_slack(n: int) -> float:
@@ -257,6 +262,12 @@ def underflow_slack(n: int) -> float:
 
 def error_bound(qt: QuantizedTensor, *, include_rounding: bool = True) -> jax.Array:
   """Certified per-block L2 error bound, computed from the stored bytes alone.
+
+  Certifies tensors coded by nearest rounding: every ``quantize`` call without
+  ``hessian``. A GPTQ-coded tensor (``quantize(..., hessian=...)``) rounds each
+  coefficient to one of its two neighbouring levels: certify it with
+  ``itq3s_jax.two_neighbour_bound`` (twice as large); this function would
+  understate its error.
 
   Args:
     qt: a :class:`QuantizedTensor` of a format with a bound (``has_bound``).
