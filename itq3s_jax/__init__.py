@@ -37,6 +37,6 @@ __all__ = [
     "rotate_activations",
     "rounding_slack",
     "sign_vector",
-    "underflow_slack",
     "two_neighbour_bound",
+    "underflow_slack",
 ]

@@ -82,11 +82,12 @@ def test_decode_rotated_inverts_to_dequantize(fmt):
     start += n
 
 
-def test_rounding_slack_is_small_and_grows_with_n():
-  s = [itq3s_jax.rounding_slack(n) for n in (32, 64, 128, 256)]
-  assert s == sorted(s) and s[0] > 0
-  # (2 log2 n + 8) u: a few dozen float32 unit roundoffs.
-  assert itq3s_jax.rounding_slack(256) < 30 * 2.0**-24
+def test_rounding_slack_matches_its_derivation():
+  # proofs/README.md T3: c(n) = 2 L' + n/32 + 13 float32 roundoffs, L' = log2 n (+2 if odd),
+  # times (1 + 2^-10) for second-order terms.
+  u = 2.0**-24
+  for n, c in ((32, 28), (64, 27), (128, 35), (256, 37)):
+    assert itq3s_jax.rounding_slack(n) == pytest.approx(c * u * (1 + 2.0**-10), rel=1e-12)
 
 
 def test_tail_widths_keep_the_bound_under_jit():
