@@ -30,12 +30,12 @@ they are left out and :func:`missing_tensors` says why.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Callable, Iterable
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+from itq3s_jax._src import packages
 
 SYNTHETIC_IDS = ("a", "b", "c", "d", "e", "f")
 MINILM_IDS = ("g1", "g2", "g3")
@@ -125,11 +125,7 @@ def minilm_path() -> str | None:
   The package is located without importing it (its ``__init__`` may pull in
   heavy optional dependencies).
   """
-  spec = importlib.util.find_spec(MINILM_PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  path = os.path.join(list(spec.submodule_search_locations)[0], "model", "model.safetensors")
-  return path if os.path.exists(path) else None
+  return packages.package_file(MINILM_PACKAGE, "model", "model.safetensors")
 
 
 def _minilm(tid: str) -> np.ndarray:

