@@ -129,12 +129,8 @@ def encode(z: jax.Array, importance: jax.Array | None = None) -> jax.Array:
   e = jnp.where(zero, 0, e)
   s = jnp.where(zero[..., None], 0, s)
   q = jnp.where(zero[..., None, None], 0, q).reshape(z.shape)
-  t0 = (q + 1) % 3 - 1
-  t1 = (q - t0) // 3
-  trits = jnp.stack([t0, t1], axis=-1).reshape(*z.shape[:-1], 2 * n)
   return jnp.concatenate(
-      [e.astype(jnp.uint8)[..., None], bitpack.pack_bits(s, 3),
-       bitpack.pack_trits(trits)], axis=-1)
+      [e.astype(jnp.uint8)[..., None], bitpack.pack_bits(s, 3), _pack_digits(q)], axis=-1)
 
 
 def levels(b: jax.Array, n: int):
@@ -150,12 +146,15 @@ def levels(b: jax.Array, n: int):
 def repack(b: jax.Array, q: jax.Array, n: int) -> jax.Array:
   """Keeps the scale bytes of ``b`` (..., nbytes(n)); codes int q (..., n) in -4..4."""
   _, _, tbytes, _ = _split(b, n)
+  return jnp.concatenate([b[..., :b.shape[-1] - tbytes.shape[-1]], _pack_digits(q)], axis=-1)
+
+
+def _pack_digits(q: jax.Array) -> jax.Array:
+  """int (..., n) digits in -4..4 -> the interleaved trit stream bytes (..., ceil(2n/5))."""
   q = q.astype(jnp.int32)
   t0 = (q + 1) % 3 - 1  # balanced ternary: q = 3 t1 + t0
   t1 = (q - t0) // 3
-  trits = jnp.stack([t0, t1], axis=-1).reshape(*q.shape[:-1], 2 * n)
-  return jnp.concatenate([b[..., :b.shape[-1] - tbytes.shape[-1]],
-                          bitpack.pack_trits(trits)], axis=-1)
+  return bitpack.pack_trits(jnp.stack([t0, t1], axis=-1).reshape(*q.shape[:-1], 2 * q.shape[-1]))
 
 
 FORMAT = registry.register(registry.Format(
