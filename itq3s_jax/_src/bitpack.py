@@ -27,11 +27,18 @@ def pack_trits(t: jax.Array) -> jax.Array:
   return ((q * 256 + 242) // 243).astype(jnp.uint8)
 
 
+def trit(v: jax.Array, pow3: jax.Array) -> jax.Array:
+  """Trit k of int32 TQ1_0 bytes ``v``, given pow3 = 3^k (broadcasts): int32 in {-1, 0, 1}.
+
+  Integer ops only, so the Pallas kernels' decoders call it too.
+  """
+  return (((v * pow3) & 0xFF) * 3 >> 8) - 1
+
+
 def unpack_trits(b: jax.Array, m: int) -> jax.Array:
   """uint8 (..., nbytes) -> int32 (..., m) trits in {-1, 0, 1}."""
   v = b.astype(jnp.int32)[..., None]
-  mul = jnp.asarray([1, 3, 9, 27, 81], jnp.int32)
-  t = (((v * mul) & 0xFF) * 3 >> 8) - 1
+  t = trit(v, jnp.asarray([1, 3, 9, 27, 81], jnp.int32))
   return t.reshape(*b.shape[:-1], b.shape[-1] * 5)[..., :m]
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from itq3s_jax._src import bitpack
 from itq3s_jax._src.formats import itq3_t
 from itq3s_jax._src.formats import uniform3
 
@@ -59,9 +60,7 @@ class Codec:
   decode: Callable[[Source], jax.Array]
 
 
-def trit(v: jax.Array, pow3: jax.Array) -> jax.Array:
-  """Trit k of a TQ1_0 byte (bitpack docstring), given pow3 = 3^k: int32 in {-1, 0, 1}."""
-  return (((v * pow3) & 0xFF) * 3 >> 8) - 1
+trit = bitpack.trit  # the one TQ1_0 trit formula, shared with the core codecs
 
 
 def bit_field(lo: jax.Array, hi: jax.Array, shift: jax.Array, width: int) -> jax.Array:
