@@ -5,7 +5,7 @@ Protocol: ``itq3s eval``'s (pydoc topics text, tokens [0, 8192) in 16 windows of
 tokens [16384, 24576) of the same stream, disjoint from the scored ones.
 
 For each format: round-to-nearest (the plain ``quantize_model``) and GPTQ with
-each requested rounding ("two_neighbour": certified bound; "nearest": none),
+each requested rounding ("two_neighbour": certified bound; "unrestricted": none),
 plus the time to collect statistics and to quantize all 210 linear layers.
 
   python benchmarks/calibration.py --formats itq3_t,uniform3_rot --json out.json
@@ -68,7 +68,7 @@ def proxy_table(model, stats, fmt: str, seed: int) -> list[dict]:
   lin = dict((calibrate._dotted(p), m) for p, m in calibrate._linears(model))
   variants = [("rtn", None)] + [
       (f"gptq {r} scales={s}{' act_order' if a else ''}", dict(rounding=r, scales=s, act_order=a))
-      for r in ("two_neighbour", "nearest") for s in ("rtn", "weighted") for a in (False, True)]
+      for r in gptq.ROUNDINGS for s in ("rtn", "weighted") for a in (False, True)]
   out = []
   for name in PROXY_LAYERS:
     w = np.asarray(lin[name].kernel[...]).T
@@ -88,7 +88,7 @@ def proxy_table(model, stats, fmt: str, seed: int) -> list[dict]:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--formats", default="itq3_t,uniform3_rot")
-  p.add_argument("--roundings", default="two_neighbour,nearest")
+  p.add_argument("--roundings", default="two_neighbour,unrestricted")
   p.add_argument("--scales", default="weighted")
   p.add_argument("--act-order", action="store_true")
   p.add_argument("--damp", type=float, default=0.01)

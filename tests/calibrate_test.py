@@ -119,3 +119,19 @@ def test_quantize_model_uses_gptq_weights_and_runs_under_jit():
   np.testing.assert_array_equal(np.asarray(alone.data), np.asarray(weights["b"].data))
   out = nnx.jit(lambda m, t: m(t))(q, jnp.asarray(toks))
   assert out.shape == (*toks.shape, D) and bool(jnp.all(jnp.isfinite(out)))
+  assert {layer.qt.rounding for layer in (q.a, q.b, q.blocks[0])} == {"two_neighbour"}
+
+
+def test_gptq_model_checkpoint_keeps_its_rounding(tmp_path):
+  """Restored into an abstract model built by round-to-nearest, a GPTQ-coded layer gets its
+  rounding back, so error_bound certifies the two-neighbour bound, not eps_q."""
+  from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top
+  model = Tiny(nnx.Rngs(0))
+  stats = calibrate.calibrate(model, _tokens(2))
+  q = calibrate.quantize_model(nnx.clone(model), stats, format="itq3_t")
+  qflax.save(tmp_path / "ckpt", q)
+  abstract = nnx.eval_shape(lambda: qflax.quantize_model(Tiny(nnx.Rngs(0)))[0])
+  back = qflax.restore(tmp_path / "ckpt", abstract)
+  assert back.a.rounding == "two_neighbour"
+  np.testing.assert_array_equal(np.asarray(itq3s_jax.error_bound(back.a.qt)),
+                                np.asarray(itq3s_jax.two_neighbour_bound(q.a.qt)))

@@ -12,7 +12,16 @@ from itq3s_jax._src import gptq
 from itq3s_jax._src import registry
 
 HOOKED = tuple(f for f in itq3s_jax.formats() if registry.get_format(f).levels is not None)
-K = 288  # 256 + a 32 tail block: both block lengths in one row
+BOUNDED = tuple(f for f in HOOKED if itq3s_jax.has_bound(f))
+K = 288  # 256 + a 32 tail block (pad256 formats: a zero-padded second block)
+
+
+def _roundings(fmt: str) -> tuple[str, ...]:
+  """The rounding modes a format accepts (codebook formats have no two-neighbour mode)."""
+  return gptq.ROUNDINGS if registry.get_format(fmt).snap is None else ("unrestricted",)
+
+
+ROUNDED = [(f, r) for f in HOOKED for r in _roundings(f)]
 
 
 def _weights(rows: int = 6, k: int = K, seed: int = 0) -> np.ndarray:
@@ -32,7 +41,7 @@ def test_levels_and_repack_reproduce_the_encoder(fmt):
   """decode == step * q exactly with lo <= q <= hi, and repack(b, q) == b byte for byte."""
   f = registry.get_format(fmt)
   z = jnp.asarray(_weights(4, 256) * 50)
-  for n in (256, 32):
+  for n in (256, 32) if f.tail == "pow2" else (256,):
     b = f.encode(z[..., :n], None)
     step, lo, hi = f.levels(b, n)
     zh = f.decode(b, n)
@@ -42,18 +51,18 @@ def test_levels_and_repack_reproduce_the_encoder(fmt):
     np.testing.assert_array_equal(np.asarray(f.repack(b, q, n)), np.asarray(b))
 
 
-@pytest.mark.parametrize("fmt", HOOKED)
-@pytest.mark.parametrize("rounding", gptq.ROUNDINGS)
+@pytest.mark.parametrize("fmt,rounding", ROUNDED)
 def test_identity_hessian_is_round_to_nearest(fmt, rounding):
   """With Sigma = I the inverse factor is diagonal, no error is fed forward, and GPTQ with
-  the encoder's own scales must give the round-to-nearest bytes exactly."""
-  w = _weights()
-  qt = gptq.quantize(w, fmt, np.eye(K, dtype=np.float32), scales="rtn", rounding=rounding)
+  the encoder's own scales must give the round-to-nearest bytes exactly. (K = 512: a
+  zero-padded block would make the rotated Sigma non-diagonal for the Hadamard formats.)"""
+  w = _weights(k=512)
+  qt = gptq.quantize(w, fmt, np.eye(512, dtype=np.float32), scales="rtn", rounding=rounding)
   np.testing.assert_array_equal(np.asarray(qt.data), np.asarray(itq3s_jax.quantize(w, fmt).data))
+  assert qt.rounding == rounding
 
 
-@pytest.mark.parametrize("fmt", HOOKED)
-@pytest.mark.parametrize("rounding", gptq.ROUNDINGS)
+@pytest.mark.parametrize("fmt,rounding", ROUNDED)
 def test_gptq_lowers_the_output_error(fmt, rounding):
   """On correlated inputs GPTQ must beat round-to-nearest in tr(dW Sigma dW^T)."""
   w, h = _weights(), _hessian()
@@ -62,7 +71,7 @@ def test_gptq_lowers_the_output_error(fmt, rounding):
   assert ours < rtn, (ours, rtn)
 
 
-@pytest.mark.parametrize("fmt", HOOKED)
+@pytest.mark.parametrize("fmt", BOUNDED)
 def test_two_neighbour_codes_and_bound(fmt):
   """Every coefficient is floor or ceil of its own z / step: the T10 bound then holds."""
   w, h = _weights(), _hessian()
@@ -82,6 +91,41 @@ def test_two_neighbour_codes_and_bound(fmt):
   cols = itq3s_jax.block_columns(fmt, K)
   err = np.stack([np.linalg.norm(d[:, a:c], axis=-1) for a, c in cols], -1)
   assert np.all(err <= np.asarray(gptq.error_bound(qt)))
+  # the tensor says how it was rounded, so the public error_bound certifies the same bound
+  np.testing.assert_array_equal(np.asarray(itq3s_jax.error_bound(qt)),
+                                np.asarray(gptq.error_bound(qt)))
+
+
+@pytest.mark.parametrize("fmt", BOUNDED)
+def test_unrestricted_rounding_certifies_no_bound(fmt):
+  qt = gptq.quantize(_weights(), fmt, _hessian(), rounding="unrestricted")
+  assert qt.rounding == "unrestricted"
+  for bound in (itq3s_jax.error_bound, gptq.error_bound):
+    with pytest.raises(ValueError, match="unrestricted"):
+      bound(qt)
+
+
+def test_codebook_formats_refuse_two_neighbour_and_default_to_unrestricted():
+  with pytest.raises(ValueError, match="rounding='unrestricted'"):
+    gptq.quantize(_weights(), "iq3_s", _hessian(), rounding="two_neighbour")
+  assert gptq.quantize(_weights(), "iq3_s", _hessian()).rounding == "unrestricted"
+  assert gptq.quantize(_weights(), "itq3_t", _hessian()).rounding == "two_neighbour"
+
+
+@pytest.mark.parametrize("fmt", [f for f in HOOKED if registry.get_format(f).snap is not None])
+def test_snapped_codes_lie_on_the_codebook(fmt):
+  """Every decoded value of a GPTQ-coded codebook tensor is step * q with q from snap: the
+  bytes hold the grid points the rounding chose (repack loses nothing)."""
+  f = registry.get_format(fmt)
+  w, h = _weights(k=512), _hessian(512)
+  qt = gptq.quantize(w, fmt, h, act_order=True)
+  b = qt.data.reshape(-1, 2, f.block_nbytes(256))
+  step, _, _ = f.levels(b, 256)
+  zh = f.decode(b, 256)
+  q = jnp.round(zh / step).astype(jnp.int32)
+  np.testing.assert_array_equal(np.asarray(q * step), np.asarray(zh))
+  resnapped = f.snap((q * step).reshape(-1, f.group), step.reshape(-1, f.group))
+  np.testing.assert_array_equal(np.asarray(resnapped).reshape(q.shape), np.asarray(q))
 
 
 def test_quantize_dispatch_and_options_agree():
@@ -128,10 +172,11 @@ def test_zero_rows_and_dead_inputs():
   h[5, :] = 0
   h[:, 5] = 0
   w = np.zeros((2, K), np.float32)
-  qt = gptq.quantize(w, "itq3_t", h)
-  assert not np.any(np.asarray(itq3s_jax.dequantize(qt)))
-  qt = gptq.quantize(_weights(2), "itq3_t", np.zeros((K, K), np.float32))
-  assert np.all(np.isfinite(np.asarray(itq3s_jax.dequantize(qt))))
+  for fmt in HOOKED:
+    qt = gptq.quantize(w, fmt, h)
+    assert not np.any(np.asarray(itq3s_jax.dequantize(qt))), fmt
+    qt = gptq.quantize(_weights(2), fmt, np.zeros((K, K), np.float32))
+    assert np.all(np.isfinite(np.asarray(itq3s_jax.dequantize(qt)))), fmt
 
 
 @pytest.mark.parametrize("kwargs,match", [

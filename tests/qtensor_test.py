@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
@@ -52,6 +53,8 @@ def test_validate_rejects_each_broken_invariant():
     qtensor.validate(itq3s_jax.QuantizedTensor(qt.data, qt.shape, "nope"))
   with pytest.raises(ValueError, match="at least one axis"):
     qtensor.validate(itq3s_jax.QuantizedTensor(jnp.zeros((), jnp.uint8), (), FMT))
+  with pytest.raises(ValueError, match="rounding is 'stochastic'"):
+    qtensor.validate(itq3s_jax.QuantizedTensor(qt.data, qt.shape, FMT, 0, "stochastic"))
 
 
 def test_dequantize_validates_its_input():
@@ -66,15 +69,24 @@ def test_to_bytes_layout():
   assert buf[:4] == b"ITQ3"
   version, hlen = struct.unpack("<II", buf[4:12])
   assert version == 1
-  assert json.loads(buf[12:12 + hlen]) == {"shape": [2, 256], "format": FMT, "seed": 7}
+  assert json.loads(buf[12:12 + hlen]) == {"shape": [2, 256], "format": FMT, "seed": 7,
+                                           "rounding": "nearest"}
   assert buf[12 + hlen:] == np.asarray(qt.data).tobytes()
 
 
-def test_from_bytes_round_trip_is_exact():
-  qt = _qt((3, 576), seed=2)
+@pytest.mark.parametrize("rounding", qtensor.ROUNDINGS)
+def test_from_bytes_round_trip_is_exact(rounding):
+  qt = dataclasses.replace(_qt((3, 576), seed=2), rounding=rounding)
   back = itq3s_jax.QuantizedTensor.from_bytes(qt.to_bytes())
-  assert (back.shape, back.format, back.seed) == (qt.shape, qt.format, qt.seed)
+  assert (back.shape, back.format, back.seed, back.rounding) == (
+      qt.shape, qt.format, qt.seed, rounding)
   np.testing.assert_array_equal(np.asarray(back.data), np.asarray(qt.data))
+
+
+def test_header_without_rounding_reads_as_nearest():
+  """Byte strings written before the rounding field existed certify the nearest bound."""
+  buf = _with_header(b'{"shape": [1, 256], "format": "uniform3", "seed": 0}', bytes(98))
+  assert itq3s_jax.QuantizedTensor.from_bytes(buf).rounding == "nearest"
 
 
 def _with_header(header: bytes, body: bytes, version: int = 1) -> bytes:
@@ -102,4 +114,5 @@ def test_pytree_leaves_are_the_data_only():
   assert jax.tree.leaves(qt) == [qt.data]
   out = jax.jit(lambda q: q)(qt)
   assert isinstance(out, itq3s_jax.QuantizedTensor)
-  assert (out.shape, out.format, out.seed) == (qt.shape, qt.format, qt.seed)
+  assert (out.shape, out.format, out.seed, out.rounding) == (
+      qt.shape, qt.format, qt.seed, qt.rounding)

@@ -240,7 +240,7 @@ def quantize_weights(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
     for name, lin in members:
       data = qt.data[row:row + lin.out_features]
       out[name] = qtensor.QuantizedTensor(data, (lin.out_features, lin.in_features),
-                                          qt.format, qt.seed)
+                                          qt.format, qt.seed, qt.rounding)
       row += lin.out_features
   return out
 

@@ -24,7 +24,12 @@ Rounding modes:
     less than step_i, so ||w - w_hat||_2 <= sqrt(sum_i step_i^2) follows from the
     stored bytes (:func:`error_bound`; proofs/T10.md). For itq3_t this is
     4 ||Delta||_2, twice the nearest-rounding eps_q.
-  ``"nearest"``: any level of the code range (classical GPTQ); no worst-case bound.
+  ``"unrestricted"``: any level of the code range (classical GPTQ); no
+    worst-case bound. The only mode of codebook formats (IQ3_S: each 4-group
+    snaps to its nearest grid point, ``Format.snap``).
+
+The returned tensor records the mode in ``QuantizedTensor.rounding``, so
+``itq3s_jax.error_bound`` certifies the right bound (or refuses).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from itq3s_jax._src import qtensor
 from itq3s_jax._src import quantize as quantize_lib
 from itq3s_jax._src import registry
 
-ROUNDINGS = ("two_neighbour", "nearest")
+ROUNDINGS = ("two_neighbour", "unrestricted")
 SCALES = ("rtn", "weighted")
 
 
@@ -106,59 +111,95 @@ def _col_block(kp: int) -> int:
   raise ValueError(f"coded row length {kp} is not a multiple of 32.")
 
 
-@functools.partial(jax.jit, static_argnames=("block",))
-def _round_columns(z, step, clo, chi, u, *, block):
-  """GPTQ over columns: float32 (M, Kp) targets -> int32 (M, Kp) codes in [clo, chi].
+def _diag_block_inverses(u: jax.Array, g: int) -> jax.Array:
+  """(Kp, Kp) upper -> (Kp/g, g, g): inverses of its g x g diagonal blocks."""
+  kp = u.shape[0]
+  idx = jnp.arange(kp).reshape(-1, g)
+  diag = u[idx[:, :, None], idx[:, None, :]]  # (Kp/g, g, g), upper triangular
+  eye = jnp.broadcast_to(jnp.eye(g, dtype=u.dtype), diag.shape)
+  return jax.scipy.linalg.solve_triangular(diag, eye, lower=False)
 
-  Column j is rounded to clip(round(z'_j / step_j), clo_j, chi_j) where z' is z
-  with the errors of columns < j fed forward through u (upper, (Kp, Kp)).
+
+def _snap_range(lo, hi):
+  """The per-coefficient rounding of lattice formats: clip(round(x / step), lo, hi)."""
+  def snap(x, step):
+    return jnp.clip(jnp.round(x / step), lo, hi).astype(jnp.int32)
+  return snap
+
+
+@functools.partial(jax.jit, static_argnames=("block", "format"))
+def _round_columns(z, step, clo, chi, u, *, block, format):
+  """GPTQ over columns: float32 (M, Kp) targets -> int32 (M, Kp) codes.
+
+  Groups of ``g = fmt.group`` columns are rounded jointly, in order: group G
+  takes the format's nearest admissible point to z'_G, where z' is z with the
+  errors of earlier groups fed forward through u (upper, (Kp, Kp)):
+  E_G = (z'_G - z_hat_G) u_GG^-1, later columns -= E_G u_G,later (GPTQ's
+  update with the block's own inverse factor; g = 1 is the classical
+  per-column loop). Codes of lattice formats lie in [clo, chi]; a zero step
+  (an all-zero block) codes 0.
   """
+  fmt = registry.get_format(format)
+  g = fmt.group
   m, kp = z.shape
   safe = jnp.where(step == 0, 1.0, step)
+  dinv = _diag_block_inverses(u, g)
 
   def one_block(bi, carry):
     w, codes = carry
     i1 = bi * block
     cols = lambda a: jax.lax.dynamic_slice(a, (0, i1), (m, block))
-    w1, s1, lo1, hi1 = cols(w), cols(safe), cols(clo), cols(chi)
+    w1, s1, lo1, hi1, st1 = cols(w), cols(safe), cols(clo), cols(chi), cols(step)
     urows = jax.lax.dynamic_slice(u, (i1, 0), (block, kp))
     u1 = jax.lax.dynamic_slice(urows, (0, i1), (block, block))
+    d1 = jax.lax.dynamic_slice(dinv, (i1 // g, 0, 0), (block // g, g, g))
 
-    def one_col(i, c):
+    def one_group(i, c):
       w1, q1, e1 = c
-      x = jax.lax.dynamic_index_in_dim(w1, i, 1, keepdims=False)
-      s = jax.lax.dynamic_index_in_dim(s1, i, 1, keepdims=False)
-      q = jnp.clip(jnp.round(x / s), jax.lax.dynamic_index_in_dim(lo1, i, 1, False),
-                   jax.lax.dynamic_index_in_dim(hi1, i, 1, False))
-      err = (x - q * s) / u1[i, i]
-      w1 = w1 - err[:, None] * u1[i][None, :]  # u1[i, :i] == 0: done columns stay
-      q1 = jax.lax.dynamic_update_index_in_dim(q1, q, i, 1)
-      e1 = jax.lax.dynamic_update_index_in_dim(e1, err, i, 1)
+      grp = lambda a: jax.lax.dynamic_slice(a, (0, i * g), (m, g))
+      x, s = grp(w1), grp(s1)
+      snap = fmt.snap or _snap_range(grp(lo1), grp(hi1))
+      q = jnp.where(grp(st1) == 0, 0, snap(x, s))
+      err = (x - q * s) @ d1[i]
+      w1 = w1 - err @ jax.lax.dynamic_slice(u1, (i * g, 0), (g, block))  # done columns stay
+      q1 = jax.lax.dynamic_update_slice(q1, q, (0, i * g))
+      e1 = jax.lax.dynamic_update_slice(e1, err, (0, i * g))
       return w1, q1, e1
 
-    zeros = jnp.zeros((m, block), jnp.float32)
-    _, q1, e1 = jax.lax.fori_loop(0, block, one_col, (w1, zeros, zeros))
+    _, q1, e1 = jax.lax.fori_loop(
+        0, block // g, one_group,
+        (w1, jnp.zeros((m, block), jnp.int32), jnp.zeros((m, block), jnp.float32)))
     # Lazy update of all later columns; earlier ones are untouched (u upper triangular).
     w = w - e1 @ urows
     return w, jax.lax.dynamic_update_slice(codes, q1, (0, i1))
 
-  _, q = jax.lax.fori_loop(0, kp // block, one_block, (z, jnp.zeros_like(z)))
-  return q.astype(jnp.int32)
+  _, q = jax.lax.fori_loop(0, kp // block, one_block,
+                           (z, jnp.zeros(z.shape, jnp.int32)))
+  return q
 
 
-def _check(w: jax.Array, h: jax.Array, rounding: str, scales: str, damp: float) -> None:
+def _check(w: jax.Array, h: jax.Array, fmt: registry.Format, rounding: str, scales: str,
+           damp: float) -> None:
   k = w.shape[-1]
   if h.ndim != 2 or h.shape != (k, k):
     raise ValueError(f"hessian has shape {h.shape}, expected ({k}, {k}) for a weight "
                      f"with K={k} (Sigma = E[x x^T] of the layer input).")
   if rounding not in ROUNDINGS:
     raise ValueError(f"unknown {rounding=}; choose one of {ROUNDINGS}.")
+  if rounding == "two_neighbour" and fmt.snap is not None:
+    raise ValueError(f"rounding='two_neighbour' needs a per-coefficient grid; {fmt.name!r} "
+                     "codes groups on a codebook (and has no bound): use rounding='unrestricted'.")
   if scales not in SCALES:
     raise ValueError(f"unknown {scales=}; choose one of {SCALES}.")
   if not damp > 0:
     raise ValueError(f"{damp=} must be > 0 (relative diagonal damping, e.g. 0.01).")
   if quantize_lib._is_concrete(h) and not bool(jnp.all(jnp.isfinite(h))):
     raise ValueError("hessian has NaN/Inf entries; recompute the calibration statistics.")
+
+
+def default_rounding(format: str) -> str:
+  """``"two_neighbour"`` for formats with a certified bound (it keeps one), else ``"unrestricted"``."""
+  return "two_neighbour" if registry.get_format(format).bound is not None else "unrestricted"
 
 
 @functools.partial(jax.jit, static_argnames=("format", "seed", "rounding", "scales", "damp",
@@ -188,11 +229,16 @@ def _quantize_rows(w, h, *, format, seed, rounding, scales, damp, act_order):
     r = z / jnp.where(step == 0, 1.0, step)
     lo, hi = jnp.clip(jnp.floor(r), lo, hi), jnp.clip(jnp.ceil(r), lo, hi)
   lo, hi = jnp.where(step == 0, 0.0, lo), jnp.where(step == 0, 0.0, hi)
-  perm = jnp.argsort(-jnp.diagonal(hz)) if act_order else jnp.arange(z.shape[1])
+  g = fmt.group
+  if act_order:  # whole groups move, largest summed diag(Sigma_z) first
+    order = jnp.argsort(-jnp.sum(jnp.diagonal(hz).reshape(-1, g), axis=-1))
+    perm = (order[:, None] * g + jnp.arange(g)).reshape(-1)
+  else:
+    perm = jnp.arange(z.shape[1])
   inv = jnp.argsort(perm)
   u = inverse_cholesky(hz[perm][:, perm], damp)
   q = _round_columns(z[:, perm], step[:, perm], lo[:, perm], hi[:, perm], u,
-                     block=_col_block(z.shape[1]))[:, inv]
+                     block=_col_block(z.shape[1]), format=fmt.name)[:, inv]
   out = []
   for (seg, off), b in zip(_segments(fmt, k), rtn):
     qb = q[:, off:off + seg.count * seg.n].reshape(m, seg.count, seg.n)
@@ -201,7 +247,7 @@ def _quantize_rows(w, h, *, format, seed, rounding, scales, damp, act_order):
 
 
 def quantize(w: ArrayLike, format: str, hessian: ArrayLike, *, seed: int = 0,
-             rounding: str = "two_neighbour", scales: str = "weighted",
+             rounding: str | None = None, scales: str = "weighted",
              damp: float = 0.01, act_order: bool = False) -> qtensor.QuantizedTensor:
   """Quantizes ``w`` along its last axis minimising the activation-weighted error.
 
@@ -212,7 +258,8 @@ def quantize(w: ArrayLike, format: str, hessian: ArrayLike, *, seed: int = 0,
       multiple gives the same result).
     seed: sign-vector seed of randomized formats.
     rounding: ``"two_neighbour"`` (certified, :func:`error_bound`) or
-      ``"nearest"`` (classical GPTQ; no worst-case bound).
+      ``"unrestricted"`` (classical GPTQ; no worst-case bound); None picks
+      :func:`default_rounding` (two_neighbour where the format has a bound).
     scales: ``"rtn"`` (the format's plain encode of Z) or ``"weighted"`` (its
       encode weighted by diag(Sigma_z), for formats whose encoder weighs).
     damp: diagonal damping relative to mean(diag Sigma_z).
@@ -229,7 +276,8 @@ def quantize(w: ArrayLike, format: str, hessian: ArrayLike, *, seed: int = 0,
   w = jnp.asarray(w)
   h = jnp.asarray(hessian, jnp.float32)
   quantize_lib._check_input(w, fmt, seed)
-  _check(w, h, rounding, scales, damp)
+  rounding = default_rounding(fmt.name) if rounding is None else rounding
+  _check(w, h, fmt, rounding, scales, damp)
   seed = int(seed)
   lead, k = w.shape[:-1], w.shape[-1]
   data, zmax = _quantize_rows(w.reshape(-1, k).astype(jnp.float32), h, format=fmt.name,
@@ -239,14 +287,15 @@ def quantize(w: ArrayLike, format: str, hessian: ArrayLike, *, seed: int = 0,
     raise ValueError(f"values too large for {fmt.name}: a coefficient of magnitude "
                      f"{float(zmax):.4g} exceeds {fmt.max_abs:.4g}; rescale the tensor first.")
   data = data.reshape(*lead, data.shape[-1])
-  return qtensor.QuantizedTensor(data, tuple(w.shape), fmt.name, seed)
+  return qtensor.QuantizedTensor(data, tuple(w.shape), fmt.name, seed, rounding)
 
 
 def error_bound(qt: qtensor.QuantizedTensor, *, include_rounding: bool = True) -> jax.Array:
   """Certified per-block L2 error bound of a two-neighbour-rounded tensor, from its bytes.
 
-  Valid for every tensor of a format with a bound whatever its rounding
-  (nearest rounding is one of the two neighbours): ||w_b - w_hat_b||_2 <=
+  Valid for every tensor of a format with a bound whose ``rounding`` is
+  ``"nearest"`` or ``"two_neighbour"`` (the nearest level is one of the two
+  neighbours): ||w_b - w_hat_b||_2 <=
   sqrt(sum_{i in b} step_i^2), plus the float32 slack of
   ``itq3s_jax.rounding_slack`` when ``include_rounding`` (proofs/T10.md).
 
@@ -259,12 +308,16 @@ def error_bound(qt: qtensor.QuantizedTensor, *, include_rounding: bool = True) -
     float32 (..., nblocks), blocks in ``itq3s_jax.block_columns`` order.
 
   Raises:
-    ValueError: the format certifies no bound.
+    ValueError: the format certifies no bound, or the tensor was rounded
+      ``"unrestricted"``.
   """
   fmt = _hooks(qt.format)
   if fmt.bound is None:
     raise ValueError(f"format {fmt.name!r} has no certified error bound.")
   qtensor.validate(qt)
+  if qt.rounding == "unrestricted":
+    raise ValueError("this tensor was GPTQ-rounded with rounding='unrestricted': a coefficient "
+                     "may sit several levels from its value, so no bound is certified.")
   lead = qt.data.shape[:-1]
   z = quantize_lib.decode_rotated(qt)
   out = []

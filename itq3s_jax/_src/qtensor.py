@@ -4,8 +4,8 @@ Invariants (checked by :func:`validate`):
   data.dtype == uint8
   data.shape == (*shape[:-1], row_nbytes(format, shape[-1]))
   dequantize(qt).shape == shape
-Only ``data`` is a pytree leaf; ``shape``, ``format`` and ``seed`` are static, so
-a jitted function recompiles only when those change.
+Only ``data`` is a pytree leaf; ``shape``, ``format``, ``seed`` and ``rounding``
+are static, so a jitted function recompiles only when those change.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ from itq3s_jax._src import registry
 
 _MAGIC = b"ITQ3"
 _VERSION = 1
+# How the encoder chose each code, which decides the bound the bytes certify:
+# "nearest": the level nearest the coefficient (eps_q, ``itq3s_jax.error_bound``);
+# "two_neighbour": one of the two levels around it (Hessian-aware, 2 eps_q for itq3_t);
+# "unrestricted": any level (classical GPTQ): no worst-case bound.
+ROUNDINGS = ("nearest", "two_neighbour", "unrestricted")
 
 
 def row_nbytes(format: str, k: int) -> int:
@@ -42,12 +47,16 @@ class QuantizedTensor:
     shape: the logical float shape (..., K).
     format: registered format name.
     seed: sign-vector seed of randomized formats (ignored by the others).
+    rounding: how the codes were chosen (``ROUNDINGS``): ``"nearest"`` for
+      ``quantize`` without a Hessian, else the GPTQ rounding mode. The bytes
+      decode the same either way; only the certified bound differs.
   """
 
   data: jax.Array
   shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
   format: str = dataclasses.field(metadata=dict(static=True))
   seed: int = dataclasses.field(default=0, metadata=dict(static=True))
+  rounding: str = dataclasses.field(default="nearest", metadata=dict(static=True))
 
   @property
   def nbytes(self) -> int:
@@ -63,7 +72,7 @@ class QuantizedTensor:
   def to_bytes(self) -> bytes:
     """Self-describing serialization: b'ITQ3', u32 version, u32 header length, JSON header, data."""
     header = json.dumps({"shape": list(self.shape), "format": self.format,
-                         "seed": self.seed}).encode()
+                         "seed": self.seed, "rounding": self.rounding}).encode()
     return (_MAGIC + struct.pack("<II", _VERSION, len(header)) + header
             + np.asarray(self.data, np.uint8).tobytes())
 
@@ -78,6 +87,7 @@ class QuantizedTensor:
     try:
       header = json.loads(buf[12:12 + hlen])
       shape, fmt, seed = tuple(header["shape"]), header["format"], int(header["seed"])
+      rounding = str(header.get("rounding", "nearest"))  # written by every version since
     except (ValueError, KeyError, TypeError) as exc:
       raise ValueError(f"corrupt QuantizedTensor header: {exc}") from None
     body = buf[12 + hlen:]
@@ -86,7 +96,7 @@ class QuantizedTensor:
       raise ValueError(f"QuantizedTensor data has {len(body)} bytes, expected "
                        f"{math.prod(want)} for shape {shape} in {fmt}.")
     data = jnp.asarray(np.frombuffer(body, np.uint8).reshape(want))
-    return validate(cls(data, shape, fmt, seed))
+    return validate(cls(data, shape, fmt, seed, rounding))
 
 
 def validate(qt: QuantizedTensor) -> QuantizedTensor:
@@ -96,6 +106,8 @@ def validate(qt: QuantizedTensor) -> QuantizedTensor:
   registry.get_format(qt.format)
   if len(qt.shape) < 1:
     raise ValueError("a QuantizedTensor needs at least one axis.")
+  if qt.rounding not in ROUNDINGS:
+    raise ValueError(f"QuantizedTensor.rounding is {qt.rounding!r}; expected one of {ROUNDINGS}.")
   if qt.data.dtype != jnp.uint8:
     raise ValueError(f"QuantizedTensor.data must be uint8, got {qt.data.dtype}.")
   want = (*qt.shape[:-1], row_nbytes(qt.format, qt.shape[-1]))

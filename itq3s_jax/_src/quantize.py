@@ -263,29 +263,33 @@ def underflow_slack(n: int) -> float:
 def error_bound(qt: QuantizedTensor, *, include_rounding: bool = True) -> jax.Array:
   """Certified per-block L2 error bound, computed from the stored bytes alone.
 
-  Certifies tensors coded by nearest rounding: every ``quantize`` call without
-  ``hessian``. A GPTQ-coded tensor (``quantize(..., hessian=...)``) rounds each
-  coefficient to one of its two neighbouring levels: certify it with
-  ``itq3s_jax.two_neighbour_bound`` (twice as large); this function would
-  understate its error.
+  Which bound depends on ``qt.rounding``: ``"nearest"`` (every ``quantize``
+  without ``hessian``) certifies the format's eps_q; ``"two_neighbour"``
+  (``quantize(..., hessian=...)``) certifies sqrt(sum_i step_i^2), 2 eps_q for
+  itq3_t (``two_neighbour_bound``, proofs T10); ``"unrestricted"`` certifies
+  nothing.
 
   Args:
     qt: a :class:`QuantizedTensor` of a format with a bound (``has_bound``).
     include_rounding: add the float32 rounding slack of :func:`rounding_slack` and
       the subnormal flush slack of :func:`underflow_slack` (True: a bound on the
-      float32 computation; False: eps_q in exact arithmetic).
+      float32 computation; False: the bound in exact arithmetic).
 
   Returns:
     float32 (..., nblocks): for each block b of each row,
     ||w_b - dequantize(qt)_b||_2 <= bound[..., b].
 
   Raises:
-    ValueError: the format has no worst-case bound (``iq3_s``, ``itq3_s``).
+    ValueError: the format has no worst-case bound (``iq3_s``, ``itq3_s``), or
+      ``qt.rounding == "unrestricted"``.
   """
   fmt = registry.get_format(qt.format)
   if fmt.bound is None:
     raise ValueError(f"format {fmt.name!r} has no certified error bound; use itq3_t, "
                      "uniform3 or uniform3_rot.")
+  if qt.rounding != "nearest":
+    from itq3s_jax._src import gptq  # pylint: disable=g-import-not-at-top (gptq imports us)
+    return gptq.error_bound(qt, include_rounding=include_rounding)
   return _error_bound(qt, include_rounding)
 
 

@@ -51,7 +51,13 @@ class Format:
       None: the format cannot be re-rounded with fixed scales.
     repack: optional companion of ``levels``: (uint8 (..., nbytes), int32 q
       (..., n), n) -> uint8 (..., nbytes), the block with its scales kept and its
-      codes replaced by q (lo <= q <= hi).
+      codes replaced by q (lo <= q <= hi, or q from ``snap``).
+    group: coefficients chosen jointly by ``snap`` (consecutive, within one
+      step); 1 for formats whose codes are a per-coefficient integer range.
+    snap: optional, for codebooks that are not such a range (the IQ3_S grid):
+      (x float32 (..., group), step float32 (..., group) > 0) -> int32 q
+      (..., group), the codes of the admissible point step * q nearest x.
+      None: each coefficient takes clip(round(x / step), lo, hi).
   """
 
   name: str
@@ -66,6 +72,8 @@ class Format:
   description: str = ""
   levels: Callable[[jax.Array, int], tuple[jax.Array, jax.Array, jax.Array]] | None = None
   repack: Callable[[jax.Array, jax.Array, int], jax.Array] | None = None
+  group: int = 1
+  snap: Callable[[jax.Array, jax.Array], jax.Array] | None = None
 
 
 _REGISTRY: dict[str, Format] = {}

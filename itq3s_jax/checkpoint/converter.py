@@ -300,8 +300,8 @@ def _convert_one(source, info, decision, policy, writer, item, importance_fn) ->
     raise errors.CheckpointError(f"tensor {info.name!r}: {exc}") from None
   del x
   writer.put(item, np.asarray(qt.data), quantized=True)
-  entry.update(kind="quantized", format=qt.format, seed=qt.seed, shape=list(qt.shape),
-               transposed=info.k_axis == 0, nbytes=qt.nbytes,
+  entry.update(kind="quantized", format=qt.format, seed=qt.seed, rounding=qt.rounding,
+               shape=list(qt.shape), transposed=info.k_axis == 0, nbytes=qt.nbytes,
                bits_per_weight=qt.bits_per_weight)
   return entry
 

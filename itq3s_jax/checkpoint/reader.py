@@ -74,7 +74,7 @@ def _restore(path: str, entry: dict) -> Tensor:
   try:
     return qtensor.validate(itq3s_jax.QuantizedTensor(
         jnp.asarray(arr), tuple(int(d) for d in entry["shape"]), entry["format"],
-        int(entry["seed"])))
+        int(entry["seed"]), entry.get("rounding", "nearest")))
   except (ValueError, TypeError, KeyError) as exc:
     raise errors.CheckpointError(f"{path}: tensor {entry['name']!r}: {exc}") from None
 

@@ -1,9 +1,11 @@
 """Orbax round trip of a quantized NNX model.
 
-Static fields (format, seed, logical shape) are not orbax leaves: they live in
-the model's structure. So a restore needs an abstract model built the same
-way, and :func:`save` also writes a small JSON item recording each quantized
-layer's format/seed/shape, which :func:`restore` checks (formats with equal
+Static fields (format, seed, logical shape, rounding) are not orbax leaves: they
+live in the model's structure. So a restore needs an abstract model built the
+same way, and :func:`save` also writes a small JSON item recording each
+quantized layer's format/seed/shape, which :func:`restore` checks, and its
+rounding, which :func:`restore` sets (a GPTQ-coded model restores into an
+abstract model built by round-to-nearest) (formats with equal
 byte sizes, e.g. ``uniform3`` and ``uniform3_rot``, would otherwise restore
 silently into the wrong decoder).
 
@@ -66,6 +68,12 @@ def _layers(model: nnx.Module) -> dict[str, dict[str, Any]]:
           for path, m in nnx.iter_modules(model) if isinstance(m, qnnx.QuantizedLinear)}
 
 
+def _roundings(model: nnx.Module) -> dict[str, str]:
+  """{dotted path: rounding} of every QuantizedLinear (which bound its codes certify)."""
+  return {_core.dotted(path): m.rounding for path, m in nnx.iter_modules(model)
+          if isinstance(m, qnnx.QuantizedLinear)}
+
+
 def save(path: str | os.PathLike[str], model: nnx.Module, *, force: bool = False) -> None:
   """Writes ``model``'s state (codes, float params) and layer metadata to ``path``.
 
@@ -75,7 +83,7 @@ def save(path: str | os.PathLike[str], model: nnx.Module, *, force: bool = False
     force: overwrite an existing checkpoint.
   """
   state = nnx.to_pure_dict(nnx.state(model))
-  meta = {"version": _VERSION, "layers": _layers(model)}
+  meta = {"version": _VERSION, "layers": _layers(model), "rounding": _roundings(model)}
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(os.path.abspath(path), force=force,
                args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -111,4 +119,11 @@ def restore(path: str | os.PathLike[str], abstract_model: M) -> M:
                      f", expected {[want.get(p) for p in diff[:5]]}; build the abstract "
                      "model with the format and seed used when saving.")
   nnx.replace_by_pure_dict(abs_state, restored.state)
-  return nnx.merge(graphdef, abs_state)
+  model = nnx.merge(graphdef, abs_state)
+  # The abstract model was typically built by round-to-nearest; GPTQ-coded layers
+  # get their rounding back so error_bound certifies the right bound.
+  roundings = restored.itq3s.get("rounding", {})
+  for path, m in nnx.iter_modules(model):
+    if isinstance(m, qnnx.QuantizedLinear):
+      m.rounding = roundings.get(_core.dotted(path), "nearest")
+  return model

@@ -69,8 +69,8 @@ class QuantizedLinear(nnx.Module):
   Attributes:
     weight: :class:`QuantizedWeight` uint8 (out_features, row_nbytes).
     bias: ``nnx.Param`` (out_features,) of param_dtype, or None.
-    in_features, out_features, format, seed, use_bias, dtype, param_dtype,
-    method: static configuration.
+    in_features, out_features, format, seed, rounding, use_bias, dtype,
+    param_dtype, method: static configuration.
   """
 
   def __init__(self, in_features: int, out_features: int, *,
@@ -137,6 +137,7 @@ class QuantizedLinear(nnx.Module):
     self.out_features = out_features
     self.format = weight.format
     self.seed = weight.seed
+    self.rounding = weight.rounding  # which bound error_bound(layer.qt) certifies
     self.use_bias = use_bias
     self.dtype = dtype
     self.param_dtype = param_dtype
@@ -146,7 +147,7 @@ class QuantizedLinear(nnx.Module):
   def qt(self) -> itq3s_jax.QuantizedTensor:
     """The weight as a QuantizedTensor of shape (out_features, in_features)."""
     return itq3s_jax.QuantizedTensor(self.weight[...], (self.out_features, self.in_features),
-                                     self.format, self.seed)
+                                     self.format, self.seed, self.rounding)
 
   def __call__(self, x: ArrayLike) -> jax.Array:
     """(..., in_features) -> (..., out_features) of the layer dtype."""

@@ -275,8 +275,61 @@ def encode(z: jax.Array, importance: jax.Array | None = None) -> jax.Array:
   return _encode(z, a)[:rows].reshape(*lead, NBYTES)
 
 
+# Hessian-aware rounding hooks (gptq.py): the block's d and sub-block scales stay,
+# each 4-group is re-chosen on the grid.
+
+
+def _scale_bits(b: jax.Array):
+  """uint8 (..., 110) -> (fp16 d (...,), 4-bit s int32 (..., 8))."""
+  d_b, _, _, _, scales = _split(b)
+  bits = d_b[..., 0].astype(jnp.uint16) | (d_b[..., 1].astype(jnp.uint16) << 8)
+  s = jnp.stack([scales & 15, scales >> 4], axis=-1).reshape(*b.shape[:-1], 8)
+  return jax.lax.bitcast_convert_type(bits, jnp.float16), s.astype(jnp.int32)
+
+
+def levels(b: jax.Array, n: int):
+  """Per value the decoder's step fp32(d) (1 + 2 s) and the code range -15..15.
+
+  Values are step * q for odd q whose 4-groups of |q| lie on the grid (``snap``).
+  Returns (step float32, lo int32, hi int32), each (..., 256).
+  """
+  block_nbytes(n)
+  d16, s = _scale_bits(b)
+  step = d16.astype(jnp.float32)[..., None] * (1 + 2 * s).astype(jnp.float32)
+  step = jnp.repeat(step, 32, axis=-1)
+  lo = jnp.full(step.shape, -15, jnp.int32)
+  return step, lo, -lo
+
+
+def snap(x: jax.Array, step: jax.Array) -> jax.Array:
+  """Nearest grid point with free signs: float32 (..., 4) values, steps -> odd int32 codes.
+
+  The candidates are the encoder's (``_assign``), scored with the same float32
+  arithmetic, so at the encoder's own values this returns its codes.
+  """
+  xa = [jnp.abs(x[..., j]) for j in range(4)]
+  _, mags = _assign(xa, [jnp.ones_like(v) for v in xa], step[..., 0])
+  q = jnp.stack(mags, axis=-1).astype(jnp.int32)
+  return jnp.where(x < 0, -q, q)
+
+
+def repack(b: jax.Array, q: jax.Array, n: int) -> jax.Array:
+  """Keeps d and the sub-block scales of ``b`` (..., 110); codes from odd int q (..., 256).
+
+  q = 0 (the code of an all-zero block, whose d is 0) is written as +1.
+  """
+  block_nbytes(n)
+  lead = b.shape[:-1]
+  d16, s = _scale_bits(b.reshape(-1, NBYTES))
+  mag = jnp.maximum(jnp.abs(q.reshape(-1, 8, 8, 4)), 1)
+  lvl = (mag - 1) // 2
+  code = lvl[..., 0] | (lvl[..., 1] << 3) | (lvl[..., 2] << 6) | (lvl[..., 3] << 9)
+  idx = jnp.asarray(iq3s_grid.index_of_code())[code]
+  return _pack(d16, s, idx, q.reshape(-1, QK) < 0).reshape(*lead, NBYTES)
+
+
 _COMMON = dict(tail="pad256", block_nbytes=block_nbytes, encode=encode, decode=decode,
-               bound=None, max_abs=MAX_ABS)
+               bound=None, max_abs=MAX_ABS, levels=levels, repack=repack, group=4, snap=snap)
 IQ3_S = registry.register(registry.Format(
     name="iq3_s", transform="none", gguf_type=21,
     description="llama.cpp IQ3_S: 512-point grid of 4-groups, 3.4375 bpw (GGML type 21)",
