@@ -135,3 +135,36 @@ def test_gptq_model_checkpoint_keeps_its_rounding(tmp_path):
   assert back.a.rounding == "two_neighbour"
   np.testing.assert_array_equal(np.asarray(itq3s_jax.error_bound(back.a.qt)),
                                 np.asarray(itq3s_jax.two_neighbour_bound(q.a.qt)))
+
+
+def test_surgery_with_hessians_mixes_gptq_and_nearest_and_reports_all():
+  """quantize_model(hessians=...) GPTQ-codes the layers with statistics and rounds the rest
+  to nearest; the report lists every quantized layer either way."""
+  from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top
+  model = Tiny(nnx.Rngs(0))
+  stats = calibrate.calibrate(model, _tokens(2))
+  partial = {k: v for k, v in stats.items() if k != "blocks.0"}
+  q, report = qflax.quantize_model(nnx.clone(model), format="uniform3_rot", hessians=partial,
+                                   act_order=True)
+  assert [x.path for x in report.quantized] == ["a", "b", "blocks.0"]
+  assert (q.a.rounding, q.b.rounding, q.blocks[0].rounding) == (
+      "two_neighbour", "two_neighbour", "nearest")
+  alone = itq3s_jax.quantize(model.a.kernel[...].T, "uniform3_rot", hessian=stats["a"],
+                             act_order=True)
+  np.testing.assert_array_equal(np.asarray(q.a.qt.data), np.asarray(alone.data))
+  with pytest.raises(TypeError, match="need hessians"):
+    qflax.quantize_model(nnx.clone(model), act_order=True)
+
+
+def test_eval_calibrated_rows_use_the_statistics():
+  """``itq3s eval --calibrated`` labels FORMAT+gptq rows and quantizes them with hessians."""
+  from itq3s_jax._src.commands import eval as eval_cmd  # pylint: disable=g-import-not-at-top
+  model = Tiny(nnx.Rngs(0))
+  stats = calibrate.calibrate(model, _tokens(2))
+  assert eval_cmd._with_calibrated(["ref", "iq3_s"], True) == ["ref", "iq3_s", "iq3_s+gptq"]
+  seen = {}
+  for fmt in ("iq3_s", "iq3_s+gptq"):
+    row = eval_cmd._row(fmt, model, eval_cmd._rules_for(fmt, {}, stats, None),
+                        lambda m, f=fmt: seen.setdefault(f, m.a.qt) and {})
+    assert row["status"] == "ok", row
+  assert seen["iq3_s"].rounding == "nearest" and seen["iq3_s+gptq"].rounding == "unrestricted"

@@ -395,3 +395,51 @@ def test_large_kept_arrays_are_saved_in_row_blocks(tmp_path, monkeypatch, conver
   entry = {e["name"]: e for e in checkpoint.read_metadata(str(tmp_path / "out"))["tensors"]}
   assert entry["model.embed_tokens.weight"]["parts"] == 4  # ceil(40 / 11)
   _assert_same_checkpoint(str(tmp_path / "out"), reference)
+
+
+def _sigma(k: int, seed: int = 3) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((2 * k, k)) + 0.5 * rng.standard_normal((2 * k, 1))
+  x[:, 1] *= 20  # one loud input channel, so GPTQ differs from nearest rounding
+  return (x.T @ x / len(x)).astype(np.float32)
+
+
+def test_calibrated_conversion_is_gptq_where_statistics_exist(tmp_path, capsys):
+  """--calibration: tensors with statistics (found by exact name or without .weight) are
+  GPTQ-coded exactly as in memory, chunked or not; the others round to nearest; the
+  rounding is recorded and survives loading."""
+  from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
+  src = write_st(tmp_path / "model.safetensors")
+  stats = {"model.layers.0.q_proj": _sigma(256)}
+  calibration.save(tmp_path / "stats.npz", stats)
+  out = tmp_path / "out"
+  assert run_cli(src, out, "--min-size", "1024", "--calibration", tmp_path / "stats.npz") == 0
+  loaded = checkpoint.load(str(out))
+  q = loaded["model.layers.0.q_proj.weight"]
+  want = itq3s_jax.quantize(TENSORS["model.layers.0.q_proj.weight"], hessian=stats[
+      "model.layers.0.q_proj"])
+  assert q.rounding == "two_neighbour"
+  np.testing.assert_array_equal(np.asarray(q.data), np.asarray(want.data))
+  assert not np.array_equal(np.asarray(q.data), np.asarray(itq3s_jax.quantize(
+      TENSORS["model.layers.0.q_proj.weight"]).data))
+  assert loaded["model.layers.0.o_proj.weight"].rounding == "nearest"
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(converter, "CHUNK_WEIGHTS", 32 * 256)
+    chunked = checkpoint.quantize_tensor(TENSORS["model.layers.0.q_proj.weight"], POLICY,
+                                         hessian=stats["model.layers.0.q_proj"])
+  np.testing.assert_array_equal(np.asarray(chunked.data), np.asarray(want.data))
+  # statistics of the wrong size are one clear line, and --rounding needs statistics
+  calibration.save(tmp_path / "bad.npz", {"model.layers.0.q_proj": _sigma(64)})
+  assert run_cli(src, tmp_path / "o2", "--min-size", "1024",
+                 "--calibration", tmp_path / "bad.npz") == 2
+  assert "belong to another model" in capsys.readouterr().err
+  assert run_cli(src, tmp_path / "o3", "--rounding", "unrestricted") == 2
+  assert "--rounding needs --calibration" in capsys.readouterr().err
+
+
+def test_hessian_key_maps_gguf_names_to_model_paths():
+  stats = {"layers.3.attn.q_proj": 0, "layers.3.mlp.down_proj": 0, "lm_head": 0}
+  assert converter.hessian_key("blk.3.attn_q.weight", stats) == "layers.3.attn.q_proj"
+  assert converter.hessian_key("blk.3.ffn_down.weight", stats) == "layers.3.mlp.down_proj"
+  assert converter.hessian_key("lm_head.weight", stats) == "lm_head"
+  assert converter.hessian_key("blk.3.attn_k.weight", stats) is None

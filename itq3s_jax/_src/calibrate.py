@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from typing import Callable, Mapping
 
 import jax
@@ -250,6 +251,10 @@ def quantize_model(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
                    **options) -> nnx.Module:
   """Replaces each calibrated ``nnx.Linear`` by a GPTQ-coded ``QuantizedLinear`` (in place).
 
+  ``itq3s_jax.flax.quantize_model(model, hessians=stats, include=...)`` restricted
+  to the layers that have statistics; use that directly for a report, or to
+  round the layers without statistics to nearest.
+
   Args:
     model: the float NNX model; layers without statistics stay float.
     stats: {dotted path: Sigma} from :func:`calibrate` / :func:`load`.
@@ -260,12 +265,7 @@ def quantize_model(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
   Returns:
     ``model``, modified.
   """
-  from itq3s_jax.flax import nnx as qnnx  # pylint: disable=g-import-not-at-top
-  weights = quantize_weights(model, stats, format=format, seed=seed, **options)
-  for path, lin in _linears(model, lambda p: p in weights):
-    _replace(model, path, qnnx.QuantizedLinear(
-        lin.in_features, lin.out_features, format=format, seed=seed,
-        use_bias=lin.bias is not None, dtype=lin.dtype, param_dtype=lin.param_dtype,
-        method=method, weight=weights[_dotted(path)],
-        bias=None if lin.bias is None else lin.bias[...]))
-  return model
+  from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top (flax imports us)
+  only = "^(" + "|".join(re.escape(p) for p in stats) + ")$"
+  return qflax.quantize_model(model, format=format, seed=seed, method=method, include=only,
+                              hessians=stats, **options)[0]

@@ -92,7 +92,7 @@ def _check_input(w: jax.Array, fmt: registry.Format, seed: int) -> None:
 
 def quantize(w: ArrayLike, format: str = "itq3_t", *, seed: int = 0,
              importance: ArrayLike | None = None,
-             hessian: ArrayLike | None = None) -> QuantizedTensor:
+             hessian: ArrayLike | None = None, **gptq_options) -> QuantizedTensor:
   """Quantizes ``w`` along its last axis.
 
   Args:
@@ -108,6 +108,8 @@ def quantize(w: ArrayLike, format: str = "itq3_t", *, seed: int = 0,
       (``itq3s_jax.calibrate``): rounds with GPTQ in the coding domain to
       minimise tr(dW Sigma dW^T), each coefficient to one of its two neighbouring
       levels (bound: ``itq3s_jax.two_neighbour_bound``; options: ``gptq.quantize``).
+    **gptq_options: with ``hessian`` only: ``rounding``, ``scales``, ``damp``,
+      ``act_order`` of ``itq3s_jax.calibration.gptq_quantize``.
 
   Returns:
     A :class:`QuantizedTensor` with ``data`` uint8 (..., row_nbytes).
@@ -129,7 +131,10 @@ def quantize(w: ArrayLike, format: str = "itq3_t", *, seed: int = 0,
       raise ValueError("give importance or hessian, not both (the hessian's diagonal is "
                        "the importance GPTQ uses).")
     from itq3s_jax._src import gptq  # pylint: disable=g-import-not-at-top  (gptq builds on this module)
-    return gptq.quantize(w, format, hessian, seed=seed)
+    return gptq.quantize(w, format, hessian, seed=seed, **gptq_options)
+  if gptq_options:
+    raise TypeError(f"options {sorted(gptq_options)} apply to Hessian-aware rounding only; "
+                    "pass hessian=Sigma as well.")
   fmt = registry.get_format(format)
   w = jnp.asarray(w)
   _check_input(w, fmt, seed)

@@ -18,13 +18,15 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +42,7 @@ from itq3s_jax.checkpoint import sources
 from itq3s_jax.checkpoint import writers
 
 CHUNK_WEIGHTS = 1 << 22  # 16 MiB of float32 per quantize call
-ImportanceFn = Callable[[str, tuple[int, ...]], "np.ndarray | None"]
+_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +95,25 @@ def _peak(w, format: str, seed: int) -> jax.Array:
   return jnp.max(jnp.abs(itq3s_jax.rotate_activations(w, format, seed)), initial=0.0)
 
 
+def hessian_key(name: str, stats: Mapping[str, Any]) -> str | None:
+  """The key of ``stats`` holding the input statistics of checkpoint tensor ``name``.
+
+  Tried in order: ``name`` itself; ``name`` without a ``.weight``/``.kernel``
+  suffix; for a llama GGUF tensor ``blk.I.attn_q.weight`` the NNX layer path
+  ``layers.I.attn.q_proj`` that ``itq3s_jax.calibration.calibrate`` records for
+  ``itq3s_jax.models.llama`` (``itq3s calibrate``). None when nothing matches.
+  """
+  from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
+  cands = [name, re.sub(r"\.(weight|kernel)$", "", name)]
+  m = _GGUF_BLOCK.match(name)
+  if m and m.group(2) in llama.GGUF_LINEARS:
+    cands.append(".".join(("layers", m.group(1), *llama.GGUF_LINEARS[m.group(2)])))
+  return next((c for c in cands if c in stats), None)
+
+
 def quantize_tensor(w: np.ndarray, policy: policy_lib.Policy, k_axis: int = -1,
-                    importance: np.ndarray | None = None) -> itq3s_jax.QuantizedTensor:
+                    hessian: np.ndarray | None = None,
+                    gptq_options: Mapping[str, Any] | None = None) -> itq3s_jax.QuantizedTensor:
   """Quantizes one weight exactly as ``itq3s_jax.quantize`` would, in row chunks.
 
   Each chunk runs ``itq3s_jax.quantize`` under ``jax.jit`` (one compilation per
@@ -107,7 +126,10 @@ def quantize_tensor(w: np.ndarray, policy: policy_lib.Policy, k_axis: int = -1,
     w: float array (N, K) (or (K, N) with ``k_axis=0``, transposed first).
     policy: format and seed.
     k_axis: contraction axis of ``w``.
-    importance: optional (K,) column importance.
+    hessian: optional (K, K) input second moment: GPTQ rounding
+      (``itq3s_jax.quantize(w, ..., hessian=...)``; rows are independent given
+      it, so chunks still give the same bytes).
+    gptq_options: options of that rounding (rounding, scales, damp, act_order).
 
   Returns:
     QuantizedTensor of shape (N, K), bytes equal to ``quantize(w, ...)``.
@@ -133,13 +155,18 @@ def quantize_tensor(w: np.ndarray, policy: policy_lib.Policy, k_axis: int = -1,
       raise ValueError(f"values too large for {fmt.name}: a coefficient of magnitude "
                        f"{peak:.4g} exceeds {fmt.max_abs:.4g}; rescale the tensor or "
                        "--exclude it.")
-    codes = np.asarray(_quantize(chunk, importance, policy.format, policy.seed).data)
+    if hessian is None:
+      qt = _quantize(chunk, None, policy.format, policy.seed)
+    else:
+      qt = itq3s_jax.quantize(chunk, policy.format, seed=policy.seed, hessian=hessian,
+                              **(gptq_options or {}))
+    codes = np.asarray(qt.data)
     if data is None:
       data = np.empty((n, codes.shape[-1]), np.uint8)
     data[lo:lo + rows] = codes[:min(rows, n - lo)]
     del chunk, codes
   return itq3s_jax.QuantizedTensor(jnp.asarray(data), tuple(w.shape), policy.format,
-                                   policy.seed)
+                                   policy.seed, qt.rounding)
 
 
 def _release_freed_memory() -> None:
@@ -198,7 +225,8 @@ def _prepare_stage(stage: str, job: dict, resume: bool) -> list[dict]:
 
 def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
             resume: bool = False, overwrite: bool = False, progress: bool = False,
-            importance_fn: ImportanceFn | None = None,
+            calibration: Mapping[str, Any] | None = None,
+            gptq_options: Mapping[str, Any] | None = None,
             on_tensor: Callable[[int], None] | None = None) -> Summary:
   """Converts the float checkpoint ``src`` into a quantized checkpoint ``dst``.
 
@@ -209,8 +237,10 @@ def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
     resume: continue a conversion of the same source/options that was cut off.
     overwrite: replace an existing ``dst``.
     progress: show a tqdm progress bar on stderr.
-    importance_fn: the calibration hook: (name, (N, K)) -> (K,) importance or
-      None, passed to ``itq3s_jax.quantize`` for each quantized tensor.
+    calibration: optional input statistics {key: Sigma (K, K)}
+      (``itq3s_jax.calibration.load``): each quantized tensor with statistics
+      (:func:`hessian_key`) is GPTQ-rounded, the others round to nearest.
+    gptq_options: options of that rounding (rounding, scales, damp, act_order).
     on_tensor: called with the count of tensors finished in this run, after
       each (tests use it to interrupt a conversion).
 
@@ -235,6 +265,9 @@ def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
   src_hash = sources.sha256(source.files, source.path)
   job = {"source_sha256": src_hash, "source_kind": source.kind,
          "policy": policy.to_json(), "dst_kind": "gguf" if _is_gguf(dst) else "orbax"}
+  if calibration is not None:  # a resume must not mix codes of other statistics
+    job["calibration_sha256"] = _stats_sha256(calibration)
+    job["gptq_options"] = dict(sorted((gptq_options or {}).items()))
   stage = staging_path(dst)
   done = {e["name"]: e for e in _prepare_stage(stage, job, resume)}
   writer = _writer(dst, stage, source)
@@ -250,7 +283,8 @@ def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
           entries.append(done[info.name])
           bar.update(math.prod(info.shape))
           continue
-        entry = _convert_one(source, info, decision, policy, writer, item, importance_fn)
+        entry = _convert_one(source, info, decision, policy, writer, item, calibration,
+                             gptq_options)
         journal.write(json.dumps(entry) + "\n")
         journal.flush()
         os.fsync(journal.fileno())
@@ -282,7 +316,15 @@ def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
   return Summary(dst, tuple(entries), time.perf_counter() - start, converted)
 
 
-def _convert_one(source, info, decision, policy, writer, item, importance_fn) -> dict:
+def _stats_sha256(stats: Mapping[str, Any]) -> str:
+  h = hashlib.sha256()
+  for key in sorted(stats):
+    h.update(key.encode() + b"\0" + np.ascontiguousarray(stats[key], np.float32).tobytes())
+  return h.hexdigest()
+
+
+def _convert_one(source, info, decision, policy, writer, item, calibration,
+                 gptq_options) -> dict:
   x = source.read(info.name)
   if x.dtype.kind == "f" or x.dtype.name == "bfloat16":
     _check_finite(info.name, x)
@@ -293,9 +335,16 @@ def _convert_one(source, info, decision, policy, writer, item, importance_fn) ->
     entry.update(kind="array", shape=list(x.shape), nbytes=int(x.nbytes), parts=parts)
     return entry
   shape_nk = tuple(x.shape[::-1]) if info.k_axis == 0 else tuple(x.shape)
-  imp = importance_fn(info.name, shape_nk) if importance_fn is not None else None
+  key = None if calibration is None else hessian_key(info.name, calibration)
+  hessian = None
+  if key is not None:
+    hessian = np.asarray(calibration[key], np.float32)
+    if hessian.shape != (shape_nk[-1],) * 2:
+      raise errors.CheckpointError(
+          f"tensor {info.name!r} has K={shape_nk[-1]} but its calibration statistics "
+          f"{key!r} are {hessian.shape}; they belong to another model.")
   try:
-    qt = quantize_tensor(x, policy, info.k_axis, imp)
+    qt = quantize_tensor(x, policy, info.k_axis, hessian, gptq_options)
   except (ValueError, TypeError) as exc:
     raise errors.CheckpointError(f"tensor {info.name!r}: {exc}") from None
   del x

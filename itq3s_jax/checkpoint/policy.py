@@ -44,8 +44,8 @@ class Policy:
     min_size: smallest number of weights worth quantizing.
     quantize_embeddings: also quantize embeddings and the output head.
 
-  Calibration (importance weights per tensor) is not a policy field: it is
-  the ``importance_fn`` argument of ``convert``.
+  Calibration (input statistics per tensor, GPTQ rounding) is not a policy
+  field: it is the ``calibration`` argument of ``convert``.
   """
 
   format: str = "itq3_t"

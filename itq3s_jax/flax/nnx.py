@@ -157,7 +157,8 @@ class QuantizedLinear(nnx.Module):
 
   @classmethod
   def from_linear(cls, linear: nnx.Linear, *, format: str = "itq3_t", seed: int = 0,
-                  method: str = "auto") -> "QuantizedLinear":
+                  method: str = "auto", weight: itq3s_jax.QuantizedTensor | None = None
+                  ) -> "QuantizedLinear":
     """Quantizes an ``nnx.Linear`` (kernel (in, out)) into a new layer.
 
     The bias is copied; the kernel's ``out_sharding`` (in_ax, out_ax) becomes
@@ -168,13 +169,16 @@ class QuantizedLinear(nnx.Module):
       format: registered format name.
       seed: sign-vector seed of randomized formats.
       method: ``itq3s_jax.matmul`` method.
+      weight: the kernel already quantized (e.g. with GPTQ), shape
+        (out_features, in_features); None quantizes it to nearest here.
 
     Returns:
       A QuantizedLinear computing ``x @ dequantize(qt).T + b``.
     """
     if not isinstance(linear, nnx.Linear):
       raise TypeError(f"from_linear needs an nnx.Linear, got {type(linear).__name__}.")
-    weight = _core.quantize_kernel(linear.kernel[...], format, seed)
+    if weight is None:
+      weight = _core.quantize_kernel(linear.kernel[...], format, seed)
     weight_metadata = _sharding_metadata(linear.kernel, transpose=True)
     bias_metadata = {}
     if linear.bias is not None:

@@ -48,7 +48,8 @@ def _set_child(parent: Any, key: str | int, value: nnx.Module) -> None:
 
 def quantize_model(model: M, *, format: str = "itq3_t", include: str | None = None,
                    exclude: str | None = None, min_features: int = 0, seed: int = 0,
-                   method: str = "auto") -> tuple[M, _core.QuantizationReport]:
+                   method: str = "auto", hessians: Mapping[str, Any] | None = None,
+                   **gptq_options) -> tuple[M, _core.QuantizationReport]:
   """Replaces the selected ``nnx.Linear`` layers of ``model`` by ``QuantizedLinear``.
 
   The model is modified in place (like Flax's surgery guide) and returned.
@@ -68,6 +69,13 @@ def quantize_model(model: M, *, format: str = "itq3_t", include: str | None = No
     min_features: layers with in_features below this stay in float.
     seed: sign-vector seed of randomized formats (the same for every layer).
     method: ``itq3s_jax.matmul`` method of the new layers.
+    hessians: optional calibration statistics {dotted path: Sigma (K, K)}
+      (``itq3s_jax.calibrate``): selected layers found here are rounded with
+      GPTQ in the coding domain (``itq3s_jax.quantize(..., hessian=Sigma)``),
+      the others round to nearest. Layers sharing one Sigma array are rounded
+      in one call.
+    **gptq_options: options of the GPTQ rounding (``rounding``, ``scales``,
+      ``damp``, ``act_order``; see ``itq3s_jax.calibration.gptq_quantize``).
 
   Returns:
     ``(model, report)``: the same model object, and a
@@ -82,6 +90,20 @@ def quantize_model(model: M, *, format: str = "itq3_t", include: str | None = No
     raise TypeError(f"quantize_model needs an nnx.Module, got {type(model).__name__}; "
                     "for linen parameter trees use quantize_params.")
   _core.check_rules(format, include, exclude, min_features)
+  if gptq_options and hessians is None:
+    raise TypeError(f"GPTQ options {sorted(gptq_options)} need hessians=...")
+  calibrated = {}
+  if hessians is not None:
+    from itq3s_jax._src import calibrate  # pylint: disable=g-import-not-at-top (imports flax)
+    selected = {}
+    for path, m in nnx.iter_modules(model):
+      name = _core.dotted(path)
+      if isinstance(m, nnx.Linear) and name in hessians and _core.skip_reason(
+          name, m.in_features, include=include, exclude=exclude,
+          min_features=min_features) is None:
+        selected[name] = hessians[name]
+    calibrated = calibrate.quantize_weights(model, selected, format=format, seed=seed,
+                                            **gptq_options)
   quantized, skipped = [], []
   done: dict[int, qnnx.QuantizedLinear] = {}  # id(linear) -> its replacement
   kept: set[int] = set()
@@ -104,8 +126,8 @@ def quantize_model(model: M, *, format: str = "itq3_t", include: str | None = No
           skipped.append(_core.Skipped(name, shape, reason))
           kept.add(id(linear))
           continue
-        done[id(linear)] = qnnx.QuantizedLinear.from_linear(linear, format=format, seed=seed,
-                                                            method=method)
+        done[id(linear)] = qnnx.QuantizedLinear.from_linear(
+            linear, format=format, seed=seed, method=method, weight=calibrated.get(name))
         quantized.append(_core.Quantized(name, shape, int(done[id(linear)].weight[...].size)))
       parent = model
       for key in path[:-1]:

@@ -189,7 +189,7 @@ def config_from_gguf_metadata(md: Mapping[str, Any]) -> LlamaConfig:
       tie_embeddings=True)  # overridden by the loader when output.weight exists
 
 
-_GGUF_LINEARS = {  # GGUF tensor -> (module path under layers[i], attribute)
+GGUF_LINEARS = {  # GGUF tensor -> (module path under layers[i], attribute)
     "attn_q": ("attn", "q_proj"), "attn_k": ("attn", "k_proj"), "attn_v": ("attn", "v_proj"),
     "attn_output": ("attn", "o_proj"), "ffn_gate": ("mlp", "gate_proj"),
     "ffn_up": ("mlp", "up_proj"), "ffn_down": ("mlp", "down_proj"),
@@ -210,7 +210,7 @@ def params_from_gguf_tensors(cfg: LlamaConfig, t: Mapping[str, np.ndarray]) -> d
     g = lambda name: t[f"blk.{i}.{name}.weight"]  # noqa: E731
     out[("layers", i, "input_norm", "weight")] = g("attn_norm")
     out[("layers", i, "post_attn_norm", "weight")] = g("ffn_norm")
-    for name, (mod, attr) in _GGUF_LINEARS.items():
+    for name, (mod, attr) in GGUF_LINEARS.items():
       w = g(name)
       if name in ("attn_q", "attn_k"):
         w = unpermute_rope_rows(w, cfg.n_heads if name == "attn_q" else cfg.n_kv_heads)

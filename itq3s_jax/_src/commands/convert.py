@@ -30,8 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="smallest 2-D weight (in weights) to quantize (default: %(default)s)")
   p.add_argument("--quantize-embeddings", action="store_true",
                  help="also quantize embeddings and the output head")
-  # --calibration PATH belongs here once the calibration work lands: it turns PATH into an
-  # importance_fn(name, (N, K)) -> (K,) array and passes it to converter.convert.
+  p.add_argument("--calibration", metavar="NPZ",
+                 help="input statistics (itq3s calibrate): tensors found there are GPTQ-"
+                 "rounded in the coding domain, the others round to nearest")
+  p.add_argument("--rounding", choices=("two_neighbour", "unrestricted"),
+                 help="GPTQ rounding with --calibration (default: two_neighbour where the "
+                 "format has a certified bound, else unrestricted)")
   p.add_argument("--resume", action="store_true",
                  help="continue an interrupted conversion of the same SRC and options")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -43,8 +47,16 @@ def run(args: argparse.Namespace) -> int:
     policy = checkpoint.Policy(format=args.format, seed=args.seed, include=args.include,
                                exclude=args.exclude, min_size=args.min_size,
                                quantize_embeddings=args.quantize_embeddings)
+    stats, options = None, {}
+    if args.calibration:
+      from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
+      stats = calibration.load(args.calibration)
+      options = {"rounding": args.rounding} if args.rounding else {}
+    elif args.rounding:
+      raise cli.CommandError("--rounding needs --calibration.")
     summary = checkpoint.convert(args.src, args.dst, policy=policy, resume=args.resume,
-                                 overwrite=args.overwrite, progress=not args.quiet)
+                                 overwrite=args.overwrite, progress=not args.quiet,
+                                 calibration=stats, gptq_options=options)
   except checkpoint.CheckpointError as exc:
     raise cli.CommandError(str(exc)) from None
   except ValueError as exc:  # bad options (regex, seed)
@@ -65,7 +77,8 @@ def _summary_table(summary: converter.Summary) -> str:
   for e in summary.entries:
     bpw = e.get("bits_per_weight")
     rows.append([e["name"], "x".join(map(str, e["shape"])), e["dtype"],
-                 e.get("format", "-"), f"{bpw:.4f}" if bpw else "-", e["reason"]])
+                 e.get("format", "-"), f"{bpw:.4f}" if bpw else "-", e.get("rounding", "-"),
+                 e["reason"]])
   q = [e for e in summary.entries if e["kind"] == "quantized"]
   nq = sum(math.prod(e["shape"]) for e in q)
   total = sum(e["nbytes"] for e in summary.entries)
@@ -73,4 +86,5 @@ def _summary_table(summary: converter.Summary) -> str:
             f"{8.0 * sum(e['nbytes'] for e in q) / nq if nq else 0:.4f} bpw); checkpoint "
             f"{table.human_bytes(total)}; {summary.seconds:.1f} s, "
             f"{summary.weights_per_second / 1e6:.2f} M weights/s -> {summary.dst}")
-  return table.render(["tensor", "shape", "dtype", "format", "bpw", "policy"], rows) + footer
+  return table.render(["tensor", "shape", "dtype", "format", "bpw", "rounding", "policy"],
+                      rows) + footer

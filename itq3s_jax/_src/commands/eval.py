@@ -10,18 +10,27 @@ Perplexity follows :mod:`itq3s_jax._src.evaluation` (pydoc topics text, 512-toke
 windows, no BOS); Δppl carries a paired standard error over windows. MiniLM
 reports the mean cosine between quantized and float sentence embeddings over a
 fixed sentence list, and the paraphrase check of the float model.
+
+``--calibrated`` adds, per format, a row ``FORMAT+gptq``: the same layers
+rounded with GPTQ in the coding domain (``quantize_model(..., hessians=...)``)
+from input statistics of calibration text disjoint from the scored text
+(SmolLM2: tokens 16384..24575 of the protocol stream; MiniLM: the first 8192
+MiniLM tokens of the same text in windows of 128, the scored sentences being a
+separate list). Statistics and quantization are timed separately.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 import itq3s_jax
@@ -45,6 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--include", help="regex: quantize only linear layers whose dotted path matches "
                  "(e.g. 'mlp' for SmolLM2, 'intermediate|output' for MiniLM)")
   p.add_argument("--exclude", help="regex: linear layers whose dotted path matches stay float")
+  p.add_argument("--calibrated", action="store_true",
+                 help="also evaluate every format with GPTQ rounding from calibration statistics")
+  p.add_argument("--calibration", metavar="NPZ",
+                 help="SmolLM2 statistics file for --calibrated: read if it exists, else "
+                 "computed and written there (itq3s_jax.calibrate save/load format)")
+  p.add_argument("--rounding", choices=("two_neighbour", "unrestricted"),
+                 help="GPTQ rounding of --calibrated rows (default: two_neighbour where the "
+                 "format has a certified bound, else unrestricted)")
   p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
 
 
@@ -66,9 +83,16 @@ def _status(fmt: str) -> str | None:
   return f"unavailable (not registered; known: {', '.join(itq3s_jax.formats())})"
 
 
+CALIBRATED = "+gptq"  # suffix of the label of a calibrated row
+
+
 def _row(fmt: str, model, rules: dict[str, Any], measure) -> dict[str, Any]:
-  """Quantizes (unless ref), runs ``measure(model) -> dict``; errors become a status."""
-  status = _status(fmt)
+  """Quantizes (unless ref), runs ``measure(model) -> dict``; errors become a status.
+
+  ``fmt`` may end in ``+gptq``: then ``rules`` carries ``hessians`` (and options).
+  """
+  base = fmt.removesuffix(CALIBRATED)
+  status = _status(base)
   if status is not None:
     return {"format": fmt, "status": status}
   t0, c0 = time.perf_counter(), time.process_time()
@@ -77,7 +101,9 @@ def _row(fmt: str, model, rules: dict[str, Any], measure) -> dict[str, Any]:
     if fmt == REF:
       qmodel, row["bpw"], row["quantized_bytes"] = model, 32.0, None
     else:
-      qmodel, report = _quantized(model, fmt, rules)
+      qmodel, report = _quantized(model, base, rules)
+      jax.block_until_ready(nnx.state(qmodel))
+      row["quantize_seconds"] = time.perf_counter() - t0
       row["bpw"] = 8.0 * report.nbytes / report.num_weights
       row["quantized_bytes"] = report.nbytes
       row["quantized_layers"] = len(report.quantized)
@@ -90,7 +116,37 @@ def _row(fmt: str, model, rules: dict[str, Any], measure) -> dict[str, Any]:
   return row
 
 
-def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, Any]) -> dict[str, Any]:
+def _timed_stats(info: dict[str, Any], compute, path: str | None = None):
+  """Statistics from ``path`` if it exists, else ``compute()`` (timed, written to ``path``)."""
+  from itq3s_jax._src import calibrate  # pylint: disable=g-import-not-at-top
+  if path and os.path.exists(path):
+    info["calibration_file"] = path
+    return calibrate.load(path)
+  t0 = time.perf_counter()
+  stats = compute()
+  info["calibrate_seconds"] = time.perf_counter() - t0
+  info["calibration_mb"] = calibrate.nbytes(stats) / 1e6
+  print(f"calibration statistics in {info['calibrate_seconds']:.1f} s "
+        f"({info['calibration_mb']:.0f} MB)", flush=True)
+  if path:
+    calibrate.save(path, stats)
+  return stats
+
+
+def _with_calibrated(formats: list[str], calibrated: bool) -> list[str]:
+  return formats + ([f + CALIBRATED for f in formats if f != REF] if calibrated else [])
+
+
+def _rules_for(fmt: str, rules: dict[str, Any], stats, rounding: str | None) -> dict[str, Any]:
+  if not fmt.endswith(CALIBRATED):
+    return rules
+  return {**rules, "hessians": stats, **({"rounding": rounding} if rounding else {})}
+
+
+def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, Any],
+                calibrated: bool = False, calibration: str | None = None,
+                rounding: str | None = None) -> dict[str, Any]:
+  from itq3s_jax._src import calibrate  # pylint: disable=g-import-not-at-top
   from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   model, tok, cfg = llama.load_gguf()
@@ -102,11 +158,17 @@ def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, 
   print(f"SmolLM2-135M-Instruct ({cfg.n_layers} blocks, d={cfg.d_model}); text sha256 "
         f"{info['text_sha256'][:16]}..., Python {info['python']}; {info['windows']} windows "
         f"x {evaluation.WINDOW} tokens; loaded in {info['load_seconds']:.1f} s", flush=True)
+  stats = None
+  if calibrated:
+    stats = _timed_stats(info, lambda: calibrate.calibrate(
+        model, calibrate.protocol_tokens(tok)), calibration)
   ref_nlls = None
   rows = []
+  formats = _with_calibrated(formats, calibrated)
   order = [REF] + [f for f in formats if f != REF]  # the reference first: deltas need it
   for fmt in order:
-    row = _row(fmt, model, rules, lambda m: {"nlls": evaluation.nlls(m, windows, batch).tolist()})
+    row = _row(fmt, model, _rules_for(fmt, rules, stats, rounding),
+               lambda m: {"nlls": evaluation.nlls(m, windows, batch).tolist()})
     if row["status"] == "ok":
       row["ppl"] = evaluation.perplexity(row["nlls"])
       if fmt == REF:
@@ -124,18 +186,34 @@ def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, 
   return {**info, "rows": rows}
 
 
-def run_minilm(formats: list[str], rules: dict[str, Any]) -> dict[str, Any]:
+MINILM_CALIBRATION = (8192, 128)  # leading MiniLM tokens of the protocol text, window
+
+
+def _minilm_stats(model, tok):
+  from itq3s_jax._src import calibrate  # pylint: disable=g-import-not-at-top
+  n, window = MINILM_CALIBRATION
+  ids = tok.encode(evaluation.protocol_text(), add_special_tokens=False).ids[:n]
+  return calibrate.calibrate(model, ids, window=window, batch_size=16,
+                             forward=lambda m, t: m(t, jnp.ones_like(t)))
+
+
+def run_minilm(formats: list[str], rules: dict[str, Any], calibrated: bool = False,
+               rounding: str | None = None) -> dict[str, Any]:
   from itq3s_jax.models import bert  # pylint: disable=g-import-not-at-top
   model, tok, _ = bert.load_minilm()
+  info: dict[str, Any] = {}
+  stats = _timed_stats(info, lambda: _minilm_stats(model, tok)) if calibrated else None
   ref = bert.embed(model, tok, evaluation.SENTENCES)
   sims = ref @ ref.T
   para = [float(sims[i, j]) for i, j in evaluation.PARAPHRASE_PAIRS]
   paired = {k for p in evaluation.PARAPHRASE_PAIRS for k in (p, p[::-1])}
   unrel = [float(sims[i, j]) for i in range(len(ref)) for j in range(i + 1, len(ref))
            if (i, j) not in paired]
-  rows = [_row(fmt, model, rules, lambda m: {"cosine": evaluation.mean_cosine(
-      bert.embed(m, tok, evaluation.SENTENCES), ref)}) for fmt in formats]
-  return {"paraphrase_cos_min": min(para), "unrelated_cos_max": max(unrel),
+  rows = [_row(fmt, model, _rules_for(fmt, rules, stats, rounding),
+               lambda m: {"cosine": evaluation.mean_cosine(
+                   bert.embed(m, tok, evaluation.SENTENCES), ref)})
+          for fmt in _with_calibrated(formats, calibrated)]
+  return {**info, "paraphrase_cos_min": min(para), "unrelated_cos_max": max(unrel),
           "sentences": len(evaluation.SENTENCES), "rows": rows}
 
 
@@ -146,15 +224,15 @@ def _fmt(v, spec: str) -> str:
 def render_smollm2(res: dict[str, Any]) -> str:
   lines = [f"SmolLM2-135M perplexity: {res['tokens']} tokens, {res['windows']} windows, text sha256 "
            f"{res['text_sha256']}, Python {res['python']}",
-           f"{'format':<10} {'ppl':>9} {'Δppl ± SE':>19} {'bpw(lin)':>9} {'lin MB':>8} "
+           f"{'format':<13} {'ppl':>9} {'Δppl ± SE':>19} {'bpw(lin)':>9} {'lin MB':>8} "
            f"{'model MB':>9} {'wall s':>7} {'cpu s':>7}"]
   for r in res["rows"]:
     if r["status"] != "ok":
-      lines.append(f"{r['format']:<10} {r['status']}")
+      lines.append(f"{r['format']:<13} {r['status']}")
       continue
     delta = "-" if "delta_ppl" not in r else f"{r['delta_ppl']:+.3f} ± {r['delta_se']:.3f}"
     lin = r["quantized_bytes"]
-    lines.append(f"{r['format']:<10} {r['ppl']:9.3f} {delta:>19} {r['bpw']:9.4f} "
+    lines.append(f"{r['format']:<13} {r['ppl']:9.3f} {delta:>19} {r['bpw']:9.4f} "
                  f"{_fmt(None if lin is None else lin / 1e6, '8.2f'):>8} "
                  f"{r['model_bytes'] / 1e6:9.2f} {r['seconds']:7.1f} {r['cpu_seconds']:7.1f}")
   return "\n".join(lines)
@@ -164,12 +242,12 @@ def render_minilm(res: dict[str, Any]) -> str:
   lines = [f"all-MiniLM-L6-v2: float paraphrase cos >= {res['paraphrase_cos_min']:.3f}, "
            f"unrelated cos <= {res['unrelated_cos_max']:.3f}; mean cos(quantized, float) "
            f"over {res['sentences']} sentences",
-           f"{'format':<10} {'cosine':>8} {'bpw(lin)':>9} {'model MB':>9} {'wall s':>7} {'cpu s':>7}"]
+           f"{'format':<13} {'cosine':>8} {'bpw(lin)':>9} {'model MB':>9} {'wall s':>7} {'cpu s':>7}"]
   for r in res["rows"]:
     if r["status"] != "ok":
-      lines.append(f"{r['format']:<10} {r['status']}")
+      lines.append(f"{r['format']:<13} {r['status']}")
       continue
-    lines.append(f"{r['format']:<10} {r['cosine']:8.5f} {r['bpw']:9.4f} "
+    lines.append(f"{r['format']:<13} {r['cosine']:8.5f} {r['bpw']:9.4f} "
                  f"{r['model_bytes'] / 1e6:9.2f} {r['seconds']:7.1f} {r['cpu_seconds']:7.1f}")
   return "\n".join(lines)
 
@@ -188,10 +266,11 @@ def run(args: argparse.Namespace) -> int:
   out: dict[str, Any] = {"rules": rules, "python": sys.version.split()[0], "platform": platform.platform()}
   try:
     if args.model in ("smollm2", "both"):
-      out["smollm2"] = run_smollm2(formats, args.tokens, args.batch, rules)
+      out["smollm2"] = run_smollm2(formats, args.tokens, args.batch, rules, args.calibrated,
+                                   args.calibration, args.rounding)
       print(render_smollm2(out["smollm2"]), flush=True)
     if args.model in ("minilm", "both"):
-      out["minilm"] = run_minilm(formats, rules)
+      out["minilm"] = run_minilm(formats, rules, args.calibrated, args.rounding)
       print(render_minilm(out["minilm"]), flush=True)
   except (FileNotFoundError, ModuleNotFoundError) as exc:
     raise cli.CommandError(str(exc)) from None
