@@ -88,7 +88,9 @@ def proxy_table(model, stats, fmt: str, seed: int) -> list[dict]:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--formats", default="itq3_t,uniform3_rot")
-  p.add_argument("--roundings", default="two_neighbour,unrestricted")
+  p.add_argument("--roundings", default="default,unrestricted",
+                 help="GPTQ roundings per format; 'default' is the format's own "
+                 "(two_neighbour where it has a bound); modes a format lacks are skipped")
   p.add_argument("--scales", default="weighted")
   p.add_argument("--act-order", action="store_true")
   p.add_argument("--damp", type=float, default=0.01)
@@ -147,7 +149,9 @@ def main() -> None:
   rows = []
   for fmt in a.formats.split(","):
     configs = [] if a.no_rtn else [("rtn", None)]
-    configs += [("gptq", r) for r in a.roundings.split(",")]
+    wanted = [gptq.default_rounding(fmt) if r == "default" else r for r in a.roundings.split(",")]
+    configs += [("gptq", r) for r in dict.fromkeys(wanted)
+                if r == "unrestricted" or itq3s_jax.has_bound(fmt)]
     for kind, rounding in configs:
       t0 = time.perf_counter()
       if kind == "rtn":

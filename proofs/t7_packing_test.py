@@ -31,7 +31,8 @@ def trits_bijection() -> float:
   b = np.asarray(bitpack.pack_trits(jnp.asarray(t)))[:, 0]
   assert len(set(b.tolist())) == 243, "pack_trits is not injective"
   np.testing.assert_array_equal(np.asarray(bitpack.unpack_trits(jnp.asarray(b[:, None]), 5)), t)
-  v = np.array(list(itertools.product(range(8), repeat=8)), np.int32)  # all 3-byte bit strings
+  # all 8^8 strings of eight 3-bit fields (= all 3-byte strings), digit j of i in base 8
+  v = ((np.arange(8**8, dtype=np.int32)[:, None] >> (3 * np.arange(8, dtype=np.int32))) & 7)
   packed = np.asarray(bitpack.pack_bits(jnp.asarray(v), 3))
   words = packed[:, 0].astype(np.int64) | packed[:, 1].astype(np.int64) << 8 | (
       packed[:, 2].astype(np.int64) << 16)
