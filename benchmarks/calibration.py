@@ -15,6 +15,7 @@ plus the time to collect statistics and to quantize all 210 linear layers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -54,7 +55,9 @@ def _bound_check(model, qmodel, stats) -> dict:
     cols = itq3s_jax.block_columns(qt.format, qt.shape[-1])
     err = np.stack([np.linalg.norm(d[:, a:b], axis=-1) for a, b in cols], -1)
     worst = max(worst, float((err / np.asarray(gptq.error_bound(qt))).max()))
-    worst_rtn = max(worst_rtn, float((err / np.asarray(itq3s_jax.error_bound(qt))).max()))
+    # eps_q, the bound of nearest rounding, which a GPTQ-coded block may exceed
+    eps_q = itq3s_jax.error_bound(dataclasses.replace(qt, rounding="nearest"))
+    worst_rtn = max(worst_rtn, float((err / np.asarray(eps_q)).max()))
     blocks += err.size
   return {"blocks": blocks, "max_err_over_bound": worst, "max_err_over_rtn_bound": worst_rtn}
 

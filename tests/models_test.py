@@ -344,3 +344,11 @@ def test_minilm_paraphrases():
   para = min(sims[i, j] for i, j in evaluation.PARAPHRASE_PAIRS)
   unrelated = max(sims[i, j] for i in range(8, 12) for j in range(12) if j != i)
   assert para > unrelated
+
+
+def test_calibrate_command_rejects_bad_token_ranges(capsys):
+  from itq3s_jax import cli
+  assert cli.main(["calibrate", "/tmp/unused.npz", "--tokens", "abc"]) == 2
+  assert "must be START:STOP" in capsys.readouterr().err
+  assert cli.main(["calibrate", "/tmp/unused.npz", "--tokens", "100:200"]) == 2
+  assert "at least one --window=512" in capsys.readouterr().err
