@@ -61,6 +61,9 @@ def encode(x: jax.Array, importance: jax.Array | None = None) -> jax.Array:
   i = jnp.argmax(jnp.abs(x), axis=-1)
   m = jnp.take_along_axis(x, i[..., None], axis=-1)[..., 0]
   d16 = _f16_away_from_zero(m / -4.0)
+  # One encoding of the zero block: +0 (m = +-0, or subnormal m flushed by XLA:CPU,
+  # would give either sign of zero and two byte strings for the same values; T7).
+  d16 = jnp.where(d16 == 0, jnp.float16(0), d16)
   d = d16.astype(jnp.float32)
   safe = jnp.where(d == 0, 1.0, d)
   c = jnp.where(d[..., None] == 0, 4, jnp.clip(jnp.round(x / safe[..., None]), -4, 3) + 4)
