@@ -19,6 +19,14 @@ class CommandError(Exception):
   """A user-facing error: printed as ``itq3s: error: <message>``, exit status 2."""
 
 
+def add_rounding_argument(p: argparse.ArgumentParser, when: str) -> None:
+  """The ``--rounding`` option of the commands that GPTQ-round (one definition, one help)."""
+  from itq3s_jax._src import gptq  # pylint: disable=g-import-not-at-top
+  p.add_argument("--rounding", choices=gptq.ROUNDINGS,
+                 help=f"GPTQ rounding {when} (default: two_neighbour where the format has a "
+                 "certified bound, else unrestricted)")
+
+
 def _command_modules():
   for info in sorted(pkgutil.iter_modules(_commands.__path__), key=lambda i: i.name):
     if not info.name.startswith("_"):

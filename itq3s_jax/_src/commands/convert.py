@@ -33,9 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--calibration", metavar="NPZ",
                  help="input statistics (itq3s calibrate): tensors found there are GPTQ-"
                  "rounded in the coding domain, the others round to nearest")
-  p.add_argument("--rounding", choices=("two_neighbour", "unrestricted"),
-                 help="GPTQ rounding with --calibration (default: two_neighbour where the "
-                 "format has a certified bound, else unrestricted)")
+  cli.add_rounding_argument(p, "with --calibration")
   p.add_argument("--resume", action="store_true",
                  help="continue an interrupted conversion of the same SRC and options")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")

@@ -59,9 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--calibration", metavar="NPZ",
                  help="SmolLM2 statistics file for --calibrated: read if it exists, else "
                  "computed and written there (itq3s_jax.calibrate save/load format)")
-  p.add_argument("--rounding", choices=("two_neighbour", "unrestricted"),
-                 help="GPTQ rounding of --calibrated rows (default: two_neighbour where the "
-                 "format has a certified bound, else unrestricted)")
+  cli.add_rounding_argument(p, "of --calibrated rows")
   p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
 
 
