@@ -1,7 +1,7 @@
 """Shared pytest configuration: deterministic hypothesis profiles, a compilation cache.
 
 ``ci`` (default) is small and derandomized so CI is reproducible; ``thorough``
-(HYPOTHESIS_PROFILE=thorough) runs ITQ3S_THOROUGH_EXAMPLES (default 1000) examples
+(HYPOTHESIS_PROFILE=thorough) runs ITQ3S_THOROUGH_EXAMPLES (default 2000) examples
 per property.
 
 Most of the suite's time is XLA compilation of the same programs in both xdist
@@ -25,7 +25,7 @@ settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True, database=None,
     print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
-    "thorough", max_examples=int(os.environ.get("ITQ3S_THOROUGH_EXAMPLES", "1000")),
+    "thorough", max_examples=int(os.environ.get("ITQ3S_THOROUGH_EXAMPLES", "2000")),
     deadline=None, derandomize=False,
     print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -71,7 +71,8 @@ def proxy_table(model, stats, fmt: str, seed: int) -> list[dict]:
   lin = dict((calibrate._dotted(p), m) for p, m in calibrate._linears(model))
   variants = [("rtn", None)] + [
       (f"gptq {r} scales={s}{' act_order' if a else ''}", dict(rounding=r, scales=s, act_order=a))
-      for r in gptq.ROUNDINGS for s in ("rtn", "weighted") for a in (False, True)]
+      for r in gptq.ROUNDINGS for s in ("rtn", "weighted") for a in (False, True)
+      if r == "unrestricted" or itq3s_jax.has_bound(fmt)]
   out = []
   for name in PROXY_LAYERS:
     w = np.asarray(lin[name].kernel[...]).T
