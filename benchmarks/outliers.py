@@ -68,7 +68,7 @@ def keep_columns(model, stats, fmt: str, keep: int, seed: int = 0):
     rest = w.copy()
     rest[:, top] = 0
     qt = itq3s_jax.quantize(rest, fmt, seed=seed, hessian=stats[name])
-    w_hat = np.asarray(itq3s_jax.dequantize(qt))
+    w_hat = np.array(itq3s_jax.dequantize(qt))  # writable copy
     w_hat[:, top] = w[:, top].astype(np.float16).astype(np.float32)
     lin.kernel.set_value(jnp.asarray(w_hat.T))
     bits += 8 * qt.nbytes + 16 * keep * w.shape[0] + 16 * keep  # columns + their indices
