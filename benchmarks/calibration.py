@@ -96,7 +96,8 @@ def main() -> None:
                  help="GPTQ roundings per format; 'default' is the format's own "
                  "(two_neighbour where it has a bound); modes a format lacks are skipped")
   p.add_argument("--scales", default="weighted")
-  p.add_argument("--act-order", action="store_true")
+  p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                 help="GPTQ act-order (default: on, the library default)")
   p.add_argument("--damp", type=float, default=0.01)
   p.add_argument("--no-rtn", action="store_true", help="skip the round-to-nearest rows")
   p.add_argument("--tokens", type=int, default=evaluation.N_TOKENS)

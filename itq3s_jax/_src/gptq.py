@@ -248,7 +248,7 @@ def _quantize_rows(w, h, *, format, seed, rounding, scales, damp, act_order):
 
 def quantize(w: ArrayLike, format: str, hessian: ArrayLike, *, seed: int = 0,
              rounding: str | None = None, scales: str = "weighted",
-             damp: float = 0.01, act_order: bool = False) -> qtensor.QuantizedTensor:
+             damp: float = 0.01, act_order: bool = True) -> qtensor.QuantizedTensor:
   """Quantizes ``w`` along its last axis minimising the activation-weighted error.
 
   Args:
@@ -263,7 +263,8 @@ def quantize(w: ArrayLike, format: str, hessian: ArrayLike, *, seed: int = 0,
     scales: ``"rtn"`` (the format's plain encode of Z) or ``"weighted"`` (its
       encode weighted by diag(Sigma_z), for formats whose encoder weighs).
     damp: diagonal damping relative to mean(diag Sigma_z).
-    act_order: round the columns of largest diag(Sigma_z) first (GPTQ act-order).
+    act_order: round the columns of largest diag(Sigma_z) first (GPTQ act-order;
+      measured on SmolLM2 with itq3_t: +1.77 ppl instead of +2.30, README).
 
   Returns:
     A :class:`QuantizedTensor` in ``format``, decodable by every reader of it.
