@@ -141,7 +141,7 @@ def calibration_section(cal) -> str:
   rows_in = cal["rows"] if isinstance(cal, dict) else cal
   keys = [k for k in ("format", "method", "rounding", "layer", "ppl", "delta_ppl", "delta_se",
                       "quantize_seconds") if any(k in r for r in rows_in)]
-  extra = sorted({k for r in rows_in for k in r} - set(keys) - {"scales", "act_order"})
+  extra = sorted({k for r in rows_in for k in r} - set(keys) - {"scales"})
   keys += extra
 
   def cell(v):
@@ -253,18 +253,18 @@ def main(argv=None) -> int:
       f"![err over bound]({rel}/err_over_bound.png)", "",
       speed_section(sp),
   ]
-  if args.eval_json:
-    with open(args.eval_json) as f:
-      parts.append(eval_section(json.load(f)))
-  else:
-    parts.append("Model quality (perplexity) not included: run `itq3s eval --json eval.json` and "
-                 "pass `--eval-json eval.json`.\n")
-  if args.calibration_json:
-    with open(args.calibration_json) as f:
-      parts.append(calibration_section(json.load(f)))
-  else:
-    parts.append("Calibration not included: run `python benchmarks/calibration.py --json "
-                 "calib.json` and pass `--calibration-json calib.json`.\n")
+  optional = [
+      (args.eval_json, eval_section, "Model quality (perplexity) not included: run `itq3s eval "
+       "--json eval.json` and pass `--eval-json eval.json`.\n"),
+      (args.calibration_json, calibration_section, "Calibration not included: run `python "
+       "benchmarks/calibration.py --json calib.json` and pass `--calibration-json calib.json`.\n"),
+  ]
+  for path, section, missing in optional:
+    if path:
+      with open(path) as f:
+        parts.append(section(json.load(f)))
+    else:
+      parts.append(missing)
   with open(args.out, "w") as f:
     f.write("\n".join(parts))
   print(f"wrote {args.out} and {args.plots}/*.png")
