@@ -27,7 +27,7 @@ from flax import nnx
 
 import itq3s_jax
 from itq3s_jax._src import calibrate
-from itq3s_jax._src import evaluation
+from itq3s_jax import evaluation
 from itq3s_jax._src import gptq
 from itq3s_jax.models import llama
 

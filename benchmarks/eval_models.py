@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from itq3s_jax import cli
-from itq3s_jax._src import evaluation
+from itq3s_jax import evaluation
 from itq3s_jax._src.commands import eval as eval_cmd
 from itq3s_jax.models import bert
 from itq3s_jax.models import llama

@@ -30,10 +30,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 import itq3s_jax
-from itq3s_jax._src import qtensor
-from pallas_kernels import _driver
-from pallas_kernels import act_rotate
-from pallas_kernels import weight_ifwht
+from itq3s_jax._src.core import qtensor
+from itq3s_jax.pallas_kernels import driver as _driver
+from itq3s_jax.pallas_kernels import act_rotate
+from itq3s_jax.pallas_kernels import weight_ifwht
 
 SHAPES_NK = ((4096, 4096), (8192, 8192), (8192, 28672))
 ROWS = (1, 16, 256)
@@ -171,7 +171,7 @@ def bench(args, kind: str) -> list[tuple]:
   for n, k in SHAPES_NK:
     # Timing data: random bytes (trit bytes < 243 are valid; any step codes are finite).
     qdata = jax.random.randint(key, (n, qtensor.row_nbytes("itq3_t", k)), 0, 243, jnp.int32)
-    qt = itq3s_jax.QuantizedTensor(qdata.astype(jnp.uint8), (n, k), "itq3_t", 0)
+    qt = itq3s_jax.QuantizedTensor(data=qdata.astype(jnp.uint8), format="itq3_t", k=k, seed=0)
     q4 = jax.random.randint(key, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
     s4 = jnp.ones((k // _INT4_GROUP, n), jnp.bfloat16)
     w_bf16 = jax.random.normal(key, (n, k), jnp.bfloat16)

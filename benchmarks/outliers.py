@@ -28,7 +28,7 @@ from flax import nnx
 import itq3s_jax
 from itq3s_jax import calibration
 from itq3s_jax._src import calibrate as calibrate_lib
-from itq3s_jax._src import evaluation
+from itq3s_jax import evaluation
 from itq3s_jax.models import llama
 
 KINDS = {"attn input (q/k/v)": r"attn\.q_proj$", "o_proj input": r"o_proj$",

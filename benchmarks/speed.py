@@ -71,7 +71,7 @@ def numpy_baseline(w: np.ndarray, repeats: int, budget_s: float) -> dict[str, fl
 def measure_format(fmt: str, w: jax.Array, repeats: int, budget_s: float) -> dict:
   shape = tuple(w.shape)
   quant = jax.jit(lambda v: itq3s_jax.quantize(v, fmt).data)
-  dequant = jax.jit(lambda d: itq3s_jax.dequantize(itq3s_jax.QuantizedTensor(d, shape, fmt)))
+  dequant = jax.jit(lambda d: itq3s_jax.dequantize(itq3s_jax.QuantizedTensor(data=d, format=fmt, k=shape[-1])))
   t0 = time.perf_counter()
   data = jax.block_until_ready(quant(w))
   compile_s = time.perf_counter() - t0

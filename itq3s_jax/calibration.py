@@ -6,25 +6,29 @@
 >>> # calibration.save("stats.npz", stats)
 >>> # model, report = itq3s_jax.flax.quantize_model(model, hessians=stats)
 
-``gptq_quantize`` is ``itq3s_jax.quantize(w, fmt, hessian=Sigma, ...)`` with its
-options spelled out; ``output_error`` is the activation-weighted error it
-minimises. Theory and the certified two-neighbour bound: proofs/README.md T10.
+``gptq_quantize`` is ``itq3s_jax.quantize(w, fmt, hessian=Sigma, gptq=...)``;
+``output_error`` is the activation-weighted error it minimises. Theory and the
+certified two-neighbour bound: proofs/README.md T10. Importing this module
+imports Flax (the statistics are collected with taps on an NNX model).
 """
 
-from itq3s_jax._src.calibrate import CALIBRATION_SLICE
-from itq3s_jax._src.calibrate import calibrate
-from itq3s_jax._src.calibrate import load
-from itq3s_jax._src.calibrate import nbytes
-from itq3s_jax._src.calibrate import protocol_tokens
-from itq3s_jax._src.calibrate import quantize_weights
-from itq3s_jax._src.calibrate import save
-from itq3s_jax._src.gptq import ROUNDINGS
-from itq3s_jax._src.gptq import default_rounding
+from itq3s_jax._src.config import GPTQ_ROUNDINGS as ROUNDINGS
+from itq3s_jax._src.config import GptqConfig
+from itq3s_jax._src.config import default_rounding
 from itq3s_jax._src.gptq import output_error
 from itq3s_jax._src.gptq import quantize as gptq_quantize
+from itq3s_jax._src.gptq import rotate_hessian
+from itq3s_jax._src.stats import CALIBRATION_SLICE
+from itq3s_jax._src.stats import load
+from itq3s_jax._src.stats import nbytes
+from itq3s_jax._src.stats import protocol_tokens
+from itq3s_jax._src.stats import save
+from itq3s_jax.flax.calibrate import calibrate
+from itq3s_jax.flax.calibrate import quantize_weights
 
 __all__ = [
     "CALIBRATION_SLICE",
+    "GptqConfig",
     "ROUNDINGS",
     "calibrate",
     "default_rounding",
@@ -34,5 +38,6 @@ __all__ = [
     "output_error",
     "protocol_tokens",
     "quantize_weights",
+    "rotate_hessian",
     "save",
 ]

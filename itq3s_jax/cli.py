@@ -13,6 +13,7 @@ import pkgutil
 import sys
 
 from itq3s_jax._src import commands as _commands
+from itq3s_jax._src import config
 
 
 class CommandError(Exception):
@@ -21,8 +22,7 @@ class CommandError(Exception):
 
 def add_rounding_argument(p: argparse.ArgumentParser, when: str) -> None:
   """The ``--rounding`` option of the commands that GPTQ-round (one definition, one help)."""
-  from itq3s_jax._src import gptq  # pylint: disable=g-import-not-at-top
-  p.add_argument("--rounding", choices=gptq.ROUNDINGS,
+  p.add_argument("--rounding", choices=config.GPTQ_ROUNDINGS,
                  help=f"GPTQ rounding {when} (default: two_neighbour where the format has a "
                  "certified bound, else unrestricted)")
 

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.linalg
 
 import itq3s_jax
-from itq3s_jax._src import registry
+from itq3s_jax._src.core import registry
 
 U = 2.0**-24  # float32 unit roundoff (round to nearest)
 MU = 2.0**-126  # smallest normal float32; XLA:CPU flushes anything below to zero (FTZ/DAZ)
@@ -102,7 +102,7 @@ def blocks64(fmt_name: str, seed: int, w: np.ndarray) -> list[tuple[np.ndarray, 
 
 def _block_n(fmt_name: str, k: int, lo: int) -> int:
   fmt = itq3s_jax.get_format(fmt_name)
-  from itq3s_jax._src import blocks  # the plan is the core's; only its block length is read
+  from itq3s_jax._src.core import blocks  # the plan is the core's; only its block length is read
   for seg in blocks.plan(k, fmt.tail, fmt.block_nbytes):
     if seg.start <= lo < seg.start + seg.count * seg.n:
       return seg.n

@@ -1,15 +1,15 @@
 """T10: Hessian-aware two-neighbour rounding keeps a certified bound (proofs/T10.md).
 
 For every format with a bound and rounding hooks, every input and every positive
-semi-definite Sigma, ``gptq.quantize(w, fmt, Sigma)`` (rounding="two_neighbour"):
+semi-definite Sigma, ``itq3s_jax.quantize(w, fmt, hessian=Sigma)`` (rounding="two_neighbour"):
 
   (a) coding domain, per coefficient: |z32_i - z_hat_i| <= step_i (1 + 6u) + 2^-126 * 4.5,
       z32 the float32 coefficients the rounding saw, step_i from the stored bytes;
   (b) float32 end to end, per block: ||w_b - w_hat_b|| <= eps2_b + c(n) u (||z_hat_b|| + eps2_b)
-      + tau(n), eps2_b = sqrt(sum_{i in b} step_i^2) (``gptq.error_bound``, include_rounding=False),
+      + tau(n), eps2_b = sqrt(sum_{i in b} step_i^2) (``itq3s_jax.two_neighbour_bound``, include_rounding=False),
       c(n) and tau(n) the T3 constants;
   (c) the same for round-to-nearest tensors (nearest is one of the two neighbours), so
-      ``gptq.error_bound`` is valid for every tensor of these formats.
+      ``itq3s_jax.two_neighbour_bound`` is valid for every tensor of these formats.
 For itq3_t, eps2 = 4 ||Delta||_2 = 2 eps_q.
 """
 
@@ -23,8 +23,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import itq3s_jax
-from itq3s_jax._src import gptq
-from itq3s_jax._src import registry
+from itq3s_jax._src.core import qtensor
+from itq3s_jax._src.core import registry
 from proofs import harness
 from proofs import strategies
 
@@ -55,10 +55,9 @@ def hessian(kind: str, k: int, draw_seed: int) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _coder(fmt: str, seed: int, rounding_free: bool):
   def run(w, h):
-    qt = gptq.quantize(w, fmt, h, seed=seed) if not rounding_free else itq3s_jax.quantize(
-        w, fmt, seed=seed)
+    qt = itq3s_jax.quantize(w, fmt, seed=seed, hessian=None if rounding_free else h)
     return (itq3s_jax.decode_rotated(qt), itq3s_jax.dequantize(qt),
-            gptq.error_bound(qt, include_rounding=False), qt.data)
+            itq3s_jax.two_neighbour_bound(qt, include_rounding=False), qt.data)
 
   return jax.jit(run)
 
@@ -67,7 +66,7 @@ def _steps(fmt: str, data: np.ndarray, k: int) -> np.ndarray:
   """Per-coefficient steps (rows, Kp) read from the bytes through the format's hook."""
   f = registry.get_format(fmt)
   out = []
-  for seg, _ in gptq._segments(f, k):
+  for seg in qtensor.segments(fmt, k):
     b = data[:, seg.byte_start:seg.byte_start + seg.count * seg.nbytes]
     s, _, _ = f.levels(b.reshape(len(data), seg.count, seg.nbytes), seg.n)
     out.append(np.asarray(s, np.float64).reshape(len(data), -1))

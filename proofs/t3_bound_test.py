@@ -62,7 +62,7 @@ def coding_domain_no_clipping(case: strategies.Case) -> float | None:
 
 def _itq3_t_steps(data: np.ndarray, k: int) -> list[np.ndarray]:
   """Per block (bound order), float64 (rows, n/16) steps Delta_b read from the bytes."""
-  from itq3s_jax._src import blocks
+  from itq3s_jax._src.core import blocks
   f = itq3s_jax.get_format("itq3_t")
   out = []
   for seg in blocks.plan(k, f.tail, f.block_nbytes):

@@ -66,7 +66,7 @@ def matvec_bound(args, every: bool | None = None) -> float | None:
     err_a = abs(float(xa @ e0))
     bound_a = float((_xnorms(fmt, x[:1]) @ block_bounds(fmt, case, coded)[0])[0])
     assert err_a <= bound_a * (1 + 1e-12) + 1e-300, (fmt, "aligned", err_a, bound_a)
-    qt = itq3s_jax.QuantizedTensor(jnp.asarray(coded.data), case.w.shape, fmt, case.seed)
+    qt = itq3s_jax.QuantizedTensor(data=jnp.asarray(coded.data), format=fmt, k=case.w.shape[-1], seed=case.seed)
     dot_slack = harness.gamma(x.shape[-1]) * (np.abs(x64) @ np.abs(coded.w_hat).T)
     rot_slack = t6.rotation_bound(fmt, case.seed, coded, x)
     for method in methods(every):
@@ -95,7 +95,7 @@ def test_matvec_bound_every_method(method):
   x = strategies.activations(256, 12, "heavy_tail")
   for fmt in harness.bound_formats():
     coded = harness.code(fmt, 0, case.w)
-    qt = itq3s_jax.QuantizedTensor(jnp.asarray(coded.data), case.w.shape, fmt, 0)
+    qt = itq3s_jax.QuantizedTensor(data=jnp.asarray(coded.data), format=fmt, k=case.w.shape[-1], seed=0)
     y = run_matmul(method, x, qt)
     if y is None:
       continue

@@ -40,7 +40,7 @@ def rotation_bound(fmt: str, seed: int, coded: harness.Coded, x: np.ndarray) -> 
 @functools.lru_cache(maxsize=None)
 def _rotated_dot(fmt: str, seed: int):
   def run(x, data, shape):
-    qt = itq3s_jax.QuantizedTensor(data, shape, fmt, seed)
+    qt = itq3s_jax.QuantizedTensor(data=data, format=fmt, k=shape[-1], seed=seed)
     return jnp.dot(itq3s_jax.rotate_activations(x, fmt, seed), itq3s_jax.decode_rotated(qt).T,
                    preferred_element_type=jnp.float32)
   return jax.jit(run, static_argnums=2)
@@ -54,7 +54,7 @@ def rotated_matmul(args, every: bool | None = None) -> float | None:
     if not harness.in_range(fmt, case.seed, case.w):
       continue
     coded = harness.code(fmt, case.seed, case.w)
-    qt = itq3s_jax.QuantizedTensor(jnp.asarray(coded.data), case.w.shape, fmt, case.seed)
+    qt = itq3s_jax.QuantizedTensor(data=jnp.asarray(coded.data), format=fmt, k=case.w.shape[-1], seed=case.seed)
     a = harness.f64(_rotated_dot(fmt, case.seed)(x, jnp.asarray(coded.data), case.w.shape))
     x64 = harness.f64(x)
     bound = (rotation_bound(fmt, case.seed, coded, x)

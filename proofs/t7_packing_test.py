@@ -19,7 +19,7 @@ import numpy as np
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from itq3s_jax._src import bitpack
+from itq3s_jax._src.core import bitpack
 from itq3s_jax._src.formats import itq3_t
 from itq3s_jax._src.formats import uniform3
 from proofs import harness

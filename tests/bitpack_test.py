@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
-from itq3s_jax._src import bitpack
+from itq3s_jax._src.core import bitpack
 
 TQ1_0 = gguf.GGMLQuantizationType.TQ1_0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from itq3s_jax._src import blocks
+from itq3s_jax._src.core import blocks
 
 
 def _nbytes(n: int) -> int:

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 import itq3s_jax
-from itq3s_jax._src import calibrate
+from itq3s_jax import calibration as calibrate
+from itq3s_jax import flax as qflax
 from itq3s_jax.flax import nnx as qnnx
 
 D, F, V = 64, 96, 50  # model width, hidden width, vocabulary
@@ -110,7 +111,7 @@ def test_quantize_model_uses_gptq_weights_and_runs_under_jit():
   toks = _tokens(4)
   stats = calibrate.calibrate(model, toks)
   weights = calibrate.quantize_weights(model, stats, format="itq3_t")
-  q = calibrate.quantize_model(nnx.clone(model), stats, format="itq3_t")
+  q, _ = qflax.quantize_model(nnx.clone(model), hessians=stats)
   for name, layer in (("a", q.a), ("b", q.b), ("blocks.0", q.blocks[0])):
     assert isinstance(layer, qnnx.QuantizedLinear)
     np.testing.assert_array_equal(np.asarray(layer.qt.data), np.asarray(weights[name].data))
@@ -125,10 +126,9 @@ def test_quantize_model_uses_gptq_weights_and_runs_under_jit():
 def test_gptq_model_checkpoint_keeps_its_rounding(tmp_path):
   """Restored into an abstract model built by round-to-nearest, a GPTQ-coded layer gets its
   rounding back, so error_bound certifies the two-neighbour bound, not eps_q."""
-  from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top
   model = Tiny(nnx.Rngs(0))
   stats = calibrate.calibrate(model, _tokens(2))
-  q = calibrate.quantize_model(nnx.clone(model), stats, format="itq3_t")
+  q, _ = qflax.quantize_model(nnx.clone(model), hessians=stats)
   qflax.save(tmp_path / "ckpt", q)
   abstract = nnx.eval_shape(lambda: qflax.quantize_model(Tiny(nnx.Rngs(0)))[0])
   back = qflax.restore(tmp_path / "ckpt", abstract)
@@ -140,20 +140,20 @@ def test_gptq_model_checkpoint_keeps_its_rounding(tmp_path):
 def test_surgery_with_hessians_mixes_gptq_and_nearest_and_reports_all():
   """quantize_model(hessians=...) GPTQ-codes the layers with statistics and rounds the rest
   to nearest; the report lists every quantized layer either way."""
-  from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top
   model = Tiny(nnx.Rngs(0))
   stats = calibrate.calibrate(model, _tokens(2))
   partial = {k: v for k, v in stats.items() if k != "blocks.0"}
-  q, report = qflax.quantize_model(nnx.clone(model), format="uniform3_rot", hessians=partial,
-                                   act_order=True)
+  gptq = itq3s_jax.GptqConfig(act_order=True)
+  q, report = qflax.quantize_model(nnx.clone(model), itq3s_jax.QuantRule("uniform3_rot"),
+                                   hessians=partial, gptq=gptq)
   assert [x.path for x in report.quantized] == ["a", "b", "blocks.0"]
   assert (q.a.rounding, q.b.rounding, q.blocks[0].rounding) == (
       "two_neighbour", "two_neighbour", "nearest")
   alone = itq3s_jax.quantize(model.a.kernel[...].T, "uniform3_rot", hessian=stats["a"],
-                             act_order=True)
+                             gptq=gptq)
   np.testing.assert_array_equal(np.asarray(q.a.qt.data), np.asarray(alone.data))
   with pytest.raises(TypeError, match="need hessians"):
-    qflax.quantize_model(nnx.clone(model), act_order=True)
+    qflax.quantize_model(nnx.clone(model), gptq=gptq)
 
 
 def test_eval_calibrated_rows_use_the_statistics():

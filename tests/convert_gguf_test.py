@@ -11,6 +11,7 @@ from itq3s_jax import checkpoint
 from itq3s_jax import cli
 from itq3s_jax._src import gguf_io
 from itq3s_jax.checkpoint import converter
+from itq3s_jax.checkpoint import writers
 from itq3s_jax.checkpoint import safetensors_file
 
 RNG = np.random.default_rng(2)
@@ -19,7 +20,7 @@ TENSORS = {
     "blk.0.attn_q.weight": (RNG.standard_normal((64, 256)) * 0.02).astype(np.float32),
     "blk.0.attn_norm.weight": np.ones(64, np.float32),
 }
-POLICY = dict(min_size=1024)
+RULE = dict(min_size=1024)
 GGUF_FORMATS = [f for f in ("itq3_s", "iq3_s") if f in itq3s_jax.formats()]
 
 
@@ -34,7 +35,7 @@ def src(tmp_path_factory):
 @pytest.mark.parametrize("fmt", GGUF_FORMATS)
 def test_gguf_destination_holds_the_in_memory_codes(src, tmp_path, fmt):
   dst = str(tmp_path / "out.gguf")
-  checkpoint.convert(src, dst, policy=checkpoint.Policy(format=fmt, **POLICY))
+  checkpoint.convert(src, dst, rule=itq3s_jax.QuantRule(format=fmt, **RULE))
   got = gguf_io.read_quantized(dst)
   qt = got["blk.0.attn_q.weight"]
   want = itq3s_jax.quantize(TENSORS["blk.0.attn_q.weight"], fmt)
@@ -46,7 +47,7 @@ def test_gguf_destination_holds_the_in_memory_codes(src, tmp_path, fmt):
   np.testing.assert_array_equal(got["blk.0.attn_norm.weight"], np.ones(64, np.float32))
   md = gguf_io.read_metadata(dst)
   assert len(md["itq3s_jax.source_sha256"]) == 64
-  assert not (tmp_path / converter.staging_path(dst)).exists()
+  assert not (tmp_path / writers.staging_path(dst)).exists()
   report = checkpoint.inspect(dst)
   assert {r.name: r.kind for r in report.rows}["blk.0.attn_q.weight"] == "quantized"
 
@@ -61,7 +62,7 @@ def test_gguf_source(tmp_path):
   path = str(tmp_path / "f.gguf")
   floats = {k: np.asarray(v, np.float32) for k, v in TENSORS.items()}
   gguf_io.write_gguf(path, floats, {"general.architecture": "llama"})
-  checkpoint.convert(path, str(tmp_path / "out"), policy=checkpoint.Policy(**POLICY))
+  checkpoint.convert(path, str(tmp_path / "out"), rule=itq3s_jax.QuantRule(**RULE))
   loaded = checkpoint.load(str(tmp_path / "out"))
   want = itq3s_jax.quantize(floats["blk.0.attn_q.weight"])
   np.testing.assert_array_equal(np.asarray(loaded["blk.0.attn_q.weight"].data),

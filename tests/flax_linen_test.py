@@ -52,7 +52,7 @@ def trees():
 
   def get(fmt):
     if fmt not in cache:
-      cache[fmt] = (params, *qflax.quantize_params(params, format=fmt, seed=2))
+      cache[fmt] = (params, *qflax.quantize_params(params, itq3s_jax.QuantRule(fmt, seed=2)))
     return cache[fmt]
 
   return get
@@ -109,7 +109,7 @@ def test_linen_and_nnx_are_bit_identical(fmt, dtype, trees):
   for name in ("fc1", "fc2", "head"):
     getattr(model, name).kernel[...] = params[name]["kernel"]
     getattr(model, name).bias[...] = params[name]["bias"]
-  model, _ = qflax.quantize_model(model, format=fmt, seed=2)
+  model, _ = qflax.quantize_model(model, itq3s_jax.QuantRule(fmt, seed=2))
   y_nnx = nnx.jit(lambda m, x: m(x))(model, x)
   assert y_linen.dtype == y_nnx.dtype == (dtype or jnp.float32)
   np.testing.assert_array_equal(y_linen, y_nnx)
@@ -144,17 +144,17 @@ def test_init_builds_quantized_params():
 
 def test_quantize_params_selection_and_errors(trees):
   params, _, _ = trees("uniform3")
-  _, report = qflax.quantize_params({"params": params}, format="uniform3",
-                                    exclude=r"fc2", min_features=0)
+  _, report = qflax.quantize_params({"params": params},
+                                    itq3s_jax.QuantRule("uniform3", exclude=r"fc2"))
   assert [q.path for q in report.quantized] == ["params.fc1"]
   assert {s.path: s.reason for s in report.skipped}["params.fc2"] == (
-      "path matches exclude='fc2'")
-  _, report = qflax.quantize_params(params, format="uniform3", min_features=D_HID)
-  assert [q.path for q in report.quantized] == ["fc2"]
+      "kept: matches exclude='fc2'")
+  _, report = qflax.quantize_params(params, itq3s_jax.QuantRule("uniform3", min_size=D_IN * D_HID))
+  assert [q.path for q in report.quantized] == ["fc1"]  # fc2 has D_HID * D_OUT < D_IN * D_HID
   with pytest.raises(TypeError, match="needs a nested dict"):
     qflax.quantize_params([params])
   with pytest.raises(ValueError, match="unknown format"):
-    qflax.quantize_params(params, format="nope")
+    qflax.quantize_params(params, itq3s_jax.QuantRule("nope"))
   with pytest.raises(TypeError, match="must be a QuantizedTensor"):
     qflax.QuantizedDense(D_HID).apply({"params": params["fc1"]}, _x())
   _, qparams, _ = trees("uniform3")

@@ -59,7 +59,7 @@ def quantized():
   def get(fmt):
     if fmt not in cache:
       ref = _build()
-      model, report = qflax.quantize_model(_build(), format=fmt, seed=3)
+      model, report = qflax.quantize_model(_build(), itq3s_jax.QuantRule(fmt, seed=3))
       cache[fmt] = ref, model, report
     return cache[fmt]
 
@@ -194,7 +194,7 @@ def test_unrepresentable_weights_raise():
     qflax.QuantizedLinear.from_linear(lin, format="uniform3")
   big = itq3s_jax.get_format("uniform3").max_abs * 4
   lin.kernel[...] = jnp.full((D_IN, 8), big)
-  with pytest.raises(ValueError, match="values too large"):
+  with pytest.raises(ValueError, match="too large for uniform3"):
     qflax.QuantizedLinear.from_linear(lin, format="uniform3")
 
 
@@ -257,36 +257,40 @@ def _kinds(net: Net) -> dict[str, str]:
 
 
 def test_surgery_default_quantizes_every_eligible_linear():
-  net, report = qflax.quantize_model(Net(nnx.Rngs(0)), format="uniform3")
+  net, report = qflax.quantize_model(Net(nnx.Rngs(0)), itq3s_jax.QuantRule("uniform3"))
   assert _kinds(net) == {
       "blocks.0.up": "QuantizedLinear", "blocks.0.down": "QuantizedLinear",
       "blocks.1.up": "QuantizedLinear", "blocks.1.down": "QuantizedLinear",
-      "extra.proj": "QuantizedLinear", "lm_head": "QuantizedLinear", "odd": "Linear"}
+      "extra.proj": "QuantizedLinear", "lm_head": "Linear", "odd": "Linear"}
   assert [(s.path, s.reason) for s in report.skipped] == [
-      ("odd", "in_features=16 is not a multiple of 32")]
+      ("lm_head", "kept: embedding/output head"),
+      ("odd", "kept: K=16 is not a multiple of 32")]
   assert type(net.embed) is nnx.Embed and type(net.norm) is nnx.RMSNorm
-  assert report.num_weights == 2 * 2 * D_IN * D_HID + D_IN * D_IN + D_IN * 10
-  assert "6 layers quantized to uniform3" in str(report)
+  assert report.num_weights == 2 * 2 * D_IN * D_HID + D_IN * D_IN
+  assert "5 layers quantized to uniform3" in str(report)
+  net, report = qflax.quantize_model(
+      Net(nnx.Rngs(0)), itq3s_jax.QuantRule("uniform3", quantize_embeddings=True))
+  assert _kinds(net)["lm_head"] == "QuantizedLinear" and len(report.quantized) == 6
 
 
-def test_surgery_include_exclude_min_features():
-  net, report = qflax.quantize_model(Net(nnx.Rngs(0)), format="uniform3",
-                                     include=r"^blocks\.", exclude=r"\.1\.down$",
-                                     min_features=D_IN)
+def test_surgery_include_exclude_min_size():
+  net, report = qflax.quantize_model(Net(nnx.Rngs(0)), itq3s_jax.QuantRule(
+      "uniform3", include=r"^blocks\.", exclude=r"\.1\.down$", min_size=D_IN * D_IN))
   kinds = _kinds(net)
   assert [k for k, v in kinds.items() if v == "QuantizedLinear"] == sorted(
       ["blocks.0.up", "blocks.0.down", "blocks.1.up"], key=list(kinds).index)
   reasons = {s.path: s.reason for s in report.skipped}
-  assert reasons["blocks.1.down"] == "path matches exclude='\\\\.1\\\\.down$'"
-  assert reasons["lm_head"] == "path does not match include='^blocks\\\\.'"
-  _, report = qflax.quantize_model(Net(nnx.Rngs(0)), format="uniform3", min_features=D_HID)
+  assert reasons["blocks.1.down"] == "kept: matches exclude='\\\\.1\\\\.down$'"
+  assert reasons["lm_head"] == "kept: does not match include='^blocks\\\\.'"
+  _, report = qflax.quantize_model(Net(nnx.Rngs(0)),
+                                   itq3s_jax.QuantRule("uniform3", min_size=D_IN * D_HID + 1))
   reasons = {s.path: s.reason for s in report.skipped}
-  assert reasons["blocks.0.up"] == f"in_features={D_IN} < min_features={D_HID}"
-  assert [q.path for q in report.quantized] == ["blocks.0.down", "blocks.1.down"]
+  assert reasons["blocks.0.up"] == f"kept: fewer than min_size={D_IN * D_HID + 1} weights"
+  assert [q.path for q in report.quantized] == []
 
 
 def test_surgery_model_still_runs_under_jit():
-  net, _ = qflax.quantize_model(Net(nnx.Rngs(0)), format="uniform3")
+  net, _ = qflax.quantize_model(Net(nnx.Rngs(0)), itq3s_jax.QuantRule("uniform3"))
 
   def fwd(net, ids):
     h = net.embed(ids)
@@ -306,7 +310,7 @@ def test_surgery_keeps_shared_layers_tied():
       self.a = nnx.Linear(D_IN, D_IN, rngs=rngs)
       self.blocks = nnx.List([self.a, nnx.Linear(D_IN, D_IN, rngs=rngs)])
 
-  net, report = qflax.quantize_model(Tied(nnx.Rngs(0)), format="uniform3")
+  net, report = qflax.quantize_model(Tied(nnx.Rngs(0)), itq3s_jax.QuantRule("uniform3"))
   assert isinstance(net.a, qflax.QuantizedLinear)
   assert net.blocks[0] is net.a and isinstance(net.blocks[1], qflax.QuantizedLinear)
   assert [q.path for q in report.quantized] == ["a", "blocks.1"]
@@ -314,13 +318,15 @@ def test_surgery_keeps_shared_layers_tied():
 
 def test_surgery_argument_errors():
   with pytest.raises(ValueError, match="unknown format"):
-    qflax.quantize_model(Net(nnx.Rngs(0)), format="q9")
+    qflax.quantize_model(Net(nnx.Rngs(0)), itq3s_jax.QuantRule("q9"))
   with pytest.raises(ValueError, match="not a valid regex"):
-    qflax.quantize_model(Net(nnx.Rngs(0)), include="(")
+    qflax.quantize_model(Net(nnx.Rngs(0)), itq3s_jax.QuantRule(include="("))
   with pytest.raises(TypeError, match="include must be a regex string"):
-    qflax.quantize_model(Net(nnx.Rngs(0)), include=3)
-  with pytest.raises(ValueError, match="min_features=-1"):
-    qflax.quantize_model(Net(nnx.Rngs(0)), min_features=-1)
+    qflax.quantize_model(Net(nnx.Rngs(0)), itq3s_jax.QuantRule(include=3))
+  with pytest.raises(ValueError, match="min_size=-1"):
+    qflax.quantize_model(Net(nnx.Rngs(0)), itq3s_jax.QuantRule(min_size=-1))
+  with pytest.raises(TypeError, match="rule must be an itq3s_jax.QuantRule"):
+    qflax.quantize_model(Net(nnx.Rngs(0)), "uniform3")
   with pytest.raises(TypeError, match="needs an nnx.Module"):
     qflax.quantize_model({"kernel": np.zeros((32, 4))})
 
@@ -334,14 +340,18 @@ def test_orbax_round_trip(fmt, quantized, tmp_path):
   path = os.fspath(tmp_path / "ckpt")
   qflax.save(path, model)
   # A different random init: only the checkpoint can make the outputs agree.
-  abstract = nnx.eval_shape(lambda: qflax.quantize_model(_build(seed=5), format=fmt, seed=3)[0])
-  restored = qflax.restore(path, abstract)
-  for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(restored))):
-    assert a.dtype == b.dtype
-    np.testing.assert_array_equal(a, b)
   x = _x()
   fwd = nnx.jit(lambda m, x: m(x))
-  np.testing.assert_array_equal(fwd(restored, x), fwd(model, x))
+  # The quantized architecture, or only the float one: restore rebuilds the layers.
+  for abstract in (
+      nnx.eval_shape(lambda: qflax.quantize_model(_build(seed=5),
+                                                  itq3s_jax.QuantRule(fmt, seed=3))[0]),
+      nnx.eval_shape(lambda: _build(seed=5))):
+    restored = qflax.restore(path, abstract)
+    for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(restored))):
+      assert a.dtype == b.dtype
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(fwd(restored, x), fwd(model, x))
 
 
 def test_restore_rejects_a_different_format(quantized, tmp_path):
@@ -349,7 +359,8 @@ def test_restore_rejects_a_different_format(quantized, tmp_path):
   path = os.fspath(tmp_path / "ckpt")
   qflax.save(path, model)
   # uniform3_rot has the same byte size: only the metadata check catches it.
-  abstract = nnx.eval_shape(lambda: qflax.quantize_model(_build(), format="uniform3_rot",
-                                                         seed=3)[0])
-  with pytest.raises(ValueError, match="differ from the abstract model"):
+  abstract = nnx.eval_shape(
+      lambda: qflax.quantize_model(_build(), itq3s_jax.QuantRule("uniform3_rot", seed=3))[0])
+  with pytest.raises(ValueError, match="is 'uniform3' with seed 3; the model's layer is "
+                     "'uniform3_rot' with seed 3"):
     qflax.restore(path, abstract)

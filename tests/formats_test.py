@@ -24,7 +24,7 @@ import scipy.linalg
 from hypothesis import settings
 
 import itq3s_jax
-from itq3s_jax._src import bitpack
+from itq3s_jax._src.core import bitpack
 from itq3s_jax._src.formats import itq3_t
 from itq3s_jax._src.formats import uniform3
 
@@ -85,7 +85,7 @@ def _assert_bound_holds(w, fmt, seed=0):
 def test_round_trip_shapes_and_dtypes(fmt, shape):
   w = _normal(shape)
   data, _, _ = _jitted_roundtrip(fmt)(jnp.asarray(w), 0)
-  qt = itq3s_jax.QuantizedTensor(data, shape, fmt)
+  qt = itq3s_jax.QuantizedTensor(data=data, format=fmt, k=shape[-1])
   assert data.dtype == jnp.uint8
   assert data.shape == (*shape[:-1], _row_nbytes(fmt, shape[-1]))
   for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
@@ -124,7 +124,7 @@ def test_bits_per_weight_accounts_for_every_byte(fmt, k):
   data = jax.eval_shape(lambda w: itq3s_jax.quantize(w, fmt).data,
                         jax.ShapeDtypeStruct((3, k), jnp.float32))
   assert data.shape == (3, _row_nbytes(fmt, k)) and data.dtype == jnp.uint8
-  qt = itq3s_jax.QuantizedTensor(jnp.zeros(data.shape, jnp.uint8), (3, k), fmt)
+  qt = itq3s_jax.QuantizedTensor(data=jnp.zeros(data.shape, jnp.uint8), format=fmt, k=k)
   assert qt.nbytes == 3 * _row_nbytes(fmt, k)
   assert qt.bits_per_weight == 8 * qt.nbytes / (3 * k)
   header = len(qt.to_bytes()) - qt.nbytes
@@ -151,7 +151,7 @@ def test_jit_eager_and_vmap_are_bit_identical(fmt):
   w_eager = np.asarray(itq3s_jax.dequantize(eager))
   w_jit = jax.jit(itq3s_jax.dequantize)(eager)
   w_map = jax.vmap(lambda d: itq3s_jax.dequantize(
-      itq3s_jax.QuantizedTensor(d, (K_TAIL,), fmt)))(eager.data)
+      itq3s_jax.QuantizedTensor(data=d, format=fmt, k=K_TAIL)))(eager.data)
   np.testing.assert_array_equal(np.asarray(w_jit), w_eager)
   np.testing.assert_array_equal(np.asarray(w_map), w_eager)
 
@@ -343,7 +343,7 @@ def test_pytree_flatten_unflatten(fmt):
   assert isinstance(copied, itq3s_jax.QuantizedTensor) and copied.format == fmt
   np.testing.assert_array_equal(np.asarray(copied.data), np.asarray(qt.data))
   # Static fields belong to the treedef: a different seed is a different structure.
-  other = itq3s_jax.QuantizedTensor(qt.data, qt.shape, fmt, seed=4)
+  other = itq3s_jax.QuantizedTensor(data=qt.data, format=fmt, k=qt.shape[-1], seed=4)
   assert jax.tree.structure(other) != treedef
 
 
@@ -356,7 +356,7 @@ def test_nan_and_inf_are_value_errors_with_count_and_location(fmt, bad):
   w = _normal(SHAPE)
   w[0, 5] = bad
   w[1, 7] = bad
-  with pytest.raises(ValueError, match=r"2 NaN/Inf values \(first at indices \[\[0, 5\], \[1, 7\]\]"):
+  with pytest.raises(ValueError, match=r"\(2 NaN/Inf values, first at indices \[\[0, 5\], \[1, 7\]\]"):
     itq3s_jax.quantize(w, fmt)
 
 
@@ -379,7 +379,7 @@ def test_k_not_a_multiple_of_32_is_a_value_error(fmt, k):
 def test_empty_arrays(fmt, shape):
   w = np.zeros(shape, np.float32)
   if shape[-1]:  # codec ops on empty blocks: jit keeps it to one compilation
-    qt = itq3s_jax.QuantizedTensor(_jitted_roundtrip(fmt)(w, 0)[0], shape, fmt)
+    qt = itq3s_jax.QuantizedTensor(data=_jitted_roundtrip(fmt)(w, 0)[0], format=fmt, k=shape[-1])
   else:
     qt = itq3s_jax.quantize(w, fmt)
   assert qt.data.shape == (*shape[:-1], _row_nbytes(fmt, shape[-1]))
@@ -486,8 +486,7 @@ def test_itq3_t_trit_bytes_decode_identically_in_gguf_tq1_0():
   q = 3 * t[..., 1] + t[..., 0]
   assert q.min() >= -4 and q.max() <= 4
   steps = np.float64(itq3_t.SUPER[e])[:, None] * np.float64(itq3_t.MULT[s])
-  z_hat = np.asarray(itq3s_jax.decode_rotated(itq3s_jax.QuantizedTensor(
-      jnp.asarray(data), w.shape, "itq3_t")), np.float64)
+  z_hat = np.asarray(itq3s_jax.decode_rotated(itq3s_jax.QuantizedTensor(data=jnp.asarray(data), format="itq3_t", k=w.shape[-1])), np.float64)
   np.testing.assert_array_equal(z_hat, np.repeat(steps, 16, axis=-1) * q)
 
 

@@ -23,7 +23,7 @@ import scipy.linalg
 from hypothesis import settings
 
 import itq3s_jax
-from itq3s_jax._src import fwht as fwht_lib
+from itq3s_jax._src.core import fwht as fwht_lib
 
 UNIT_ROUNDOFF = {
     jnp.float16: 2.0**-11,

@@ -167,7 +167,7 @@ def test_type41_can_be_forced_to_q1_0(tmp_path):
 def test_wrong_sized_block_data_is_rejected(tmp_path):
   import itq3s_jax  # noqa: PLC0415
   qt = _quantized(np.random.default_rng(6), "iq3_s", (2, 512))
-  bad = itq3s_jax.QuantizedTensor(qt.data[:, :200], qt.shape, "iq3_s")
+  bad = itq3s_jax.QuantizedTensor(data=qt.data[:, :200], format="iq3_s", k=qt.shape[-1])
   with pytest.raises(ValueError, match="expected"):
     gguf_io.write_gguf(tmp_path / "x.gguf", {"w": bad})
   with pytest.raises(ValueError, match="has no GGML type"):

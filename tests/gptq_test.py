@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import itq3s_jax
-from itq3s_jax._src import gptq
-from itq3s_jax._src import registry
+from itq3s_jax import calibration
+from itq3s_jax._src.core import registry
 
 HOOKED = tuple(f for f in itq3s_jax.formats() if registry.get_format(f).levels is not None)
 BOUNDED = tuple(f for f in HOOKED if itq3s_jax.has_bound(f))
@@ -18,7 +18,12 @@ K = 288  # 256 + a 32 tail block (pad256 formats: a zero-padded second block)
 
 def _roundings(fmt: str) -> tuple[str, ...]:
   """The rounding modes a format accepts (codebook formats have no two-neighbour mode)."""
-  return gptq.ROUNDINGS if registry.get_format(fmt).snap is None else ("unrestricted",)
+  return calibration.ROUNDINGS if registry.get_format(fmt).snap is None else ("unrestricted",)
+
+
+def gq(w, fmt, h, *, seed=0, **options):
+  """GPTQ through the public entry point, options as a GptqConfig."""
+  return itq3s_jax.quantize(w, fmt, seed=seed, hessian=h, gptq=itq3s_jax.GptqConfig(**options))
 
 
 ROUNDED = [(f, r) for f in HOOKED for r in _roundings(f)]
@@ -57,7 +62,7 @@ def test_identity_hessian_is_round_to_nearest(fmt, rounding):
   the encoder's own scales must give the round-to-nearest bytes exactly. (K = 512: a
   zero-padded block would make the rotated Sigma non-diagonal for the Hadamard formats.)"""
   w = _weights(k=512)
-  qt = gptq.quantize(w, fmt, np.eye(512, dtype=np.float32), scales="rtn", rounding=rounding)
+  qt = gq(w, fmt, np.eye(512, dtype=np.float32), scales="rtn", rounding=rounding)
   np.testing.assert_array_equal(np.asarray(qt.data), np.asarray(itq3s_jax.quantize(w, fmt).data))
   assert qt.rounding == rounding
 
@@ -66,8 +71,8 @@ def test_identity_hessian_is_round_to_nearest(fmt, rounding):
 def test_gptq_lowers_the_output_error(fmt, rounding):
   """On correlated inputs GPTQ must beat round-to-nearest in tr(dW Sigma dW^T)."""
   w, h = _weights(), _hessian()
-  rtn = float(gptq.output_error(w, itq3s_jax.quantize(w, fmt), h))
-  ours = float(gptq.output_error(w, gptq.quantize(w, fmt, h, rounding=rounding), h))
+  rtn = float(calibration.output_error(w, itq3s_jax.quantize(w, fmt), h))
+  ours = float(calibration.output_error(w, gq(w, fmt, h, rounding=rounding), h))
   assert ours < rtn, (ours, rtn)
 
 
@@ -75,10 +80,10 @@ def test_gptq_lowers_the_output_error(fmt, rounding):
 def test_two_neighbour_codes_and_bound(fmt):
   """Every coefficient is floor or ceil of its own z / step: the T10 bound then holds."""
   w, h = _weights(), _hessian()
-  qt = gptq.quantize(w, fmt, h, act_order=True)
+  qt = gq(w, fmt, h, act_order=True)
   z = np.asarray(itq3s_jax.rotate_activations(w, fmt), np.float64)
   zh = np.asarray(itq3s_jax.decode_rotated(qt), np.float64)
-  eps = np.asarray(gptq.error_bound(qt, include_rounding=False), np.float64)
+  eps = np.asarray(itq3s_jax.two_neighbour_bound(qt, include_rounding=False), np.float64)
   # |z - z_hat| < step per coefficient; the block sum of step^2 is eps^2. float32 coefficients
   # and quotients add relative error ~10 u (proofs/T10.md), covered by the 1e-5 factor.
   col = 0
@@ -90,26 +95,26 @@ def test_two_neighbour_codes_and_bound(fmt):
   d = np.asarray(itq3s_jax.dequantize(qt), np.float64) - w
   cols = itq3s_jax.block_columns(fmt, K)
   err = np.stack([np.linalg.norm(d[:, a:c], axis=-1) for a, c in cols], -1)
-  assert np.all(err <= np.asarray(gptq.error_bound(qt)))
+  assert np.all(err <= np.asarray(itq3s_jax.two_neighbour_bound(qt)))
   # the tensor says how it was rounded, so the public error_bound certifies the same bound
   np.testing.assert_array_equal(np.asarray(itq3s_jax.error_bound(qt)),
-                                np.asarray(gptq.error_bound(qt)))
+                                np.asarray(itq3s_jax.two_neighbour_bound(qt)))
 
 
 @pytest.mark.parametrize("fmt", BOUNDED)
 def test_unrestricted_rounding_certifies_no_bound(fmt):
-  qt = gptq.quantize(_weights(), fmt, _hessian(), rounding="unrestricted")
+  qt = gq(_weights(), fmt, _hessian(), rounding="unrestricted")
   assert qt.rounding == "unrestricted"
-  for bound in (itq3s_jax.error_bound, gptq.error_bound):
+  for bound in (itq3s_jax.error_bound, itq3s_jax.two_neighbour_bound):
     with pytest.raises(ValueError, match="unrestricted"):
       bound(qt)
 
 
 def test_codebook_formats_refuse_two_neighbour_and_default_to_unrestricted():
   with pytest.raises(ValueError, match="rounding='unrestricted'"):
-    gptq.quantize(_weights(), "iq3_s", _hessian(), rounding="two_neighbour")
-  assert gptq.quantize(_weights(), "iq3_s", _hessian()).rounding == "unrestricted"
-  assert gptq.quantize(_weights(), "itq3_t", _hessian()).rounding == "two_neighbour"
+    gq(_weights(), "iq3_s", _hessian(), rounding="two_neighbour")
+  assert gq(_weights(), "iq3_s", _hessian()).rounding == "unrestricted"
+  assert gq(_weights(), "itq3_t", _hessian()).rounding == "two_neighbour"
 
 
 @pytest.mark.parametrize("fmt", [f for f in HOOKED if registry.get_format(f).snap is not None])
@@ -118,7 +123,7 @@ def test_snapped_codes_lie_on_the_codebook(fmt):
   bytes hold the grid points the rounding chose (repack loses nothing)."""
   f = registry.get_format(fmt)
   w, h = _weights(k=512), _hessian(512)
-  qt = gptq.quantize(w, fmt, h, act_order=True)
+  qt = gq(w, fmt, h, act_order=True)
   b = qt.data.reshape(-1, 2, f.block_nbytes(256))
   step, _, _ = f.levels(b, 256)
   zh = f.decode(b, 256)
@@ -131,25 +136,25 @@ def test_snapped_codes_lie_on_the_codebook(fmt):
 def test_quantize_dispatch_and_options_agree():
   w, h = _weights(), _hessian()
   a = itq3s_jax.quantize(w, "itq3_t", hessian=h, seed=3)
-  b = gptq.quantize(w, "itq3_t", h, seed=3)
+  b = gq(w, "itq3_t", h, seed=3)
   np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
   assert (a.format, a.seed, a.shape) == ("itq3_t", 3, w.shape)
 
 
 def test_leading_axes_are_rows_and_jit_matches_eager():
   w, h = _weights(6), _hessian()
-  flat = gptq.quantize(w, "itq3_t", h)
-  nested = gptq.quantize(w.reshape(2, 3, K), "itq3_t", h)
+  flat = gq(w, "itq3_t", h)
+  nested = gq(w.reshape(2, 3, K), "itq3_t", h)
   np.testing.assert_array_equal(np.asarray(nested.data).reshape(6, -1), np.asarray(flat.data))
-  jitted = jax.jit(lambda w, h: gptq.quantize(w, "itq3_t", h).data)(w, h)
+  jitted = jax.jit(lambda w, h: gq(w, "itq3_t", h).data)(w, h)
   np.testing.assert_array_equal(np.asarray(jitted), np.asarray(flat.data))
 
 
 def test_scaling_the_hessian_changes_nothing():
   """GPTQ depends on Sigma only up to a positive factor (damping is relative)."""
   w, h = _weights(), _hessian()
-  a = gptq.quantize(w, "itq3_t", h)
-  b = gptq.quantize(w, "itq3_t", h * 64.0)  # a power of two: exact in float32
+  a = gq(w, "itq3_t", h)
+  b = gq(w, "itq3_t", h * 64.0)  # a power of two: exact in float32
   np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
 
 
@@ -162,7 +167,7 @@ def test_rotate_hessian_matches_float64_reference():
     r[lo:hi, lo:hi] = np.asarray(itq3s_jax.rotate_activations(np.eye(hi - lo, dtype=np.float32),
                                                               fmt)[:, :hi - lo]).T
   ref = r @ h @ r.T
-  got = np.asarray(gptq.rotate_hessian(h, fmt), np.float64)
+  got = np.asarray(calibration.rotate_hessian(h, fmt), np.float64)
   assert np.max(np.abs(got - ref)) <= 2 * 2 * 8 * 2.0**-24 * np.max(np.abs(h)) * K
 
 
@@ -173,9 +178,9 @@ def test_zero_rows_and_dead_inputs():
   h[:, 5] = 0
   w = np.zeros((2, K), np.float32)
   for fmt in HOOKED:
-    qt = gptq.quantize(w, fmt, h)
+    qt = gq(w, fmt, h)
     assert not np.any(np.asarray(itq3s_jax.dequantize(qt))), fmt
-    qt = gptq.quantize(_weights(2), fmt, np.zeros((K, K), np.float32))
+    qt = gq(_weights(2), fmt, np.zeros((K, K), np.float32))
     assert np.all(np.isfinite(np.asarray(itq3s_jax.dequantize(qt)))), fmt
 
 
@@ -183,20 +188,20 @@ def test_zero_rows_and_dead_inputs():
     (dict(hessian=np.eye(64, dtype=np.float32)), "hessian has shape"),
     (dict(rounding="stochastic"), "unknown rounding"),
     (dict(scales="joint"), "unknown scales"),
-    (dict(damp=0.0), "must be > 0"),
+    (dict(damp=0.0), "damp=0.0 must be"),
 ])
 def test_bad_options_raise(kwargs, match):
   args = dict(hessian=np.eye(K, dtype=np.float32)) | kwargs
   h = args.pop("hessian")
   with pytest.raises(ValueError, match=match):
-    gptq.quantize(_weights(), "itq3_t", h, **args)
+    gq(_weights(), "itq3_t", h, **args)
 
 
 def test_nan_hessian_and_importance_conflict_raise():
   h = np.eye(K, dtype=np.float32)
   h[0, 0] = np.nan
   with pytest.raises(ValueError, match="NaN/Inf"):
-    gptq.quantize(_weights(), "itq3_t", h)
+    gq(_weights(), "itq3_t", h)
   with pytest.raises(ValueError, match="not both"):
     itq3s_jax.quantize(_weights(), "itq3_t", hessian=np.eye(K), importance=np.ones(K))
 
@@ -207,4 +212,4 @@ def test_format_without_hooks_is_not_implemented(monkeypatch):
                         max_abs=1.0)
   monkeypatch.setitem(registry._REGISTRY, fmt.name, fmt)
   with pytest.raises(NotImplementedError, match="no levels/repack hooks"):
-    gptq.quantize(_weights(), "_nohooks", np.eye(K, dtype=np.float32))
+    gq(_weights(), "_nohooks", np.eye(K, dtype=np.float32))

@@ -27,7 +27,7 @@ def ckpt(tmp_path_factory):
   src = str(d / "m.safetensors")
   safetensors_file.write(src, {k: (v.shape, v.dtype) for k, v in TENSORS.items()},
                          TENSORS.__getitem__)
-  checkpoint.convert(src, str(d / "out"), policy=checkpoint.Policy(min_size=1024))
+  checkpoint.convert(src, str(d / "out"), rule=itq3s_jax.QuantRule(min_size=1024))
   return str(d / "out")
 
 
@@ -63,7 +63,7 @@ def test_format_without_bound_says_so(tmp_path):
   safetensors_file.write(src, {k: (v.shape, v.dtype) for k, v in TENSORS.items()},
                          TENSORS.__getitem__)
   checkpoint.convert(src, str(tmp_path / "out"),
-                     policy=checkpoint.Policy(format=unbounded[0], min_size=1024))
+                     rule=itq3s_jax.QuantRule(format=unbounded[0], min_size=1024))
   q = checkpoint.inspect(str(tmp_path / "out")).quantized[0]
   assert q.rel_frob_bound is None and "no certified bound" in q.note
 
@@ -102,8 +102,8 @@ def _damage(path, kind):
     ("no_meta", "not an itq3s checkpoint"),
     ("bad_json", "corrupt metadata"),
     ("version", "unsupported itq3s checkpoint version 99"),
-    ("missing_item", "is missing or damaged"),
-    ("shape", "expected (64, 220) for shape (64, 512)"),
+    ("missing_item", "is missing: no item directory t00000/"),
+    ("shape", "has 110 bytes per row, expected 220 for K=512"),
     ("format", "unknown format 'nope'"),
 ])
 def test_malformed_checkpoint_is_one_clear_line(ckpt, tmp_path, capsys, kind, message):

@@ -40,7 +40,7 @@ def _bits(x) -> np.ndarray:
 @settings()
 def test_iq3s_decode_is_bit_exact_vs_gguf(seed, nblocks):
   b = _random_blocks(seed, 2 * nblocks).reshape(2, nblocks * 110)
-  qt = itq3s_jax.QuantizedTensor(jnp.asarray(b), (2, nblocks * 256), "iq3_s")
+  qt = itq3s_jax.QuantizedTensor(data=jnp.asarray(b), format="iq3_s", k=nblocks * 256)
   np.testing.assert_array_equal(_bits(itq3s_jax.dequantize(qt)), _bits(_gguf_decode(b)))
 
 
@@ -54,7 +54,7 @@ def test_itq3s_decode_is_gguf_then_butterfly(seed):
     y = z.reshape(3, 256 // (2 * h), 2, h)
     z = np.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], axis=2).reshape(3, 256)
   want = (z * np.float32(0.0625)).reshape(1, 768)
-  qt = itq3s_jax.QuantizedTensor(jnp.asarray(b.reshape(1, 330)), (1, 768), "itq3_s")
+  qt = itq3s_jax.QuantizedTensor(data=jnp.asarray(b.reshape(1, 330)), format="itq3_s", k=768)
   np.testing.assert_array_equal(_bits(itq3s_jax.dequantize(qt)), _bits(want))
 
 
@@ -179,7 +179,7 @@ def test_matches_hadamard_reference_in_float64():
   b = _random_blocks(7, 4)
   z = _gguf_decode(b).reshape(4, 256).astype(np.float64)
   want = z @ scipy.linalg.hadamard(256) / 16
-  qt = itq3s_jax.QuantizedTensor(jnp.asarray(b.reshape(1, 440)), (1, 1024), "itq3_s")
+  qt = itq3s_jax.QuantizedTensor(data=jnp.asarray(b.reshape(1, 440)), format="itq3_s", k=1024)
   got = np.asarray(itq3s_jax.dequantize(qt), np.float64).reshape(4, 256)
   tol = 8 * 2.0**-24 * np.abs(z).sum(-1, keepdims=True) / 16
   assert np.all(np.abs(got - want) <= tol)

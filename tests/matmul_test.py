@@ -10,20 +10,20 @@ K float32 accumulations: 1.25 (K + 128) u ||x_m|| ||w_n||.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
+import dataclasses
+
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from jax.sharding import PartitionSpec as P
 
 import itq3s_jax
-from itq3s_jax._src import kernel_decode
-from itq3s_jax._src import matmul as matmul_lib
+from itq3s_jax._src.core import kernel_codec
+from itq3s_jax._src.core import registry
+from itq3s_jax._src.matmul import api as matmul_lib
 
 _U32 = 2.0**-24
 METHODS = ("xla", "weight_ifwht", "act_rotate")
@@ -83,7 +83,8 @@ def test_auto_on_gpu_picks_act_rotate_and_falls_back(monkeypatch):
   tiny_k = itq3s_jax.quantize(_weights(8, 128), "itq3_t")
   assert matmul_lib.choose(jax.ShapeDtypeStruct((1, 128), jnp.float32), tiny_k,
                            backend="gpu") == "xla"
-  monkeypatch.delitem(kernel_decode.CODECS, "uniform3")  # a format without a decoder (itq3_s)
+  monkeypatch.setitem(registry._REGISTRY, "uniform3", dataclasses.replace(
+      registry.get_format("uniform3"), kernel_codec=None))  # a format without a decoder (itq3_s)
   assert matmul_lib.choose(small, qt, backend="gpu") == "xla"
   with pytest.raises(NotImplementedError, match="no kernel decoder"):
     itq3s_jax.matmul(np.ones((1, 288), np.float32), qt, method="act_rotate")
@@ -131,42 +132,33 @@ def test_methods_agree_under_jit_without_recompiling(method):
   assert len(traces) == 1
 
 
-_SHARD_MAP_SCRIPT = textwrap.dedent("""
-    import numpy as np, jax, itq3s_jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    assert jax.device_count() == 8, jax.devices()
-    K = 576
-    w = np.random.default_rng(0).standard_normal((8 * 5, K)).astype(np.float32)
-    qt = itq3s_jax.quantize(w, "itq3_t", seed=4)
-    x = np.random.default_rng(1).standard_normal((3, K)).astype(np.float32)
-    mesh = jax.make_mesh((8,), ("x",))
-    data = jax.device_put(qt.data, NamedSharding(mesh, P("x", None)))
-    xs = jax.device_put(x, NamedSharding(mesh, P()))
-    w64 = np.asarray(itq3s_jax.dequantize(qt), np.float64)
-    want = x.astype(np.float64) @ w64.T
-    # Error model of pallas_kernels_test.py: 1.25 (K + 256) u ||x_m|| ||w_n||.
-    tol = 1.25 * (K + 256) * 2.0**-24 * np.outer(np.linalg.norm(x, axis=-1),
-                                                 np.linalg.norm(w64, axis=-1))
-    for method in ("xla", "weight_ifwht", "act_rotate"):
-      def local(x, d):  # each device holds N/8 weight rows
-        q = itq3s_jax.QuantizedTensor(d, (d.shape[0], K), qt.format, qt.seed)
-        return itq3s_jax.matmul(x, q, method=method)
-      # check_vma=False: jax's Pallas *interpreter* mixes varying and invariant
-      # values in its grid loop carry (ValueError in jax 0.10.2); compiled GPU
-      # kernels declare the output's varying axes instead (_driver.fused).
-      f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("x", None)),
-                                out_specs=P(None, "x"), check_vma=method == "xla"))
-      y = f(xs, data)
-      assert y.sharding.spec == P(None, "x"), y.sharding
-      assert (np.abs(np.asarray(y) - want) <= tol).all(), method
-      print("ok", method)
-""")
+@pytest.mark.parametrize("method", [
+    "xla", pytest.param("weight_ifwht", marks=pytest.mark.kernel),
+    pytest.param("act_rotate", marks=pytest.mark.kernel)])
+def test_shard_map_weight_sharded_along_n(method):
+  if jax.device_count() < 8:
+    pytest.skip(f"needs 8 devices (conftest.py sets them on CPU), got {jax.device_count()}")
+  k = 576
+  w = np.random.default_rng(0).standard_normal((8 * 5, k)).astype(np.float32)
+  qt = itq3s_jax.quantize(w, "itq3_t", seed=4)
+  x = np.random.default_rng(1).standard_normal((3, k)).astype(np.float32)
+  mesh = jax.make_mesh((8,), ("x",))
+  data = jax.device_put(qt.data, jax.sharding.NamedSharding(mesh, P("x", None)))
+  xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P()))
+  w64 = np.asarray(itq3s_jax.dequantize(qt), np.float64)
+  want = x.astype(np.float64) @ w64.T
+  # Error model of pallas_kernels_test.py: 1.25 (K + 256) u ||x_m|| ||w_n||.
+  tol = 1.25 * (k + 256) * _U32 * np.outer(np.linalg.norm(x, axis=-1),
+                                           np.linalg.norm(w64, axis=-1))
 
+  def local(x, d):  # each device holds N/8 weight rows
+    return itq3s_jax.matmul(x, qt.replace(data=d), method=method)
 
-def test_shard_map_weight_sharded_along_n():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", _SHARD_MAP_SCRIPT], env=env,
-                       capture_output=True, text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert out.stdout.split() == ["ok", "xla", "ok", "weight_ifwht", "ok", "act_rotate"]
+  # check_vma=False for Pallas: jax's Pallas *interpreter* mixes varying and invariant
+  # values in its grid loop carry (ValueError in jax 0.10.2); compiled GPU kernels
+  # declare the output's varying axes instead (driver.fused).
+  f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("x", None)),
+                            out_specs=P(None, "x"), check_vma=method == "xla"))
+  y = f(xs, data)
+  assert y.sharding.spec == P(None, "x"), y.sharding
+  assert (np.abs(np.asarray(y) - want) <= tol).all()

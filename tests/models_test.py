@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 from tokenizers import pre_tokenizers
 
-from itq3s_jax._src import evaluation
+import itq3s_jax
+from itq3s_jax import evaluation
 from itq3s_jax.models import bert
 from itq3s_jax.models import llama
 from itq3s_jax.models import tokenizer as tokenizer_lib
@@ -141,7 +142,7 @@ def test_gguf_mapping_round_trip():
       if g in ("attn_q", "attn_k"):
         w = _llamacpp_permute(w, cfg.n_heads if g == "attn_q" else cfg.n_kv_heads)
       t[f"blk.{i}.{g}.weight"] = w
-  from itq3s_jax.models import _params
+  from itq3s_jax.flax import state as _params
   abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
   loaded = _params.assign(abstract, llama.params_from_gguf_tensors(cfg, t))
   toks = _tokens((2, 8), cfg.vocab_size)
@@ -152,7 +153,7 @@ def test_gguf_mapping_round_trip():
 
 
 def test_assign_rejects_wrong_shape():
-  from itq3s_jax.models import _params
+  from itq3s_jax.flax import state as _params
   abstract = nnx.eval_shape(lambda: nnx.Linear(4, 3, use_bias=False, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=r"kernel: checkpoint shape \(3, 4\) != model shape \(4, 3\)"):
     _params.assign(abstract, {("kernel",): np.zeros((3, 4))})
@@ -173,7 +174,7 @@ def test_quantize_model_touches_linear_layers_only():
   model = llama.Llama(cfg, rngs=nnx.Rngs(0))
   toks = _tokens((1, 8), cfg.vocab_size)
   ref = np.asarray(_apply(model, toks))
-  qmodel, report = qflax.quantize_model(nnx.clone(model), format="itq3_t")
+  qmodel, report = qflax.quantize_model(nnx.clone(model), itq3s_jax.QuantRule("itq3_t"))
   assert len(report.quantized) == 7 and not report.skipped
   assert isinstance(qmodel.embed, nnx.Embed) and isinstance(qmodel.layers[0].input_norm, llama.RMSNorm)
   got = np.asarray(_apply(qmodel, toks))

@@ -20,6 +20,8 @@ The tolerance is 1.25 x the sum (the 25% absorbs second-order terms).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,14 +29,14 @@ import pytest
 import scipy.linalg
 
 import itq3s_jax
-from itq3s_jax._src import kernel_decode
-from itq3s_jax._src import registry
-from pallas_kernels import _driver
-from pallas_kernels import act_rotate
-from pallas_kernels import weight_ifwht
+from itq3s_jax._src.core import kernel_codec
+from itq3s_jax._src.core import registry
+from itq3s_jax.pallas_kernels import driver as _driver
+from itq3s_jax.pallas_kernels import act_rotate
+from itq3s_jax.pallas_kernels import weight_ifwht
 
 KERNELS = {"weight_ifwht": weight_ifwht.weight_ifwht, "act_rotate": act_rotate.act_rotate}
-KERNEL_FORMATS = sorted(kernel_decode.CODECS)
+KERNEL_FORMATS = sorted(kernel_codec.formats())
 _U32 = 2.0**-24
 _U_HALF = {jnp.dtype(jnp.bfloat16): 2.0**-9, jnp.dtype(jnp.float16): 2.0**-11}
 
@@ -128,19 +130,20 @@ def test_decoder_matches_codec(fmt, n):
   if fmt.startswith("uniform3"):  # keep the fp16 scale finite (exponent bits not all ones)
     noise = noise.at[:, 1].set(noise[:, 1] & 0x7B)
   for b in (coded, noise):
-    np.testing.assert_array_equal(kernel_decode.decode_blocks(b, fmt, n), codec.decode(b, n))
+    np.testing.assert_array_equal(kernel_codec.decode_blocks(b, fmt, n), codec.decode(b, n))
 
 
 @pytest.mark.parametrize("n", [2, 16, 256])
 def test_constant_geometry_hadamard_is_sylvester(n):
   """Exact on small integers (sums < 2^24 in float32): equals scipy's Sylvester matrix."""
   x = np.random.default_rng(n).integers(-50, 50, (5, n)).astype(np.float32)
-  got = np.asarray(kernel_decode.hadamard(jnp.asarray(x)))
+  got = np.asarray(kernel_codec.hadamard(jnp.asarray(x)))
   np.testing.assert_array_equal(got, x @ scipy.linalg.hadamard(n).T)
 
 
 def test_unsupported_format_raises_not_implemented(monkeypatch):
-  monkeypatch.delitem(kernel_decode.CODECS, "uniform3")
+  monkeypatch.setitem(registry._REGISTRY, "uniform3", dataclasses.replace(
+      registry.get_format("uniform3"), kernel_codec=None))
   qt = itq3s_jax.quantize(_weights(4, 256), "uniform3")
   assert not act_rotate.supports(jax.ShapeDtypeStruct((1, 256), jnp.float32), qt)
   with pytest.raises(NotImplementedError, match="no kernel decoder"):

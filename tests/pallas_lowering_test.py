@@ -9,6 +9,8 @@ which jax >= 0.11 requires for lowering without one and 0.10.2 ignores.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 
 import jax
@@ -21,10 +23,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import itq3s_jax
-from itq3s_jax._src import kernel_decode
-from pallas_kernels import _driver
-from pallas_kernels import act_rotate
-from pallas_kernels import weight_ifwht
+from itq3s_jax._src.core import kernel_codec
+from itq3s_jax._src.core import registry
+from itq3s_jax.pallas_kernels import driver as _driver
+from itq3s_jax.pallas_kernels import act_rotate
+from itq3s_jax.pallas_kernels import weight_ifwht
 
 try:
   from jax.sharding import use_abstract_mesh
@@ -46,7 +49,7 @@ def _lower_for_cuda(f, *args) -> str:
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS))
-@pytest.mark.parametrize("fmt", sorted(kernel_decode.CODECS))
+@pytest.mark.parametrize("fmt", sorted(kernel_codec.formats()))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernel_lowers_to_one_triton_call(name, fmt, dtype):
   qt = itq3s_jax.quantize(np.random.default_rng(0).standard_normal((40, 576)), fmt)
@@ -76,7 +79,7 @@ def test_shard_map_with_varying_axes_lowers(name):
   mesh = _gpu_mesh(4)
 
   def local(x, d):
-    q = itq3s_jax.QuantizedTensor(d, (d.shape[0], k), qt.format, qt.seed)
+    q = itq3s_jax.QuantizedTensor(data=d, format=qt.format, k=k, seed=qt.seed)
     return KERNELS[name](x, q, interpret=False)
 
   f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("x", None)), out_specs=P(None, "x"))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import itq3s_jax
-from itq3s_jax._src import qtensor
+from itq3s_jax._src.core import qtensor
 
 FMT = "uniform3"  # any registered format; these tests only look at shapes and bytes
 
@@ -20,7 +20,8 @@ FMT = "uniform3"  # any registered format; these tests only look at shapes and b
 def _qt(shape=(2, 256), fmt=FMT, seed=0):
   nb = qtensor.row_nbytes(fmt, shape[-1])
   data = jnp.asarray(np.arange(np.prod(shape[:-1], dtype=int) * nb) % 251, jnp.uint8)
-  return itq3s_jax.QuantizedTensor(data.reshape(*shape[:-1], nb), shape, fmt, seed)
+  return itq3s_jax.QuantizedTensor(data=data.reshape(*shape[:-1], nb), format=fmt,
+                                   k=shape[-1], seed=seed)
 
 
 def test_row_nbytes_is_the_block_plan_sum():
@@ -46,21 +47,23 @@ def test_validate_rejects_each_broken_invariant():
   with pytest.raises(TypeError, match="expected a QuantizedTensor"):
     qtensor.validate(qt.data)
   with pytest.raises(ValueError, match="must be uint8"):
-    qtensor.validate(itq3s_jax.QuantizedTensor(qt.data.astype(jnp.int8), qt.shape, FMT))
-  with pytest.raises(ValueError, match=r"data has shape \(2, 97\), expected \(2, 98\)"):
-    qtensor.validate(itq3s_jax.QuantizedTensor(qt.data[:, :-1], qt.shape, FMT))
+    qtensor.validate(qt.replace(data=qt.data.astype(jnp.int8)))
+  with pytest.raises(ValueError, match=r"has 97 bytes per row, expected 98 for K=256"):
+    qtensor.validate(qt.replace(data=qt.data[:, :-1]))
   with pytest.raises(ValueError, match="unknown format"):
-    qtensor.validate(itq3s_jax.QuantizedTensor(qt.data, qt.shape, "nope"))
+    qtensor.validate(qt.replace(format="nope"))
   with pytest.raises(ValueError, match="at least one axis"):
-    qtensor.validate(itq3s_jax.QuantizedTensor(jnp.zeros((), jnp.uint8), (), FMT))
+    qtensor.validate(qt.replace(data=jnp.zeros((), jnp.uint8)))
   with pytest.raises(ValueError, match="rounding is 'stochastic'"):
-    qtensor.validate(itq3s_jax.QuantizedTensor(qt.data, qt.shape, FMT, 0, "stochastic"))
+    qtensor.validate(qt.replace(rounding="stochastic"))
+  with pytest.raises(TypeError, match="seed must be an int"):
+    qtensor.validate(qt.replace(seed=1.0))
 
 
 def test_dequantize_validates_its_input():
   qt = _qt()
   with pytest.raises(ValueError, match="expected"):
-    itq3s_jax.dequantize(itq3s_jax.QuantizedTensor(qt.data[:1], qt.shape, FMT))
+    itq3s_jax.dequantize(qt.replace(k=288))
 
 
 def test_to_bytes_layout():
@@ -103,10 +106,25 @@ def _with_header(header: bytes, body: bytes, version: int = 1) -> bytes:
      "has 97 bytes, expected 98"),
     (_with_header(b'{"shape": [1, 256], "format": "nope", "seed": 0}', bytes(98)),
      "unknown format"),
+    (_with_header(b'{"shape": [4.0, 256.0], "format": "uniform3", "seed": 0}', bytes(392)),
+     "not a list of 1 to 32 non-negative ints"),
+    (_with_header(b'{"shape": [1, 256], "format": "uniform3", "seed": -1}', bytes(98)),
+     "seed -1 is not a non-negative int"),
+    (_with_header(b'[' * 100000 + b']' * 100000, b""), "corrupt QuantizedTensor header"),
+    (_with_header(b'{"shape": [1, 256], "format": ["uniform3"], "seed": 0}', bytes(98)),
+     "unknown format"),
 ])
 def test_from_bytes_rejects_malformed_input(buf, match):
   with pytest.raises(ValueError, match=match):
     itq3s_jax.QuantizedTensor.from_bytes(buf)
+
+
+def test_shape_follows_the_data_under_vmap():
+  qt = _qt((3, 2, 256))
+  shapes = jax.vmap(lambda q: jnp.zeros(q.shape))(qt).shape
+  assert shapes == (3, 2, 256)
+  np.testing.assert_array_equal(
+      np.asarray(jax.vmap(itq3s_jax.dequantize)(qt)), np.asarray(itq3s_jax.dequantize(qt)))
 
 
 def test_pytree_leaves_are_the_data_only():

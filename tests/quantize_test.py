@@ -14,7 +14,6 @@ import pytest
 import scipy.linalg
 
 import itq3s_jax
-from itq3s_jax._src import quantize as quantize_lib
 
 FORMATS = itq3s_jax.formats()
 
@@ -116,8 +115,3 @@ def test_has_bound_matches_the_registry():
     assert itq3s_jax.has_bound(fmt) == (itq3s_jax.get_format(fmt).bound is not None)
   with pytest.raises(ValueError, match="unknown format"):
     itq3s_jax.has_bound("nope")
-
-
-def test_quantize_doc_states_the_jit_contract():
-  doc = quantize_lib.quantize.__doc__
-  assert "jax.jit" in doc and "value checks cannot run" in doc

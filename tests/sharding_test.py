@@ -1,8 +1,6 @@
 """A quantized NNX model on an 8-device CPU mesh: weights sharded along outputs.
 
-XLA_FLAGS=--xla_force_host_platform_device_count=8 only takes effect before
-jax is imported, so the body runs in a fresh interpreter (``_body``), started
-from the pytest test with that flag set.
+The 8 virtual CPU devices come from conftest.py (XLA_FLAGS set before jax loads).
 
 Layout: mesh ("data", "model") = (2, 4). Each ``nnx.Linear`` kernel is
 annotated (None, "model") and its bias ("model",); surgery turns that into
@@ -14,25 +12,23 @@ equal the single-device run up to float32 accumulation order.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import itq3s_jax
+from itq3s_jax import flax as qflax
 
 MESH = (2, 4)
 
 
-def _body() -> None:
-  import tempfile
-
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-  from jax.sharding import PartitionSpec as P
-
-  import itq3s_jax
-  from itq3s_jax import flax as qflax
-
-  assert len(jax.devices()) == 8, jax.devices()
+def test_quantized_model_on_an_8_device_mesh(tmp_path):
+  if len(jax.devices()) < 8:
+    pytest.skip(f"needs 8 devices (conftest.py sets them on CPU), got {len(jax.devices())}")
   mesh = jax.make_mesh(MESH, ("data", "model"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
   d_in, d_hid, d_out = 64, 96, 32  # outputs divisible by the 4-way "model" axis
@@ -52,7 +48,7 @@ def _body() -> None:
   u = 2.0**-24
   for fmt in itq3s_jax.formats():
     with jax.set_mesh(mesh):
-      model, _ = qflax.quantize_model(MLP(nnx.Rngs(0)), format=fmt)
+      model, _ = qflax.quantize_model(MLP(nnx.Rngs(0)), itq3s_jax.QuantRule(fmt))
     for layer in model.layers:
       data = layer.weight[...]
       assert isinstance(layer, qflax.QuantizedLinear)
@@ -76,26 +72,11 @@ def _body() -> None:
     assert np.all(err <= tol), (fmt, float(err.max()))
 
     # Sharded orbax restore: abstract leaves with concrete shardings restore sharded.
-    path = os.path.join(tempfile.mkdtemp(), "ckpt")
+    path = os.path.join(tmp_path, f"ckpt_{fmt}")
     qflax.save(path, single)
     graphdef, abs_state = nnx.get_abstract_model(
-        lambda: qflax.quantize_model(MLP(nnx.Rngs(5)), format=fmt)[0], mesh)
+        lambda: qflax.quantize_model(MLP(nnx.Rngs(5)), itq3s_jax.QuantRule(fmt))[0], mesh)
     restored = qflax.restore(path, nnx.merge(graphdef, abs_state))
     with jax.set_mesh(mesh):
       assert restored.layers[0].weight[...].sharding.spec == P("model", None)
       np.testing.assert_array_equal(fwd(restored, xs), y)
-    print("ok", fmt, "max |sharded - single| =", float(err.max()), flush=True)
-
-
-def test_quantized_model_on_an_8_device_mesh():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  here = os.path.dirname(os.path.abspath(__file__))
-  code = f"import sys; sys.path.insert(0, {here!r}); import sharding_test; sharding_test._body()"
-  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                        timeout=900, check=False)
-  assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-  print(proc.stdout)  # max |sharded - single| per format, shown with -s
-  import itq3s_jax  # after the subprocess: the parent's jax state does not matter
-  for fmt in itq3s_jax.formats():
-    assert f"ok {fmt} " in proc.stdout, proc.stdout

@@ -31,9 +31,9 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from itq3s_jax._src import qtensor
-from itq3s_jax._src import quantize as quantize_lib
-from itq3s_jax._src import registry
+from itq3s_jax._src import codec
+from itq3s_jax._src.core import qtensor
+from itq3s_jax._src.core import registry
 
 GGMLType = gguf.GGMLQuantizationType
 ITQ3_S_TYPE = 41
@@ -112,13 +112,14 @@ def _format_of(reader: _Reader, t) -> str | None:
 def _quantized(reader: _Reader, t, fmt: str) -> qtensor.QuantizedTensor:
   shape = _logical_shape(reader, t)
   data = np.array(t.data, np.uint8).reshape(*shape[:-1], -1)
-  return qtensor.validate(qtensor.QuantizedTensor(jnp.asarray(data), shape, fmt))
+  return qtensor.validate(qtensor.QuantizedTensor(data=jnp.asarray(data), format=fmt,
+                                                  k=shape[-1]))
 
 
 def _to_float32(reader: _Reader, t) -> np.ndarray:
   fmt = _format_of(reader, t)
   if fmt is not None:
-    return np.asarray(quantize_lib.dequantize(_quantized(reader, t, fmt)))
+    return np.asarray(codec.dequantize(_quantized(reader, t, fmt)))
   shape = _logical_shape(reader, t)
   if t.tensor_type in (GGMLType.F64, GGMLType.I8, GGMLType.I16, GGMLType.I32, GGMLType.I64):
     return np.asarray(t.data, np.float32).reshape(shape)

@@ -22,14 +22,15 @@ Rounding modes:
     two grid levels around its own value, within the format's code range), the
     error feedback only choosing between them. Each coefficient then errs by
     less than step_i, so ||w - w_hat||_2 <= sqrt(sum_i step_i^2) follows from the
-    stored bytes (:func:`error_bound`; proofs/T10.md). For itq3_t this is
+    stored bytes (``bounds.error_bound``; proofs/README.md T10). For itq3_t this is
     4 ||Delta||_2, twice the nearest-rounding eps_q.
   ``"unrestricted"``: any level of the code range (classical GPTQ); no
     worst-case bound. The only mode of codebook formats (IQ3_S: each 4-group
     snaps to its nearest grid point, ``Format.snap``).
 
 The returned tensor records the mode in ``QuantizedTensor.rounding``, so
-``itq3s_jax.error_bound`` certifies the right bound (or refuses).
+``itq3s_jax.error_bound`` certifies the right bound (or refuses). Options
+come as one :class:`itq3s_jax.GptqConfig`.
 """
 
 from __future__ import annotations
@@ -40,21 +41,10 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from itq3s_jax._src import blocks
-from itq3s_jax._src import qtensor
-from itq3s_jax._src import quantize as quantize_lib
-from itq3s_jax._src import registry
-
-ROUNDINGS = ("two_neighbour", "unrestricted")
-SCALES = ("rtn", "weighted")
-
-
-def _segments(fmt: registry.Format, k: int):
-  """Yields (segment, offset of its first coefficient in the coding-domain row)."""
-  off = 0
-  for seg in blocks.plan(k, fmt.tail, fmt.block_nbytes):
-    yield seg, off
-    off += seg.count * seg.n
+from itq3s_jax._src import codec
+from itq3s_jax._src import config
+from itq3s_jax._src.core import qtensor
+from itq3s_jax._src.core import registry
 
 
 def _hooks(format: str) -> registry.Format:
@@ -78,9 +68,12 @@ def rotate_hessian(hessian: ArrayLike, format: str, seed: int = 0) -> jax.Array:
   Returns:
     float32 (Kp, Kp), Kp the coded row length (K plus any block padding).
   """
-  h = jnp.asarray(hessian, jnp.float32)
-  half = quantize_lib.rotate_activations(h, format, seed)  # Sigma R^T (rows rotated)
-  return quantize_lib.rotate_activations(half.T, format, seed)  # R Sigma R^T (symmetric)
+  return _rotate_hessian(jnp.asarray(hessian, jnp.float32), codec.signs(format, seed), format)
+
+
+def _rotate_hessian(h: jax.Array, sig: jax.Array, format: str) -> jax.Array:
+  half = codec.rotate(h, sig, format)  # Sigma R^T (rows rotated)
+  return codec.rotate(half.T, sig, format)  # R Sigma R^T (symmetric)
 
 
 def inverse_cholesky(h: jax.Array, damp: float) -> jax.Array:
@@ -178,42 +171,22 @@ def _round_columns(z, step, clo, chi, u, *, block, format):
   return q
 
 
-def _check(w: jax.Array, h: jax.Array, fmt: registry.Format, rounding: str, scales: str,
-           damp: float) -> None:
-  k = w.shape[-1]
-  if h.ndim != 2 or h.shape != (k, k):
-    raise ValueError(f"hessian has shape {h.shape}, expected ({k}, {k}) for a weight "
-                     f"with K={k} (Sigma = E[x x^T] of the layer input).")
-  if rounding not in ROUNDINGS:
-    raise ValueError(f"unknown {rounding=}; choose one of {ROUNDINGS}.")
-  if rounding == "two_neighbour" and fmt.snap is not None:
-    raise ValueError(f"rounding='two_neighbour' needs a per-coefficient grid; {fmt.name!r} "
-                     "codes groups on a codebook (and has no bound): use rounding='unrestricted'.")
-  if scales not in SCALES:
-    raise ValueError(f"unknown {scales=}; choose one of {SCALES}.")
-  if not damp > 0:
-    raise ValueError(f"{damp=} must be > 0 (relative diagonal damping, e.g. 0.01).")
-  if quantize_lib._is_concrete(h) and not bool(jnp.all(jnp.isfinite(h))):
-    raise ValueError("hessian has NaN/Inf entries; recompute the calibration statistics.")
+@functools.partial(jax.jit, static_argnames=("format", "gptq"))
+def _quantize_rows(w, h, sig, *, format, gptq: config.GptqConfig):
+  """float32 (M, K), (K, K) -> (uint8 (M, row_nbytes), peak, all finite); one program per shape.
 
-
-def default_rounding(format: str) -> str:
-  """``"two_neighbour"`` for formats with a certified bound (it keeps one), else ``"unrestricted"``."""
-  return "two_neighbour" if registry.get_format(format).bound is not None else "unrestricted"
-
-
-@functools.partial(jax.jit, static_argnames=("format", "seed", "rounding", "scales", "damp",
-                                             "act_order"))
-def _quantize_rows(w, h, *, format, seed, rounding, scales, damp, act_order):
-  """float32 (M, K), (K, K) -> (uint8 (M, row_nbytes), max |z|); one compiled program per shape."""
+  ``peak`` and ``finite`` are the checks of ``codec.encode``, on the same rotated z.
+  """
   fmt = registry.get_format(format)
   k = w.shape[-1]
-  z = quantize_lib.rotate_activations(w, fmt.name, seed)  # (M, Kp)
-  hz = rotate_hessian(h, fmt.name, seed)
-  imp = jnp.diagonal(hz) if scales == "weighted" else None
+  z = codec.rotate(w, sig, fmt.name)  # (M, Kp)
+  peak = jnp.max(jnp.where(jnp.isfinite(z), jnp.abs(z), jnp.inf), initial=0.0)
+  hz = _rotate_hessian(h, sig, fmt.name)
+  imp = jnp.diagonal(hz) if gptq.scales == "weighted" else None
   m = z.shape[0]
   rtn, step, lo, hi = [], [], [], []
-  for seg, off in _segments(fmt, k):
+  for seg in qtensor.segments(fmt.name, k):
+    off = seg.coded_start
     zb = z[:, off:off + seg.count * seg.n].reshape(m, seg.count, seg.n)
     a = None if imp is None else jnp.broadcast_to(
         imp[off:off + seg.count * seg.n].reshape(seg.count, seg.n), zb.shape)
@@ -225,30 +198,29 @@ def _quantize_rows(w, h, *, format, seed, rounding, scales, damp, act_order):
     hi.append(u.reshape(m, -1))
   step, lo, hi = (jnp.concatenate(a, axis=-1) for a in (step, lo, hi))
   lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
-  if rounding == "two_neighbour":
+  if gptq.rounding == "two_neighbour":
     r = z / jnp.where(step == 0, 1.0, step)
     lo, hi = jnp.clip(jnp.floor(r), lo, hi), jnp.clip(jnp.ceil(r), lo, hi)
   lo, hi = jnp.where(step == 0, 0.0, lo), jnp.where(step == 0, 0.0, hi)
   g = fmt.group
-  if act_order:  # whole groups move, largest summed diag(Sigma_z) first
+  if gptq.act_order:  # whole groups move, largest summed diag(Sigma_z) first
     order = jnp.argsort(-jnp.sum(jnp.diagonal(hz).reshape(-1, g), axis=-1))
     perm = (order[:, None] * g + jnp.arange(g)).reshape(-1)
   else:
     perm = jnp.arange(z.shape[1])
   inv = jnp.argsort(perm)
-  u = inverse_cholesky(hz[perm][:, perm], damp)
+  u = inverse_cholesky(hz[perm][:, perm], gptq.damp)
   q = _round_columns(z[:, perm], step[:, perm], lo[:, perm], hi[:, perm], u,
                      block=_col_block(z.shape[1]), format=fmt.name)[:, inv]
   out = []
-  for (seg, off), b in zip(_segments(fmt, k), rtn):
-    qb = q[:, off:off + seg.count * seg.n].reshape(m, seg.count, seg.n)
+  for seg, b in zip(qtensor.segments(fmt.name, k), rtn):
+    qb = q[:, seg.coded_start:seg.coded_stop].reshape(m, seg.count, seg.n)
     out.append(fmt.repack(b, qb, seg.n).reshape(m, seg.count * seg.nbytes))
-  return jnp.concatenate(out, axis=-1), jnp.max(jnp.abs(z), initial=0.0)
+  return jnp.concatenate(out, axis=-1), peak, jnp.all(jnp.isfinite(w))
 
 
 def quantize(w: ArrayLike, format: str, hessian: ArrayLike, *, seed: int = 0,
-             rounding: str | None = None, scales: str = "weighted",
-             damp: float = 0.01, act_order: bool = True) -> qtensor.QuantizedTensor:
+             gptq: config.GptqConfig = config.GptqConfig()) -> qtensor.QuantizedTensor:
   """Quantizes ``w`` along its last axis minimising the activation-weighted error.
 
   Args:
@@ -257,17 +229,12 @@ def quantize(w: ArrayLike, format: str, hessian: ArrayLike, *, seed: int = 0,
     hessian: float (K, K), Sigma = E[x x^T] of the layer input (any positive
       multiple gives the same result).
     seed: sign-vector seed of randomized formats.
-    rounding: ``"two_neighbour"`` (certified, :func:`error_bound`) or
-      ``"unrestricted"`` (classical GPTQ; no worst-case bound); None picks
-      :func:`default_rounding` (two_neighbour where the format has a bound).
-    scales: ``"rtn"`` (the format's plain encode of Z) or ``"weighted"`` (its
-      encode weighted by diag(Sigma_z), for formats whose encoder weighs).
-    damp: diagonal damping relative to mean(diag Sigma_z).
-    act_order: round the columns of largest diag(Sigma_z) first (GPTQ act-order;
-      measured on SmolLM2 with itq3_t: +1.77 ppl instead of +2.30, README).
+    gptq: rounding mode, scales, damping and act-order (:class:`GptqConfig`;
+      measured on SmolLM2 with itq3_t: act-order +1.77 ppl instead of +2.30).
 
   Returns:
-    A :class:`QuantizedTensor` in ``format``, decodable by every reader of it.
+    A :class:`QuantizedTensor` in ``format`` whose ``rounding`` says which bound
+    its bytes certify.
 
   Raises:
     ValueError: bad shapes or options, NaN/Inf, values beyond the format's range.
@@ -275,74 +242,25 @@ def quantize(w: ArrayLike, format: str, hessian: ArrayLike, *, seed: int = 0,
   """
   fmt = _hooks(format)
   w = jnp.asarray(w)
+  codec.check_input(w)
   h = jnp.asarray(hessian, jnp.float32)
-  quantize_lib._check_input(w, fmt, seed)
-  rounding = default_rounding(fmt.name) if rounding is None else rounding
-  _check(w, h, fmt, rounding, scales, damp)
-  seed = int(seed)
-  lead, k = w.shape[:-1], w.shape[-1]
-  data, zmax = _quantize_rows(w.reshape(-1, k).astype(jnp.float32), h, format=fmt.name,
-                              seed=seed, rounding=rounding, scales=scales, damp=float(damp),
-                              act_order=bool(act_order))
-  if quantize_lib._is_concrete(zmax) and float(zmax) > fmt.max_abs:
-    raise ValueError(f"values too large for {fmt.name}: a coefficient of magnitude "
-                     f"{float(zmax):.4g} exceeds {fmt.max_abs:.4g}; rescale the tensor first.")
-  data = data.reshape(*lead, data.shape[-1])
-  return qtensor.QuantizedTensor(data, tuple(w.shape), fmt.name, seed, rounding)
-
-
-def error_bound(qt: qtensor.QuantizedTensor, *, include_rounding: bool = True) -> jax.Array:
-  """Certified per-block L2 error bound of a two-neighbour-rounded tensor, from its bytes.
-
-  Valid for every tensor of a format with a bound whose ``rounding`` is
-  ``"nearest"`` or ``"two_neighbour"`` (the nearest level is one of the two
-  neighbours): ||w_b - w_hat_b||_2 <=
-  sqrt(sum_{i in b} step_i^2), plus the float32 slack of
-  ``itq3s_jax.rounding_slack`` when ``include_rounding`` (proofs/T10.md).
-
-  Args:
-    qt: a :class:`QuantizedTensor` from :func:`quantize` with
-      ``rounding="two_neighbour"`` (or from ``itq3s_jax.quantize``).
-    include_rounding: add the float32 rounding slack.
-
-  Returns:
-    float32 (..., nblocks), blocks in ``itq3s_jax.block_columns`` order.
-
-  Raises:
-    ValueError: the format certifies no bound, or the tensor was rounded
-      ``"unrestricted"``.
-  """
-  fmt = _hooks(qt.format)
-  if fmt.bound is None:
-    raise ValueError(f"format {fmt.name!r} has no certified error bound.")
-  qtensor.validate(qt)
-  if qt.rounding == "unrestricted":
-    raise ValueError("this tensor was GPTQ-rounded with rounding='unrestricted': a coefficient "
-                     "may sit several levels from its value, so no bound is certified.")
-  lead = qt.data.shape[:-1]
-  z = quantize_lib.decode_rotated(qt)
-  out = []
-  for seg, off in _segments(fmt, qt.shape[-1]):
-    b = qt.data[..., seg.byte_start:seg.byte_start + seg.count * seg.nbytes]
-    step, _, _ = fmt.levels(b.reshape(*lead, seg.count, seg.nbytes), seg.n)
-    eps = jnp.sqrt(jnp.sum(step * step, axis=-1))
-    if include_rounding:
-      zb = z[..., off:off + seg.count * seg.n].reshape(*lead, seg.count, seg.n)
-      eps = (eps + quantize_lib.rounding_slack(seg.n) * (jnp.linalg.norm(zb, axis=-1) + eps)
-             + quantize_lib.underflow_slack(seg.n))
-    out.append(eps)
-  return jnp.concatenate(out, axis=-1) if out else jnp.zeros((*lead, 0))
+  k = w.shape[-1]
+  if h.ndim != 2 or h.shape != (k, k):
+    raise ValueError(f"hessian has shape {h.shape}, expected ({k}, {k}) for a weight "
+                     f"with K={k} (Sigma = E[x x^T] of the layer input).")
+  if codec.is_concrete(h) and not bool(jnp.all(jnp.isfinite(h))):
+    raise ValueError("hessian has NaN/Inf entries; recompute the calibration statistics.")
+  gptq = gptq.resolve(fmt.name)
+  sig = codec.signs(fmt.name, seed)
+  data, peak, finite = _quantize_rows(w.reshape(-1, k), h, sig, format=fmt.name, gptq=gptq)
+  codec.raise_if_unrepresentable(fmt.name, peak, finite, w)
+  return qtensor.QuantizedTensor(data=data.reshape(*w.shape[:-1], data.shape[-1]),
+                                 format=fmt.name, k=k, seed=int(seed), rounding=gptq.rounding)
 
 
 def output_error(w: ArrayLike, qt: qtensor.QuantizedTensor, hessian: ArrayLike) -> jax.Array:
   """tr((W - W_hat) Sigma (W - W_hat)^T) / tr(W Sigma W^T): relative output MSE (float32 scalar)."""
-  w = jnp.asarray(w, jnp.float32).reshape(-1, qt.shape[-1])
-  d = w - quantize_lib.dequantize(qt).reshape(w.shape)
+  w = jnp.asarray(w, jnp.float32).reshape(-1, qt.k)
+  d = w - codec.dequantize(qt).reshape(w.shape)
   h = jnp.asarray(hessian, jnp.float32)
   return jnp.sum((d @ h) * d) / jnp.sum((w @ h) * w)
-
-
-def n_coefficients(format: str, k: int) -> int:
-  """Coded row length Kp of ``format`` for K = k (k plus block padding)."""
-  return sum(seg.count * seg.n for seg, _ in _segments(registry.get_format(format), k))
-

@@ -11,8 +11,6 @@ from itq3s_jax.checkpoint.converter import Summary
 from itq3s_jax.checkpoint.errors import CheckpointError
 from itq3s_jax.checkpoint.inspection import inspect
 from itq3s_jax.checkpoint.inspection import Report
-from itq3s_jax.checkpoint.policy import decide
-from itq3s_jax.checkpoint.policy import Policy
 from itq3s_jax.checkpoint.reader import iter_tensors
 from itq3s_jax.checkpoint.reader import load
 from itq3s_jax.checkpoint.reader import load_tree
@@ -20,11 +18,9 @@ from itq3s_jax.checkpoint.reader import read_metadata
 
 __all__ = [
     "CheckpointError",
-    "Policy",
     "Report",
     "Summary",
     "convert",
-    "decide",
     "inspect",
     "iter_tensors",
     "load",

@@ -1,6 +1,6 @@
 """``convert``: float checkpoint -> quantized checkpoint, streaming, atomic, resumable.
 
-One tensor is in memory at a time: read it, check it is finite, quantize it in
+One tensor is in memory at a time: read it, quantize it in
 row chunks of about ``CHUNK_WEIGHTS`` weights (codes are per row, so chunks give
 the same bytes as one call; the chunk bounds the encoder's temporaries), hand
 the codes to the writer, forget it. Peak memory is about the largest tensor
@@ -28,21 +28,20 @@ import sys
 import time
 from typing import Any, Callable, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 import itq3s_jax
-from itq3s_jax._src import blocks
+from itq3s_jax._src import llama_names
+from itq3s_jax._src.core import blocks
 from itq3s_jax.checkpoint import errors
 from itq3s_jax.checkpoint import gguf_writer
-from itq3s_jax.checkpoint import policy as policy_lib
 from itq3s_jax.checkpoint import sources
 from itq3s_jax.checkpoint import writers
 
 CHUNK_WEIGHTS = 1 << 22  # 16 MiB of float32 per quantize call
-_GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+DEFAULT_MIN_SIZE = 4096  # tensors smaller than this stay float unless a rule says otherwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +58,6 @@ class Summary:
     return self.weights_converted / self.seconds if self.seconds else 0.0
 
 
-def staging_path(dst: str) -> str:
-  """The temporary sibling a conversion to ``dst`` writes into."""
-  head, tail = os.path.split(os.path.abspath(dst))
-  return os.path.join(head, f".{tail}.itq3s-partial")
-
-
 def _is_gguf(dst: str) -> bool:
   return dst.lower().endswith(".gguf")
 
@@ -75,26 +68,6 @@ def _writer(dst: str, stage: str, source: sources.Source):
   return writers.OrbaxWriter(stage)
 
 
-def _check_finite(name: str, x: np.ndarray) -> None:
-  flat = x.reshape(-1)
-  for lo in range(0, flat.size, CHUNK_WEIGHTS):
-    bad = ~np.isfinite(flat[lo:lo + CHUNK_WEIGHTS])
-    if bad.any():
-      raise errors.CheckpointError(
-          f"tensor {name!r} has NaN/Inf values (first at flat index "
-          f"{lo + int(np.argmax(bad))}); fix the source checkpoint or --exclude it.")
-
-
-@functools.partial(jax.jit, static_argnames=("format", "seed"))
-def _quantize(w, importance, format: str, seed: int) -> itq3s_jax.QuantizedTensor:
-  return itq3s_jax.quantize(w, format, seed=seed, importance=importance)
-
-
-@functools.partial(jax.jit, static_argnames=("format", "seed"))
-def _peak(w, format: str, seed: int) -> jax.Array:
-  return jnp.max(jnp.abs(itq3s_jax.rotate_activations(w, format, seed)), initial=0.0)
-
-
 def hessian_key(name: str, stats: Mapping[str, Any]) -> str | None:
   """The key of ``stats`` holding the input statistics of checkpoint tensor ``name``.
 
@@ -103,70 +76,54 @@ def hessian_key(name: str, stats: Mapping[str, Any]) -> str | None:
   ``layers.I.attn.q_proj`` that ``itq3s_jax.calibration.calibrate`` records for
   ``itq3s_jax.models.llama`` (``itq3s calibrate``). None when nothing matches.
   """
-  from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
-  cands = [name, re.sub(r"\.(weight|kernel)$", "", name)]
-  m = _GGUF_BLOCK.match(name)
-  if m and m.group(2) in llama.GGUF_LINEARS:
-    cands.append(".".join(("layers", m.group(1), *llama.GGUF_LINEARS[m.group(2)])))
-  return next((c for c in cands if c in stats), None)
+  cands = [name, re.sub(r"\.(weight|kernel)$", "", name), llama_names.gguf_to_layer(name)]
+  return next((c for c in cands if c is not None and c in stats), None)
 
 
-def quantize_tensor(w: np.ndarray, policy: policy_lib.Policy, k_axis: int = -1,
+def quantize_tensor(w: np.ndarray, rule: itq3s_jax.QuantRule, k_axis: int = -1,
                     hessian: np.ndarray | None = None,
-                    gptq_options: Mapping[str, Any] | None = None) -> itq3s_jax.QuantizedTensor:
+                    gptq: itq3s_jax.GptqConfig | None = None) -> itq3s_jax.QuantizedTensor:
   """Quantizes one weight exactly as ``itq3s_jax.quantize`` would, in row chunks.
 
-  Each chunk runs ``itq3s_jax.quantize`` under ``jax.jit`` (one compilation per
-  chunk shape instead of one per eager op; the codes are the same bytes, which
-  the tests check). The eager value checks ``quantize`` skips under jit are
-  done here: NaN/Inf by the caller, the format's range with
-  ``rotate_activations``.
+  Rows are coded independently (given ``hessian`` too), so the chunks give the
+  bytes of one call (tested); every chunk has the same row count (the last one
+  zero-padded, its padding codes dropped), so one compilation serves them all.
 
   Args:
     w: float array (N, K) (or (K, N) with ``k_axis=0``, transposed first).
-    policy: format and seed.
+    rule: format and seed.
     k_axis: contraction axis of ``w``.
-    hessian: optional (K, K) input second moment: GPTQ rounding
-      (``itq3s_jax.quantize(w, ..., hessian=...)``; rows are independent given
-      it, so chunks still give the same bytes).
-    gptq_options: options of that rounding (rounding, scales, damp, act_order).
+    hessian: optional (K, K) input second moment: GPTQ rounding.
+    gptq: options of that rounding.
 
   Returns:
     QuantizedTensor of shape (N, K), bytes equal to ``quantize(w, ...)``.
 
   Raises:
-    ValueError: K not a multiple of 32, or values beyond the format's range.
+    ValueError: K not a multiple of 32, NaN/Inf, or values beyond the format's
+      range (``itq3s_jax.quantize``'s checks).
   """
   if k_axis == 0:
     w = w.T
-  fmt = itq3s_jax.get_format(policy.format)
   blocks.check_k(w.shape[-1])
   n = w.shape[0]
   rows = min(n, max(1, CHUNK_WEIGHTS // max(1, w.shape[-1])))
-  data = None
+  data, qt = None, None
   for lo in range(0, n, rows):
-    # Every chunk has `rows` rows (the last one zero-padded, its padding codes dropped):
-    # one compilation per (rows, K), and rows are coded independently.
     chunk = np.zeros((rows, w.shape[-1]), w.dtype)
     chunk[:min(rows, n - lo)] = w[lo:lo + rows]
-    chunk = jnp.asarray(chunk)
-    peak = float(_peak(chunk, policy.format, policy.seed))
-    if peak > fmt.max_abs:
-      raise ValueError(f"values too large for {fmt.name}: a coefficient of magnitude "
-                       f"{peak:.4g} exceeds {fmt.max_abs:.4g}; rescale the tensor or "
-                       "--exclude it.")
-    if hessian is None:
-      qt = _quantize(chunk, None, policy.format, policy.seed)
-    else:
-      qt = itq3s_jax.quantize(chunk, policy.format, seed=policy.seed, hessian=hessian,
-                              **(gptq_options or {}))
+    qt = itq3s_jax.quantize(jnp.asarray(chunk), rule.format, seed=rule.seed, hessian=hessian,
+                            gptq=gptq if hessian is not None else None)
     codes = np.asarray(qt.data)
     if data is None:
       data = np.empty((n, codes.shape[-1]), np.uint8)
     data[lo:lo + rows] = codes[:min(rows, n - lo)]
     del chunk, codes
-  return itq3s_jax.QuantizedTensor(jnp.asarray(data), tuple(w.shape), policy.format,
-                                   policy.seed, qt.rounding)
+  if qt is None:  # no rows: the codes of zero rows
+    qt = itq3s_jax.quantize(jnp.zeros((1, w.shape[-1]), jnp.float32), rule.format,
+                            seed=rule.seed)
+    data = np.zeros((0, qt.data.shape[-1]), np.uint8)
+  return qt.replace(data=jnp.asarray(data))
 
 
 def _release_freed_memory() -> None:
@@ -223,24 +180,25 @@ def _prepare_stage(stage: str, job: dict, resume: bool) -> list[dict]:
   return []
 
 
-def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
+def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
             resume: bool = False, overwrite: bool = False, progress: bool = False,
             calibration: Mapping[str, Any] | None = None,
-            gptq_options: Mapping[str, Any] | None = None,
+            gptq: itq3s_jax.GptqConfig | None = None,
             on_tensor: Callable[[int], None] | None = None) -> Summary:
   """Converts the float checkpoint ``src`` into a quantized checkpoint ``dst``.
 
   Args:
     src: safetensors file/shard directory, GGUF file or orbax params checkpoint.
     dst: ``*.gguf`` for a GGUF file, anything else for an orbax checkpoint dir.
-    policy: which tensors to quantize and how (default :class:`Policy`).
+    rule: which tensors to quantize and how (:class:`itq3s_jax.QuantRule`; None:
+      the default rule with ``min_size=4096``, the command line's default).
     resume: continue a conversion of the same source/options that was cut off.
     overwrite: replace an existing ``dst``.
     progress: show a tqdm progress bar on stderr.
     calibration: optional input statistics {key: Sigma (K, K)}
       (``itq3s_jax.calibration.load``): each quantized tensor with statistics
       (:func:`hessian_key`) is GPTQ-rounded, the others round to nearest.
-    gptq_options: options of that rounding (rounding, scales, damp, act_order).
+    gptq: options of that rounding (:class:`itq3s_jax.GptqConfig`).
     on_tensor: called with the count of tensors finished in this run, after
       each (tests use it to interrupt a conversion).
 
@@ -250,25 +208,26 @@ def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
   Raises:
     CheckpointError: bad input (nothing is written to ``dst``).
   """
-  policy = policy or policy_lib.Policy()
+  rule = rule or itq3s_jax.QuantRule(min_size=DEFAULT_MIN_SIZE)
+  gptq = gptq or itq3s_jax.GptqConfig()
   dst = os.fspath(dst)
   if os.path.realpath(dst) == os.path.realpath(os.fspath(src)):
     raise errors.CheckpointError(f"{dst} is the source; choose another destination.")
   if os.path.lexists(dst) and not overwrite:
     raise errors.CheckpointError(f"{dst} already exists; pass --overwrite to replace it.")
   if _is_gguf(dst):
-    gguf_writer.check_format(policy.format)
+    gguf_writer.check_format(rule.format)
   start = time.perf_counter()
   source = sources.open_source(src)
-  plan = [(i, t, policy_lib.decide(policy, t.name, t.shape, t.dtype, t.k_axis))
+  plan = [(i, t, rule.decide(t.name, t.shape, t.dtype, t.k_axis))
           for i, t in enumerate(source.tensors)]
   src_hash = sources.sha256(source.files, source.path)
   job = {"source_sha256": src_hash, "source_kind": source.kind,
-         "policy": policy.to_json(), "dst_kind": "gguf" if _is_gguf(dst) else "orbax"}
+         "rule": rule.to_json(), "dst_kind": "gguf" if _is_gguf(dst) else "orbax"}
   if calibration is not None:  # a resume must not mix codes of other statistics
     job["calibration_sha256"] = _stats_sha256(calibration)
-    job["gptq_options"] = dict(sorted((gptq_options or {}).items()))
-  stage = staging_path(dst)
+    job["gptq"] = gptq.to_json()
+  stage = writers.staging_path(dst)
   done = {e["name"]: e for e in _prepare_stage(stage, job, resume)}
   writer = _writer(dst, stage, source)
   entries, converted = [], 0
@@ -283,8 +242,7 @@ def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
           entries.append(done[info.name])
           bar.update(math.prod(info.shape))
           continue
-        entry = _convert_one(source, info, decision, policy, writer, item, calibration,
-                             gptq_options)
+        entry = _convert_one(source, info, decision, rule, writer, item, calibration, gptq)
         journal.write(json.dumps(entry) + "\n")
         journal.flush()
         os.fsync(journal.fileno())
@@ -298,7 +256,7 @@ def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
     meta = {"format_version": writers.FORMAT_VERSION, "created_by": "itq3s convert",
             "source": {"path": os.path.abspath(src), "kind": source.kind,
                        "sha256": src_hash},
-            "policy": policy.to_json(), "source_metadata": source.metadata,
+            "rule": rule.to_json(), "source_metadata": source.metadata,
             "tensors": entries}
     result = writer.finish(meta)
   except errors.CheckpointError:
@@ -310,7 +268,7 @@ def convert(src: str, dst: str, *, policy: policy_lib.Policy | None = None,
   for name in ("job.json", "done.jsonl"):
     if os.path.exists(os.path.join(stage, name)):
       os.remove(os.path.join(stage, name))
-  _move_into_place(result, dst, overwrite)
+  writers.move_into_place(result, dst, overwrite)
   if result != stage:
     shutil.rmtree(stage, ignore_errors=True)
   return Summary(dst, tuple(entries), time.perf_counter() - start, converted)
@@ -323,11 +281,8 @@ def _stats_sha256(stats: Mapping[str, Any]) -> str:
   return h.hexdigest()
 
 
-def _convert_one(source, info, decision, policy, writer, item, calibration,
-                 gptq_options) -> dict:
+def _convert_one(source, info, decision, rule, writer, item, calibration, gptq) -> dict:
   x = source.read(info.name)
-  if x.dtype.kind == "f" or x.dtype.name == "bfloat16":
-    _check_finite(info.name, x)
   entry = {"name": info.name, "item": item, "dtype": x.dtype.name,
            "reason": decision.reason}
   if not decision.quantize:
@@ -344,7 +299,7 @@ def _convert_one(source, info, decision, policy, writer, item, calibration,
           f"tensor {info.name!r} has K={shape_nk[-1]} but its calibration statistics "
           f"{key!r} are {hessian.shape}; they belong to another model.")
   try:
-    qt = quantize_tensor(x, policy, info.k_axis, hessian, gptq_options)
+    qt = quantize_tensor(x, rule, info.k_axis, hessian, gptq)
   except (ValueError, TypeError) as exc:
     raise errors.CheckpointError(f"tensor {info.name!r}: {exc}") from None
   del x
@@ -353,20 +308,3 @@ def _convert_one(source, info, decision, policy, writer, item, calibration,
                shape=list(qt.shape), transposed=info.k_axis == 0, nbytes=qt.nbytes,
                bits_per_weight=qt.bits_per_weight)
   return entry
-
-
-def _move_into_place(result: str, dst: str, overwrite: bool) -> None:
-  """Renames ``result`` to ``dst``; an old ``dst`` is removed only after that succeeds."""
-  old = None
-  if os.path.lexists(dst):
-    if not overwrite:
-      raise errors.CheckpointError(f"{dst} appeared during conversion; not replacing it.")
-    old = staging_path(dst) + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(dst, old)
-  os.replace(result, dst)
-  if old is not None:
-    if os.path.isdir(old):
-      shutil.rmtree(old)
-    else:
-      os.remove(old)

@@ -19,8 +19,8 @@ import os
 import numpy as np
 
 from itq3s_jax._src import gguf_io
-from itq3s_jax._src import qtensor
-from itq3s_jax._src import registry
+from itq3s_jax._src.core import qtensor
+from itq3s_jax._src.core import registry
 from itq3s_jax.checkpoint import errors
 
 _CASTS = {"bfloat16": np.float32, "bool": np.int8, "uint8": np.int16}
@@ -62,7 +62,8 @@ class GgufWriter:
     for e in meta["tensors"]:
       arr = np.load(self._path(e["item"]), mmap_mode="r", allow_pickle=False)
       if e["kind"] == "quantized":
-        arr = qtensor.QuantizedTensor(arr, tuple(e["shape"]), e["format"], e["seed"])
+        arr = qtensor.QuantizedTensor(data=arr, format=e["format"], k=e["shape"][-1],
+                                      seed=e["seed"])
       tensors[e["name"]] = arr
     md = dict(self._source_metadata() if self._source_metadata else {})
     md["itq3s_jax.source_sha256"] = meta["source"]["sha256"]

@@ -16,14 +16,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from itq3s_jax.checkpoint import errors
-from itq3s_jax.checkpoint import sources
+from itq3s_jax.checkpoint import source_types
 
 
 def _key_str(k) -> str:
   return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
 
 
-def open_orbax(path: str) -> "sources.Source":
+def open_orbax(path: str) -> "source_types.Source":
   """Opens an orbax pytree checkpoint directory (the one holding ``_METADATA``)."""
   path = os.path.abspath(path)
   if os.path.isfile(os.path.join(path, "itq3s.json")) or os.path.isdir(
@@ -49,7 +49,7 @@ def open_orbax(path: str) -> "sources.Source":
     except TypeError:
       raise errors.CheckpointError(f"{path}: leaf {name!r} is not an array.") from None
     k_axis = 0 if parts[-1] == "kernel" and len(shape) == 2 else -1
-    infos.append(sources.TensorInfo(name, shape, dtype, k_axis))
+    infos.append(source_types.TensorInfo(name, shape, dtype, k_axis))
     keys[name] = parts
   files = tuple(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
 
@@ -69,4 +69,4 @@ def open_orbax(path: str) -> "sources.Source":
       out = out[part]
     return np.asarray(out)
 
-  return sources.Source("orbax", path, files, tuple(infos), read)
+  return source_types.Source("orbax", path, files, tuple(infos), read)

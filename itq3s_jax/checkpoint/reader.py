@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import itq3s_jax
-from itq3s_jax._src import qtensor
+from itq3s_jax._src.core import qtensor
 from itq3s_jax.checkpoint import errors
 from itq3s_jax.checkpoint import writers
 
@@ -54,16 +54,23 @@ def read_metadata(path: str) -> dict:
 
 def _restore(path: str, entry: dict) -> Tensor:
   quantized = entry["kind"] == "quantized"
+  path = os.path.abspath(path)  # orbax refuses relative paths
+  items = writers.part_items(entry)
+  for name in items:
+    if not os.path.isdir(os.path.join(path, name)):
+      raise errors.CheckpointError(
+          f"{path}: tensor {entry['name']!r} is missing: no item directory {name}/ (the "
+          "checkpoint was copied incompletely, or its metadata belongs to another one).")
   try:
     blocks = []
     with ocp.StandardCheckpointer() as c:
-      for name in writers.part_items(entry):
+      for name in items:
         blocks.append(np.asarray(c.restore(os.path.join(path, name))[
             writers.leaf_key(quantized)]))
     arr = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
   except Exception as exc:  # orbax/tensorstore raise many types for damaged items
     raise errors.CheckpointError(
-        f"{path}: tensor {entry['name']!r} ({entry['item']}) is missing or damaged: "
+        f"{path}: tensor {entry['name']!r} ({entry['item']}) is damaged: "
         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from None
   if not quantized:
     if list(arr.shape) != list(entry["shape"]):
@@ -72,9 +79,12 @@ def _restore(path: str, entry: dict) -> Tensor:
           f"{entry['shape']}.")
     return arr
   try:
-    return qtensor.validate(itq3s_jax.QuantizedTensor(
-        jnp.asarray(arr), tuple(int(d) for d in entry["shape"]), entry["format"],
-        int(entry["seed"]), entry.get("rounding", "nearest")))
+    qt = qtensor.validate(itq3s_jax.QuantizedTensor(
+        data=jnp.asarray(arr), format=entry["format"], k=int(entry["shape"][-1]),
+        seed=int(entry["seed"]), rounding=entry.get("rounding", "nearest")))
+    if list(qt.shape) != list(entry["shape"]):
+      raise ValueError(f"codes of shape {list(qt.shape)}, metadata says {entry['shape']}")
+    return qt
   except (ValueError, TypeError, KeyError) as exc:
     raise errors.CheckpointError(f"{path}: tensor {entry['name']!r}: {exc}") from None
 

@@ -22,40 +22,13 @@ from typing import Callable
 import numpy as np
 
 from itq3s_jax.checkpoint import errors
+from itq3s_jax.checkpoint import orbax_source
 from itq3s_jax.checkpoint import safetensors_file
+from itq3s_jax.checkpoint import source_types
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-  """One tensor of a source.
-
-  Attributes:
-    name: flat name (safetensors/GGUF name; orbax keys joined with ``/``).
-    shape: float shape as stored.
-    dtype: numpy dtype as stored (GGUF block types report float32, their
-      decoded dtype).
-    k_axis: the contraction axis of a 2-D weight: -1 (PyTorch/HF ``(out,
-      in)``, the library's convention) or 0 (Flax ``kernel`` ``(in, out)``,
-      transposed before quantizing so the stored weight is ``(out, in)``).
-  """
-
-  name: str
-  shape: tuple[int, ...]
-  dtype: np.dtype
-  k_axis: int = -1
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """A readable checkpoint: ``tensors`` in read order, ``read(name)`` -> np.ndarray."""
-
-  kind: str
-  path: str
-  files: tuple[str, ...]  # every file whose bytes define the checkpoint (hashed)
-  tensors: tuple[TensorInfo, ...]
-  read: Callable[[str], np.ndarray]
-  metadata: dict = dataclasses.field(default_factory=dict)  # small, JSON-able
-  gguf_metadata: Callable[[], dict] | None = None  # typed GGUF key/values of a GGUF source
+TensorInfo = source_types.TensorInfo
+Source = source_types.Source
 
 
 def open_source(path: str) -> Source:
@@ -169,5 +142,4 @@ def _is_orbax(path: str) -> bool:
 
 
 def _orbax(path: str) -> Source:
-  from itq3s_jax.checkpoint import orbax_source  # pylint: disable=g-import-not-at-top
   return orbax_source.open_orbax(path)

@@ -2,8 +2,10 @@
 
 A writer ``put``s each finished tensor into the staging directory as its own
 small file set (so a resumed conversion keeps what is done), then ``finish``
-turns the staging directory into the destination. ``convert`` renames the
-result into place, so the destination appears complete or not at all.
+turns the staging directory into the destination, which is renamed into place
+(:func:`move_into_place`), so it appears complete or not at all. This one
+layout is written by ``itq3s convert`` and by ``itq3s_jax.flax.save``
+(:func:`save_tensors`) and read by ``reader.py``.
 
 Orbax layout (an orbax *composite* checkpoint, restorable without a target)::
 
@@ -13,18 +15,26 @@ Orbax layout (an orbax *composite* checkpoint, restorable without a target)::
                                {"data": uint8 (..., row_nbytes)} (quantized) or {"value": array}
   DST/t00000_0001/ ...         further row blocks of a large kept array (``parts`` > 1)
 
-Static fields of ``QuantizedTensor`` (shape, format, seed) are not orbax
-leaves, so they live in the JSON entries (orbax stores no dataclass fields).
+Static fields of ``QuantizedTensor`` (shape, format, seed, rounding) are not
+orbax leaves, so they live in the JSON entries (orbax stores no dataclass
+fields). An entry: ``name``, ``item``, ``kind`` ("quantized" | "array"),
+``shape``, ``dtype``, ``nbytes``; quantized entries add ``format``, ``seed``,
+``rounding``, ``transposed`` (the source held the (in, out) Flax kernel) and
+``bits_per_weight``; large arrays add ``parts``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from typing import Iterable
 
 import numpy as np
 import orbax.checkpoint as ocp
+
+from itq3s_jax.checkpoint import errors
 
 META_ITEM = "itq3s"
 FORMAT_VERSION = 1
@@ -58,8 +68,10 @@ class OrbaxWriter:
   kind = "orbax"
 
   def __init__(self, stage: str):
-    self.stage = stage
-    self._ckpt = ocp.StandardCheckpointer()
+    self.stage = os.path.abspath(stage)
+    # Synchronous: an async checkpointer's background threads outlive a Ctrl-C and
+    # print tracebacks (or hang the exit); every put waits for its write anyway.
+    self._ckpt = ocp.Checkpointer(ocp.StandardCheckpointHandler())
 
   def has(self, item: str) -> bool:
     return os.path.isfile(os.path.join(self.stage, item, "_METADATA"))
@@ -73,9 +85,8 @@ class OrbaxWriter:
     names = part_items({"item": item, "parts": len(starts)})
     for name, lo in zip(names, starts):
       block = array if lo is None else array[lo:lo + rows]
-      self._ckpt.save(os.path.join(self.stage, name), {leaf_key(quantized): block},
-                      force=True)
-      self._ckpt.wait_until_finished()
+      self._ckpt.save(os.path.join(self.stage, name),
+                      args=ocp.args.StandardSave({leaf_key(quantized): block}), force=True)
     return len(names)
 
   def finish(self, meta: dict) -> str:
@@ -95,3 +106,61 @@ class OrbaxWriter:
 
   def close(self) -> None:
     self._ckpt.close()
+
+
+def staging_path(dst: str) -> str:
+  """The temporary sibling a checkpoint written to ``dst`` is staged in."""
+  head, tail = os.path.split(os.path.abspath(dst))
+  return os.path.join(head, f".{tail}.itq3s-partial")
+
+
+def move_into_place(result: str, dst: str, overwrite: bool) -> None:
+  """Renames ``result`` to ``dst``; an old ``dst`` is removed only after that succeeds."""
+  old = None
+  if os.path.lexists(dst):
+    if not overwrite:
+      raise errors.CheckpointError(f"{dst} appeared while writing; not replacing it.")
+    old = staging_path(dst) + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dst, old)
+  os.replace(result, dst)
+  if old is not None:
+    if os.path.isdir(old):
+      shutil.rmtree(old)
+    else:
+      os.remove(old)
+
+
+def save_tensors(dst: str, tensors: Iterable[tuple[dict, np.ndarray, bool]], meta: dict, *,
+                 overwrite: bool = False) -> None:
+  """Writes a checkpoint of in-memory tensors atomically (staging dir, then a rename).
+
+  Args:
+    dst: checkpoint directory (relative or absolute).
+    tensors: (entry without ``item``/``parts``, array, quantized) in order; the
+      array is the coded data of a quantized entry.
+    meta: the JSON metadata without ``tensors`` (``format_version`` is set here).
+    overwrite: replace an existing ``dst``.
+
+  Raises:
+    CheckpointError: ``dst`` exists and not ``overwrite``.
+  """
+  dst = os.path.abspath(os.fspath(dst))
+  if os.path.lexists(dst) and not overwrite:
+    raise errors.CheckpointError(f"{dst} already exists; pass overwrite=True to replace it.")
+  stage = staging_path(dst)
+  shutil.rmtree(stage, ignore_errors=True)
+  os.makedirs(stage)
+  writer = OrbaxWriter(stage)
+  try:
+    entries = []
+    for i, (entry, array, quantized) in enumerate(tensors):
+      entry = dict(entry, item=item_name(i))
+      entry["parts"] = writer.put(entry["item"], np.asarray(array), quantized)
+      entries.append(entry)
+    result = writer.finish(dict(meta, format_version=FORMAT_VERSION, tensors=entries))
+  except BaseException:
+    writer.close()
+    shutil.rmtree(stage, ignore_errors=True)
+    raise
+  move_into_place(result, dst, overwrite)

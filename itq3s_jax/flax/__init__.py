@@ -1,4 +1,9 @@
-"""Quantized Flax layers (NNX and linen), model surgery and checkpoints."""
+"""Quantized Flax layers (NNX and linen), model surgery and checkpoints.
+
+>>> from itq3s_jax import flax as qflax
+>>> sorted(qflax.__all__)[:3]
+['QuantizationReport', 'QuantizedDense', 'QuantizedLinear']
+"""
 
 from itq3s_jax.flax._core import QuantizationReport
 from itq3s_jax.flax.checkpoint import restore

@@ -2,47 +2,37 @@
 
 Both ``QuantizedLinear`` (NNX) and ``QuantizedDense`` (linen) call
 :func:`dense`, so their outputs are bit-identical for the same weights; both
-surgeries call :func:`quantize_kernel` and :func:`skip_reason`.
+surgeries call :func:`quantize_kernel` and select with ``QuantRule.decide``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 import itq3s_jax
-from itq3s_jax._src import blocks
 
 
-@functools.partial(jax.jit, static_argnames=("format", "seed"))
-def _quantize(w: jax.Array, format: str, seed: int
-              ) -> tuple[itq3s_jax.QuantizedTensor, jax.Array, jax.Array]:
-  """(quantize(w), all finite, max |coding-domain value|) of w (N, K), one compilation."""
-  z = itq3s_jax.rotate_activations(w, format, seed)
-  peak = jnp.max(jnp.abs(z), initial=0.0)
-  return itq3s_jax.quantize(w, format, seed=seed), jnp.all(jnp.isfinite(w)), peak
-
-
-def quantize_kernel(kernel: ArrayLike, format: str, seed: int) -> itq3s_jax.QuantizedTensor:
+def quantize_kernel(kernel: ArrayLike, format: str, seed: int, *,
+                    hessian: ArrayLike | None = None,
+                    gptq: itq3s_jax.GptqConfig | None = None) -> itq3s_jax.QuantizedTensor:
   """Quantizes a Flax kernel (in_features, out_features) as a (out, in) tensor.
 
   Blocks run along in_features (the contraction axis K), so each output
-  feature is one coded row. Runs ``itq3s_jax.quantize`` under ``jax.jit``
-  (one compilation per shape instead of one per eager op, which dominates
-  model surgery time); the eager value checks of ``quantize`` (NaN/Inf,
-  values beyond the format's range) are computed in the same compilation
-  and raised here when the kernel is concrete.
+  feature is one coded row; ``itq3s_jax.quantize`` does the work (one
+  compilation per shape, its value checks raised when the kernel is concrete).
 
   Args:
     kernel: float (in_features, out_features), as ``nnx.Linear``/``nn.Dense``
       store it.
     format: a registered format name.
     seed: sign-vector seed of randomized formats.
+    hessian: optional (in, in) input second moment: GPTQ rounding.
+    gptq: GPTQ options with ``hessian``.
 
   Returns:
     A QuantizedTensor of shape (out_features, in_features).
@@ -55,17 +45,7 @@ def quantize_kernel(kernel: ArrayLike, format: str, seed: int) -> itq3s_jax.Quan
   if kernel.ndim != 2:
     raise ValueError(f"a dense kernel must be 2-D (in_features, out_features), "
                      f"got shape {kernel.shape}.")
-  fmt = itq3s_jax.get_format(format)
-  blocks.check_k(kernel.shape[0])
-  qt, finite, peak = _quantize(kernel.T, format, seed)
-  if not isinstance(kernel, jax.core.Tracer) and kernel.size:
-    if not bool(finite):
-      raise ValueError("kernel has NaN/Inf values; fix or mask them before quantizing.")
-    if float(peak) > fmt.max_abs:
-      raise ValueError(f"values too large for {format}: a coefficient of magnitude "
-                       f"{float(peak):.4g} exceeds {fmt.max_abs:.4g}; rescale the kernel "
-                       "or keep this layer in float.")
-  return qt
+  return itq3s_jax.quantize(kernel.T, format, seed=seed, hessian=hessian, gptq=gptq)
 
 
 def output_dtype(x_dtype, dtype, param_dtype):
@@ -152,42 +132,11 @@ class QuantizationReport:
     return "\n".join(lines)
 
 
-def check_rules(format: str, include: str | None, exclude: str | None,
-                min_features: int) -> None:
-  """Validates surgery arguments eagerly (ValueError/TypeError)."""
-  itq3s_jax.get_format(format)
-  for name, pattern in (("include", include), ("exclude", exclude)):
-    if pattern is None:
-      continue
-    if not isinstance(pattern, str):
-      raise TypeError(f"{name} must be a regex string or None, got {type(pattern).__name__}.")
-    try:
-      re.compile(pattern)
-    except re.error as exc:
-      raise ValueError(f"{name}={pattern!r} is not a valid regex: {exc}.") from None
-  if not isinstance(min_features, int) or min_features < 0:
-    raise ValueError(f"{min_features=} must be a non-negative int.")
-
-
-def skip_reason(path: str, in_features: int, *, include: str | None,
-                exclude: str | None, min_features: int) -> str | None:
-  """Why the dense layer at ``path`` stays in float, or None to quantize it.
-
-  ``include``/``exclude`` are regexes searched (``re.search``) in the dotted
-  path, e.g. ``"layers.0.mlp.up"``; anchor them with ``^``/``$`` for exact
-  matches.
-  """
-  if exclude is not None and re.search(exclude, path):
-    return f"path matches exclude={exclude!r}"
-  if include is not None and not re.search(include, path):
-    return f"path does not match include={include!r}"
-  if in_features % blocks.MIN_K_MULTIPLE:
-    return f"in_features={in_features} is not a multiple of {blocks.MIN_K_MULTIPLE}"
-  if in_features < min_features:
-    return f"in_features={in_features} < min_features={min_features}"
-  return None
-
-
-def dotted(path) -> str:
-  """('layers', 0, 'mlp') -> 'layers.0.mlp'."""
-  return ".".join(str(p) for p in path)
+def check_rule(rule) -> "itq3s_jax.QuantRule":
+  """``rule`` or the default QuantRule; TypeError for anything else."""
+  if rule is None:
+    return itq3s_jax.QuantRule()
+  if not isinstance(rule, itq3s_jax.QuantRule):
+    raise TypeError(f"rule must be an itq3s_jax.QuantRule, got {type(rule).__name__}; "
+                    "e.g. QuantRule('uniform3', exclude='lm_head').")
+  return rule

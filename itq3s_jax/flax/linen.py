@@ -33,6 +33,7 @@ from jax.typing import ArrayLike
 
 import itq3s_jax
 from itq3s_jax.flax import _core
+from itq3s_jax.flax import state as state_lib
 
 
 class QuantizedDense(nn.Module):
@@ -98,38 +99,31 @@ def _is_dense_kernel(v: Any) -> bool:
           and jnp.issubdtype(v.dtype, jnp.floating))
 
 
-def quantize_params(params: Mapping[str, Any], *, format: str = "itq3_t",
-                    include: str | None = None, exclude: str | None = None,
-                    min_features: int = 0, seed: int = 0
+def quantize_params(params: Mapping[str, Any], rule: "itq3s_jax.QuantRule | None" = None
                     ) -> tuple[dict[str, Any], _core.QuantizationReport]:
   """Replaces dense kernels (in, out) in a linen tree by QuantizedTensors (out, in).
 
   A dense layer is any sub-dict holding a 2-D float ``kernel``; its path is
   the dotted key path to that sub-dict (``"Dense_0"``, or ``"params.Dense_0"``
-  when the whole variable dict is passed). Selection follows
-  :func:`itq3s_jax.flax.quantize_model`: ``exclude``/``include`` regexes
-  searched in the path, in_features a multiple of 32 and ``>= min_features``.
-  The input is not modified.
+  when the whole variable dict is passed). Selection is ``rule.decide`` on
+  that path, as in :func:`itq3s_jax.flax.quantize_model`. The input is not
+  modified.
 
   Args:
     params: a (nested) linen parameter dict, e.g. ``variables["params"]``.
-    format: registered format name.
-    include: regex; None selects every dense layer.
-    exclude: regex; matching layers stay in float.
-    min_features: layers with in_features below this stay in float.
-    seed: sign-vector seed of randomized formats.
+    rule: which layers and which format; None: ``QuantRule()``.
 
   Returns:
     ``(new_params, report)``: plain nested dicts with the selected kernels
     replaced, and a :class:`QuantizationReport`.
 
   Raises:
-    ValueError: unknown format, bad regex, or a weight the format cannot code.
-    TypeError: ``params`` is not a mapping.
+    ValueError: a weight the format cannot code.
+    TypeError: ``params`` is not a mapping, or ``rule`` not a QuantRule.
   """
   if not isinstance(params, Mapping):
     raise TypeError(f"quantize_params needs a nested dict of params, got {type(params).__name__}.")
-  _core.check_rules(format, include, exclude, min_features)
+  rule = _core.check_rule(rule)
   quantized, skipped = [], []
 
   def walk(tree: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
@@ -139,16 +133,15 @@ def quantize_params(params: Mapping[str, Any], *, format: str = "itq3_t",
     kernel = out.get("kernel")
     if not _is_dense_kernel(kernel):
       return out
-    name = _core.dotted(path)
+    name = state_lib.dotted(path)
     k, n = kernel.shape
-    reason = _core.skip_reason(name, k, include=include, exclude=exclude,
-                               min_features=min_features)
-    if reason is not None:
-      skipped.append(_core.Skipped(name, (n, k), reason))
+    decision = rule.decide(name, kernel.shape, kernel.dtype, k_axis=0)
+    if not decision.quantize:
+      skipped.append(_core.Skipped(name, (n, k), decision.reason))
       return out
-    out["kernel"] = _core.quantize_kernel(kernel, format, seed)
+    out["kernel"] = _core.quantize_kernel(kernel, rule.format, rule.seed)
     quantized.append(_core.Quantized(name, (n, k), out["kernel"].nbytes))
     return out
 
   new = walk(params, ())
-  return new, _core.QuantizationReport(format, tuple(quantized), tuple(skipped))
+  return new, _core.QuantizationReport(rule.format, tuple(quantized), tuple(skipped))

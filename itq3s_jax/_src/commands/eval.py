@@ -6,7 +6,7 @@ matrices, 106M weights) and MiniLM's q/k/v/attention-output and FFN layers.
 Token embeddings, the tied output head, RMS/LayerNorms and biases stay float32.
 "ref" is the float model: for SmolLM2 the GGUF's Q4_1 weights dequantized.
 
-Perplexity follows :mod:`itq3s_jax._src.evaluation` (pydoc topics text, 512-token
+Perplexity follows :mod:`itq3s_jax.evaluation` (pydoc topics text, 512-token
 windows, no BOS); Δppl carries a paired standard error over windows. MiniLM
 reports the mean cosine between quantized and float sentence embeddings over a
 fixed sentence list, and the paraphrase check of the float model.
@@ -35,7 +35,7 @@ from flax import nnx
 
 import itq3s_jax
 from itq3s_jax import cli
-from itq3s_jax._src import evaluation
+from itq3s_jax import evaluation
 
 NAME = "eval"
 HELP = "perplexity of SmolLM2-135M and MiniLM embedding cosine for each format"
@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="also evaluate every format with GPTQ rounding from calibration statistics")
   p.add_argument("--calibration", metavar="NPZ",
                  help="SmolLM2 statistics file for --calibrated: read if it exists, else "
-                 "computed and written there (itq3s_jax.calibrate save/load format)")
+                 "computed and written there (itq3s_jax.calibration save/load format)")
   cli.add_rounding_argument(p, "of --calibrated rows")
   p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
 
@@ -69,9 +69,15 @@ def _state_nbytes(model: nnx.Module) -> int:
 
 
 def _quantized(model: nnx.Module, fmt: str, rules: dict[str, Any]):
-  """(model copy with its linear layers in ``fmt``, report); raises on failure."""
+  """(model copy with its linear layers in ``fmt``, report); raises on failure.
+
+  ``rules``: QuantRule fields (seed, include, exclude), plus ``hessians`` and
+  ``gptq`` for a calibrated row.
+  """
   from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top
-  return qflax.quantize_model(nnx.clone(model), format=fmt, **rules)
+  rules = dict(rules)
+  extra = {k: rules.pop(k) for k in ("hessians", "gptq") if k in rules}
+  return qflax.quantize_model(nnx.clone(model), itq3s_jax.QuantRule(fmt, **rules), **extra)
 
 
 def _status(fmt: str) -> str | None:
@@ -116,18 +122,18 @@ def _row(fmt: str, model, rules: dict[str, Any], measure) -> dict[str, Any]:
 
 def _timed_stats(info: dict[str, Any], compute, path: str | None = None):
   """Statistics from ``path`` if it exists, else ``compute()`` (timed, written to ``path``)."""
-  from itq3s_jax._src import calibrate  # pylint: disable=g-import-not-at-top
+  from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
   if path and os.path.exists(path):
     info["calibration_file"] = path
-    return calibrate.load(path)
+    return calibration.load(path)
   t0 = time.perf_counter()
   stats = compute()
   info["calibrate_seconds"] = time.perf_counter() - t0
-  info["calibration_mb"] = calibrate.nbytes(stats) / 1e6
+  info["calibration_mb"] = calibration.nbytes(stats) / 1e6
   print(f"calibration statistics in {info['calibrate_seconds']:.1f} s "
         f"({info['calibration_mb']:.0f} MB)", flush=True)
   if path:
-    calibrate.save(path, stats)
+    calibration.save(path, stats)
   return stats
 
 
@@ -138,13 +144,13 @@ def _with_calibrated(formats: list[str], calibrated: bool) -> list[str]:
 def _rules_for(fmt: str, rules: dict[str, Any], stats, rounding: str | None) -> dict[str, Any]:
   if not fmt.endswith(CALIBRATED):
     return rules
-  return {**rules, "hessians": stats, **({"rounding": rounding} if rounding else {})}
+  return {**rules, "hessians": stats, "gptq": itq3s_jax.GptqConfig(rounding=rounding)}
 
 
 def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, Any],
-                calibrated: bool = False, calibration: str | None = None,
+                calibrated: bool = False, stats_path: str | None = None,
                 rounding: str | None = None) -> dict[str, Any]:
-  from itq3s_jax._src import calibrate  # pylint: disable=g-import-not-at-top
+  from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
   from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
   model, tok, cfg = llama.load_gguf()
@@ -158,8 +164,8 @@ def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, 
         f"x {evaluation.WINDOW} tokens; loaded in {info['load_seconds']:.1f} s", flush=True)
   stats = None
   if calibrated:
-    stats = _timed_stats(info, lambda: calibrate.calibrate(
-        model, calibrate.protocol_tokens(tok)), calibration)
+    stats = _timed_stats(info, lambda: calibration.calibrate(
+        model, calibration.protocol_tokens(tok)), stats_path)
   ref_nlls = None
   rows = []
   formats = _with_calibrated(formats, calibrated)
@@ -188,10 +194,10 @@ MINILM_CALIBRATION = (8192, 128)  # leading MiniLM tokens of the protocol text, 
 
 
 def _minilm_stats(model, tok):
-  from itq3s_jax._src import calibrate  # pylint: disable=g-import-not-at-top
+  from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
   n, window = MINILM_CALIBRATION
   ids = tok.encode(evaluation.protocol_text(), add_special_tokens=False).ids[:n]
-  return calibrate.calibrate(model, ids, window=window, batch_size=16,
+  return calibration.calibrate(model, ids, window=window, batch_size=16,
                              forward=lambda m, t: m(t, jnp.ones_like(t)))
 
 

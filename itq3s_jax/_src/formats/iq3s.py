@@ -1,6 +1,6 @@
 """``iq3_s`` (GGML IQ3_S, type 21) and ``itq3_s`` (published ITQ3_S, type 41).
 
-Block of 256 values, 110 bytes (formats.md §1.1), little-endian:
+Block of 256 values, 110 bytes (docs/FORMAT.md), little-endian:
 
   0    d          fp16 super-scale
   2    qs[64]     low 8 bits of the 9-bit grid index of each 4-group
@@ -30,7 +30,7 @@ sum_i a_i (z_i - y_i)^2 (a = importance, default 1) in three searches:
 Final codes are chosen with the decoder's float32 scale d * (1 + 2s), so the
 bytes decode to what the encoder chose, in gguf and llama.cpp alike.
 
-Zero sub-blocks (formats.md §1.5(a)). IQ3_S cannot code a zero inside a block
+Zero sub-blocks. IQ3_S cannot code a zero inside a block
 with d > 0 (magnitudes are odd, multipliers >= 1); the nearest it can do is
 +-d, so an all-zero sub-block is written at its own position with s = 0 and
 grid entry 0 (1, 1, 1, 1): each value decodes to +d, and the d search counts
@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from itq3s_jax._src import registry
+from itq3s_jax._src.core import bitpack
+from itq3s_jax._src.core import registry
 from itq3s_jax._src.formats import iq3s_grid
 
 QK = 256
@@ -71,11 +72,6 @@ def _split(b: jax.Array):
   return b[..., 0:2], b[..., 2:66], b[..., 66:74], b[..., 74:106], b[..., 106:110]
 
 
-def _fp16_to_f32(lo_hi: jax.Array) -> jax.Array:
-  bits = lo_hi[..., 0].astype(jnp.uint16) | (lo_hi[..., 1].astype(jnp.uint16) << 8)
-  return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
-
-
 def _bits(x: jax.Array, nbits: int) -> jax.Array:
   """uint8 (..., m) -> uint8 (..., m, nbits): bit j of each byte (LSB first)."""
   return (x[..., None] >> jnp.arange(nbits, dtype=jnp.uint8)) & 1
@@ -85,7 +81,7 @@ def _bits(x: jax.Array, nbits: int) -> jax.Array:
 def _decode(b: jax.Array) -> jax.Array:
   lead = b.shape[:-1]
   d_b, qs, qh, signs, scales = _split(b)
-  d = _fp16_to_f32(d_b)  # (...,)
+  d = bitpack.fp16_from_bytes(d_b).astype(jnp.float32)  # (...,)
   s = jnp.stack([scales & 15, scales >> 4], axis=-1).reshape(*lead, 8)
   db = d[..., None] * (1 + 2 * s.astype(jnp.int32)).astype(jnp.float32)  # (..., 8)
   idx = qs.astype(jnp.int32).reshape(*lead, 8, 8) | (
@@ -232,8 +228,7 @@ def _pack(d16, s, idx, neg):
   """Bytes of N blocks: d16 float16 (N,), s int32 (N, 8), idx int32 (N, 8, 8),
   neg bool (N, 256) -> uint8 (N, 110)."""
   n = d16.shape[0]
-  dbits = jax.lax.bitcast_convert_type(d16, jnp.uint16)
-  d_b = jnp.stack([dbits & 255, dbits >> 8], axis=-1).astype(jnp.uint8)
+  d_b = bitpack.fp16_to_bytes(d16)
   qs = (idx & 255).astype(jnp.uint8).reshape(n, 64)
   weights8 = 1 << jnp.arange(8, dtype=jnp.int32)
   qh = jnp.sum(((idx >> 8) & 1) * weights8, axis=-1).astype(jnp.uint8)
@@ -282,9 +277,8 @@ def encode(z: jax.Array, importance: jax.Array | None = None) -> jax.Array:
 def _scale_bits(b: jax.Array):
   """uint8 (..., 110) -> (fp16 d (...,), 4-bit s int32 (..., 8))."""
   d_b, _, _, _, scales = _split(b)
-  bits = d_b[..., 0].astype(jnp.uint16) | (d_b[..., 1].astype(jnp.uint16) << 8)
   s = jnp.stack([scales & 15, scales >> 4], axis=-1).reshape(*b.shape[:-1], 8)
-  return jax.lax.bitcast_convert_type(bits, jnp.float16), s.astype(jnp.int32)
+  return bitpack.fp16_from_bytes(d_b), s.astype(jnp.int32)
 
 
 def levels(b: jax.Array, n: int):

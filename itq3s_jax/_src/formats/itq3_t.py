@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from itq3s_jax._src import bitpack
-from itq3s_jax._src import registry
+from itq3s_jax._src.core import bitpack
+from itq3s_jax._src.core import kernel_codec
+from itq3s_jax._src.core import registry
 
 SUB = 16  # coefficients per sub-block (one 3-bit step code each)
 E_BIAS = 176  # D(e) = 2^((e - E_BIAS) / 4)
@@ -157,6 +158,29 @@ def _pack_digits(q: jax.Array) -> jax.Array:
   return bitpack.pack_trits(jnp.stack([t0, t1], axis=-1).reshape(*q.shape[:-1], 2 * q.shape[-1]))
 
 
+def kernel_decoder(n: int) -> kernel_codec.Codec:
+  """The decoder above as per-column byte arithmetic (``core/kernel_codec.py``)."""
+  nb = nbytes(n)
+  tbyte = 1 + -(-3 * (n // SUB) // 8)  # first trit byte
+  j = 2 * np.arange(n)  # trit index of t0_i; t1_i follows
+  f = kernel_codec.field_tables(1, n, 3, SUB, nb)
+  tables = dict(s_lo=f["lo"], s_hi=f["hi"], s_shift=f["shift"],
+                t0_col=tbyte + j // 5, t0_pow=3 ** (j % 5),
+                t1_col=tbyte + (j + 1) // 5, t1_pow=3 ** ((j + 1) % 5))
+
+  def decode(src: kernel_codec.Source) -> jax.Array:
+    e = src.byte(jnp.zeros((1, 1), jnp.int32))
+    s = kernel_codec.bit_field(src.byte(src.table("s_lo")), src.byte(src.table("s_hi")),
+                               src.table("s_shift"), 3)
+    delta = src.lut("super", e) * src.lut("mult", s)  # as steps(): fp32(D * MULT[s])
+    t0 = bitpack.trit(src.byte(src.table("t0_col")), src.table("t0_pow"))
+    t1 = bitpack.trit(src.byte(src.table("t1_col")), src.table("t1_pow"))
+    return (3 * t1 + t0).astype(jnp.float32) * delta
+
+  return kernel_codec.Codec({k: v.astype(np.int32) for k, v in tables.items()},
+                            dict(super=SUPER, mult=MULT), decode)
+
+
 FORMAT = registry.register(registry.Format(
     name="itq3_t",
     transform="rht",
@@ -168,6 +192,7 @@ FORMAT = registry.register(registry.Format(
     max_abs=MAX_ABS,
     levels=levels,
     repack=repack,
+    kernel_codec=kernel_decoder,
     description="randomized FWHT + two interleaved balanced-ternary planes, 16-wide "
     "sub-block steps, certified bound (3.4375 bpw at n=256)",
 ))

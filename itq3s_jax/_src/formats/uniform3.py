@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from itq3s_jax._src import bitpack
-from itq3s_jax._src import registry
+from itq3s_jax._src.core import bitpack
+from itq3s_jax._src.core import kernel_codec
+from itq3s_jax._src.core import registry
 
 _F16_MAX = float(np.finfo(np.float16).max)
 
@@ -28,8 +29,7 @@ def nbytes(n: int) -> int:
 
 
 def _scale(b: jax.Array) -> jax.Array:
-  bits = b[..., 0].astype(jnp.uint16) | (b[..., 1].astype(jnp.uint16) << 8)
-  return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
+  return bitpack.fp16_from_bytes(b[..., :2]).astype(jnp.float32)
 
 
 def decode(b: jax.Array, n: int) -> jax.Array:
@@ -67,9 +67,8 @@ def encode(x: jax.Array, importance: jax.Array | None = None) -> jax.Array:
   d = d16.astype(jnp.float32)
   safe = jnp.where(d == 0, 1.0, d)
   c = jnp.where(d[..., None] == 0, 4, jnp.clip(jnp.round(x / safe[..., None]), -4, 3) + 4)
-  bits = jax.lax.bitcast_convert_type(d16, jnp.uint16)
-  head = jnp.stack([(bits & 0xFF), (bits >> 8)], axis=-1).astype(jnp.uint8)
-  return jnp.concatenate([head, bitpack.pack_bits(c.astype(jnp.int32), 3)], axis=-1)
+  return jnp.concatenate([bitpack.fp16_to_bytes(d16), bitpack.pack_bits(c.astype(jnp.int32), 3)],
+                         axis=-1)
 
 
 def levels(b: jax.Array, n: int):
@@ -86,9 +85,24 @@ def repack(b: jax.Array, q: jax.Array, n: int) -> jax.Array:
   return jnp.concatenate([b[..., :2], bitpack.pack_bits(q.astype(jnp.int32) + 4, 3)], axis=-1)
 
 
+def kernel_decoder(n: int) -> kernel_codec.Codec:
+  """The decoder above as per-column byte arithmetic (``core/kernel_codec.py``)."""
+  f = kernel_codec.field_tables(2, n, 3, 1, nbytes(n))
+
+  def decode(src: kernel_codec.Source) -> jax.Array:
+    zero = jnp.zeros((1, 1), jnp.int32)
+    bits = src.byte(zero) | (src.byte(zero + 1) << 8)  # little-endian fp16 scale
+    d = jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16)
+    c = kernel_codec.bit_field(src.byte(src.table("lo")), src.byte(src.table("hi")),
+                               src.table("shift"), 3)
+    return (c - 4).astype(jnp.float32) * d.astype(jnp.float32)
+
+  return kernel_codec.Codec({k: v.astype(np.int32) for k, v in f.items()}, {}, decode)
+
+
 _COMMON = dict(
     tail="pow2", block_nbytes=nbytes, encode=encode, decode=decode, bound=bound,
-    max_abs=4.0 * _F16_MAX, levels=levels, repack=repack)
+    max_abs=4.0 * _F16_MAX, levels=levels, repack=repack, kernel_codec=kernel_decoder)
 UNIFORM3 = registry.register(registry.Format(
     name="uniform3", transform="none",
     description="round-to-nearest 3-bit, one fp16 absmax scale per block, no rotation "

@@ -1,28 +1,35 @@
 """``matmul(x, qt)``: x @ dequantize(qt).T with one dispatch entry point.
 
-Methods:
+Methods (the implementations table :data:`METHODS`):
   ``"xla"``: dequantize, then ``jnp.dot`` in float32; the reference and the
-    fallback, any backend, any format.
-  ``"weight_ifwht"``: Pallas kernel (``pallas_kernels/weight_ifwht.py``) that
-    decodes 256-wide weight tiles, inverse-transforms them and dots.
-  ``"act_rotate"``: Pallas kernel (``pallas_kernels/act_rotate.py``) that
+    fallback, any backend, any format (``xla.py``).
+  ``"weight_ifwht"``: Pallas kernel (``itq3s_jax/pallas_kernels/weight_ifwht.py``)
+    that decodes 256-wide weight tiles, inverse-transforms them and dots.
+  ``"act_rotate"``: Pallas kernel (``itq3s_jax/pallas_kernels/act_rotate.py``) that
     rotates x once per 256 columns and dots with the coding-domain tiles.
   ``"auto"``: :func:`choose`.
 
 The Pallas methods compile for GPUs (Triton) and run in interpret mode on CPU
 (correct but slow: for tests). They raise NotImplementedError for formats
-without a kernel decoder (``kernel_decode.CODECS``).
+without a kernel decoder (``Format.kernel_codec``). They are registered only
+when Pallas imports, so a jax without it still has the XLA path.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
-from itq3s_jax._src import qtensor
-from itq3s_jax._src import quantize as quantize_lib
+from itq3s_jax._src.core import qtensor
+from itq3s_jax._src.matmul import xla
+
+try:
+  from itq3s_jax import pallas_kernels
+except ImportError:  # a jax build without Pallas/Triton: the XLA path only
+  pallas_kernels = None
 
 # Above this many activation rows the product is compute-bound and cuBLAS on a
 # dequantized weight wins over the fused kernels' Triton dot (not yet measured:
@@ -31,22 +38,10 @@ AUTO_MAX_ROWS = 256
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
 
-def _xla(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
-  w = quantize_lib.dequantize(qt, jnp.float32)
-  return jnp.dot(x.astype(jnp.float32), w.T, precision=lax.Precision.HIGHEST,
-                 preferred_element_type=jnp.float32)
-
-
-def _kernel(name: str):
-  def run(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
-    import pallas_kernels  # pylint: disable=g-import-not-at-top  (pallas_kernels imports this module)
-    module = getattr(pallas_kernels, name)
-    return getattr(module, name)(x, qt)
-  return run
-
-
-_METHODS = {"xla": _xla, "weight_ifwht": _kernel("weight_ifwht"),
-            "act_rotate": _kernel("act_rotate")}
+METHODS = {"xla": xla.dequantize_dot}
+if pallas_kernels is not None:
+  METHODS.update(weight_ifwht=pallas_kernels.weight_ifwht.weight_ifwht,
+                 act_rotate=pallas_kernels.act_rotate.act_rotate)
 
 
 def choose(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor,
@@ -54,14 +49,13 @@ def choose(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor,
   """The method ``"auto"`` runs for this x (..., K), weight and backend.
 
   CPU/TPU: ``"xla"`` (the kernels are Triton; interpret mode is for tests). GPU:
-  ``"act_rotate"`` (no weight-side transform, jax_notes.md §8) when the kernel
+  ``"act_rotate"`` (no weight-side transform per call) when the kernel
   supports the format and shape and x has at most AUTO_MAX_ROWS rows, else
   ``"xla"``.
   """
   backend = backend or jax.default_backend()
-  if backend not in _GPU_BACKENDS:
+  if backend not in _GPU_BACKENDS or pallas_kernels is None:
     return "xla"
-  import pallas_kernels  # pylint: disable=g-import-not-at-top
   rows = 1
   for d in x.shape[:-1]:
     rows *= d
@@ -70,6 +64,7 @@ def choose(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor,
   return "xla"
 
 
+@functools.partial(jax.jit, static_argnames="method")
 def matmul(x: ArrayLike, qt: qtensor.QuantizedTensor, *, method: str = "auto") -> jax.Array:
   """Computes ``x @ dequantize(qt).T`` in float32.
 
@@ -93,12 +88,13 @@ def matmul(x: ArrayLike, qt: qtensor.QuantizedTensor, *, method: str = "auto") -
   (1, 2)
   """
   x = jnp.asarray(x)
+  qtensor.validate(qt)
   if len(qt.shape) != 2:
     raise ValueError(f"matmul needs a 2-D weight (N, K), got shape {qt.shape}.")
   if x.shape[-1] != qt.shape[-1]:
     raise ValueError(f"x has K={x.shape[-1]} but the weight has K={qt.shape[-1]}.")
   if method == "auto":
     method = choose(x, qt)
-  if method not in _METHODS:
-    raise ValueError(f"unknown matmul method {method!r}; known: {sorted(_METHODS)} or 'auto'.")
-  return _METHODS[method](x, qt)
+  if method not in METHODS:
+    raise ValueError(f"unknown matmul method {method!r}; known: {sorted(METHODS)} or 'auto'.")
+  return METHODS[method](x, qt)

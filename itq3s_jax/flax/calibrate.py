@@ -1,10 +1,10 @@
-"""Calibration statistics: the input second moment Sigma_x = X^T X / n of every linear layer.
+"""Calibration taps on an NNX model: the input second moment Sigma_x = X^T X / n per linear layer.
 
 ``calibrate(model, tokens)`` runs the float NNX model over windows of
 calibration text and, for every ``nnx.Linear`` (the layers
 ``itq3s_jax.flax.quantize_model`` quantizes), accumulates X^T X over all
 token positions of its input. The result feeds ``quantize(w, fmt,
-hessian=sigma)`` (GPTQ rounding, ``gptq.py``).
+hessian=sigma)`` (GPTQ rounding); saving and loading it is ``_src/stats.py``.
 
 How: a copy of the model has each ``nnx.Linear`` wrapped by a tap that stores
 X^T X of the current batch (float32, highest matmul precision) in a variable;
@@ -14,7 +14,7 @@ bitwise equal moments: they are detected on the first batch and accumulated
 once, and the returned dict maps each of their paths to the same array.
 Memory: one (K, K) accumulator per distinct layer input (:func:`nbytes`).
 
-Calibration text must be disjoint from evaluation text: :func:`protocol_tokens`
+Calibration text must be disjoint from evaluation text: ``stats.protocol_tokens``
 gives tokens 16384..24575 of the perplexity protocol's stream by default, the
 protocol itself scoring tokens 0..8191.
 """
@@ -22,8 +22,6 @@ protocol itself scoring tokens 0..8191.
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 from typing import Callable, Mapping
 
 import jax
@@ -32,11 +30,10 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from itq3s_jax._src import gptq
-from itq3s_jax._src import qtensor
-
-CALIBRATION_SLICE = (16384, 24576)  # tokens of the protocol stream; eval uses [0, 8192)
-_FORMAT_KEY = "__itq3s_calibration__"
+from itq3s_jax._src import api
+from itq3s_jax._src import config
+from itq3s_jax._src.core import qtensor
+from itq3s_jax.flax import state as state_lib
 
 
 class _Moment(nnx.Variable):
@@ -56,24 +53,10 @@ class _Tap(nnx.Module):
     return self.linear(x)
 
 
-def _dotted(path) -> str:
-  return ".".join(str(p) for p in path)
-
-
 def _linears(model: nnx.Module, include: Callable[[str], bool] | None = None):
   """[(path tuple, nnx.Linear)] of the selected linear layers (collected before any surgery)."""
   return [(p, m) for p, m in nnx.iter_modules(model)
-          if isinstance(m, nnx.Linear) and p and (include is None or include(_dotted(p)))]
-
-
-def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
-  parent = model
-  for key in path[:-1]:
-    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-  if isinstance(path[-1], int):
-    parent[path[-1]] = new
-  else:
-    setattr(parent, path[-1], new)
+          if isinstance(m, nnx.Linear) and p and (include is None or include(state_lib.dotted(p)))]
 
 
 def _tapped_copy(model: nnx.Module, include: Callable[[str], bool] | None):
@@ -82,8 +65,8 @@ def _tapped_copy(model: nnx.Module, include: Callable[[str], bool] | None):
   copy = nnx.merge(gdef, state)
   targets = _linears(copy, include)
   for path, linear in targets:
-    _replace(copy, path, _Tap(linear))
-  return copy, [_dotted(p) for p, _ in targets]
+    state_lib.set_submodule(copy, path, _Tap(linear))
+  return copy, [state_lib.dotted(p) for p, _ in targets]
 
 
 def calibrate(model: nnx.Module, tokens: ArrayLike, *, window: int = 512,
@@ -154,66 +137,9 @@ def calibrate(model: nnx.Module, tokens: ArrayLike, *, window: int = 512,
   return {p: sums[owner[p]] for p in paths}
 
 
-def nbytes(stats: Mapping[str, np.ndarray]) -> int:
-  """Bytes held by the distinct arrays of ``stats`` (shared arrays counted once)."""
-  return sum(a.nbytes for a in {id(a): a for a in stats.values()}.values())
-
-
-def save(path: str | os.PathLike[str], stats: Mapping[str, np.ndarray], *,
-         dtype=np.float32) -> None:
-  """Writes ``stats`` to an .npz, each distinct array once, in ``dtype``.
-
-  Written to ``path + ".tmp"`` then renamed, so a crash leaves no partial file.
-  """
-  arrays, names, index = {}, [], {}
-  for p, a in stats.items():
-    key = index.setdefault(id(a), f"s{len(index)}")
-    if key not in arrays:
-      arrays[key] = np.asarray(a, dtype)
-    names.append((p, key))
-  arrays[_FORMAT_KEY] = np.array([f"{p}\t{k}" for p, k in names])
-  tmp = os.fspath(path) + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
-
-
-def load(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-  """Reads statistics written by :func:`save`; shared arrays stay shared.
-
-  Raises:
-    ValueError: the file is not a calibration .npz.
-  """
-  with np.load(path, allow_pickle=False) as f:
-    if _FORMAT_KEY not in f.files:
-      raise ValueError(f"{os.fspath(path)} is not an itq3s calibration file (no index); "
-                       "write it with itq3s_jax.calibrate's save().")
-    table = [str(s).split("\t") for s in f[_FORMAT_KEY]]
-    arrays = {k: f[k] for k in {k for _, k in table}}
-  return {p: arrays[k] for p, k in table}
-
-
-def protocol_tokens(tokenizer, start: int = CALIBRATION_SLICE[0],
-                    stop: int = CALIBRATION_SLICE[1]) -> np.ndarray:
-  """Token ids [start, stop) of the perplexity protocol's text (default: disjoint from eval).
-
-  Args:
-    tokenizer: a ``tokenizers.Tokenizer`` (e.g. from ``llama.load_gguf``), no BOS added.
-    start, stop: token range; the protocol scores [0, 8192).
-
-  Returns:
-    int32 (stop - start,).
-  """
-  from itq3s_jax._src import evaluation  # pylint: disable=g-import-not-at-top
-  ids = np.asarray(tokenizer.encode(evaluation.protocol_text(), add_special_tokens=False).ids,
-                   np.int32)
-  if len(ids) < stop:
-    raise ValueError(f"the protocol text has {len(ids)} tokens, fewer than {stop=}.")
-  return ids[start:stop]
-
-
 def quantize_weights(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
-                     format: str = "itq3_t", seed: int = 0, **options
+                     format: str = "itq3_t", seed: int = 0,
+                     gptq: config.GptqConfig | None = None
                      ) -> dict[str, qtensor.QuantizedTensor]:
   """GPTQ-quantizes the kernels of the linear layers that have statistics.
 
@@ -225,47 +151,20 @@ def quantize_weights(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
     model: the float NNX model (not modified).
     stats: {dotted path: Sigma (K, K)} from :func:`calibrate` / :func:`load`.
     format, seed: as ``itq3s_jax.quantize``.
-    **options: ``gptq.quantize`` options (rounding, scales, damp, act_order).
+    gptq: rounding options (:class:`itq3s_jax.GptqConfig`); None: the defaults.
 
   Returns:
     {dotted path: QuantizedTensor (out_features, in_features)}.
   """
   groups: dict[int, list] = {}
   for path, lin in _linears(model, lambda p: p in stats):
-    groups.setdefault(id(stats[_dotted(path)]), []).append((_dotted(path), lin))
+    groups.setdefault(id(stats[state_lib.dotted(path)]), []).append((state_lib.dotted(path), lin))
   out = {}
   for members in groups.values():
     w = jnp.concatenate([lin.kernel[...].T for _, lin in members], axis=0)
-    qt = gptq.quantize(w, format, stats[members[0][0]], seed=seed, **options)
+    qt = api.quantize(w, format, seed=seed, hessian=stats[members[0][0]], gptq=gptq)
     row = 0
     for name, lin in members:
-      data = qt.data[row:row + lin.out_features]
-      out[name] = qtensor.QuantizedTensor(data, (lin.out_features, lin.in_features),
-                                          qt.format, qt.seed, qt.rounding)
+      out[name] = qt.replace(data=qt.data[row:row + lin.out_features])
       row += lin.out_features
   return out
-
-
-def quantize_model(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
-                   format: str = "itq3_t", seed: int = 0, method: str = "auto",
-                   **options) -> nnx.Module:
-  """Replaces each calibrated ``nnx.Linear`` by a GPTQ-coded ``QuantizedLinear`` (in place).
-
-  ``itq3s_jax.flax.quantize_model(model, hessians=stats, include=...)`` restricted
-  to the layers that have statistics; use that directly for a report, or to
-  round the layers without statistics to nearest.
-
-  Args:
-    model: the float NNX model; layers without statistics stay float.
-    stats: {dotted path: Sigma} from :func:`calibrate` / :func:`load`.
-    format, seed: as ``itq3s_jax.quantize``.
-    method: ``itq3s_jax.matmul`` method of the new layers.
-    **options: ``gptq.quantize`` options.
-
-  Returns:
-    ``model``, modified.
-  """
-  from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top (flax imports us)
-  only = "^(" + "|".join(re.escape(p) for p in stats) + ")$"
-  return qflax.quantize_model(model, format=format, seed=seed, method=method, include=only,
-                              hessians=stats, **options)[0]

@@ -16,12 +16,15 @@ inverse.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+
+from itq3s_jax._src.core import blocks
 
 _FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 
@@ -53,6 +56,7 @@ def hadamard_unnormalized(x: jax.Array) -> jax.Array:
   return x
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def fwht(x: ArrayLike, axis: int = -1, signs: ArrayLike | None = None) -> jax.Array:
   """Orthonormal (randomized) Walsh-Hadamard transform along ``axis``.
 
@@ -90,6 +94,7 @@ def fwht(x: ArrayLike, axis: int = -1, signs: ArrayLike | None = None) -> jax.Ar
   return jnp.moveaxis(y, -1, axis)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def ifwht(z: ArrayLike, axis: int = -1, signs: ArrayLike | None = None) -> jax.Array:
   """Inverse of :func:`fwht` with the same ``signs``: signs * (H z / sqrt(n)).
 
@@ -119,9 +124,23 @@ def sign_vector(seed: int, n: int = 256) -> np.ndarray:
   sigma = -1 where b == 1, else +1. A block of n <= 256 weights uses the first
   n entries. numpy's PCG64 stream is stable across numpy versions.
   """
+  seed, n = check_seed(seed), blocks.as_index(n, "n")
   if not 1 <= n <= 256:
     raise ValueError(f"sign vectors are defined for 1 <= n <= 256, got {n=}.")
+  return _signs256(seed)[:n].copy()
+
+
+def check_seed(seed) -> int:
+  """The sign-vector seed as an int; TypeError/ValueError unless a non-negative int."""
+  seed = blocks.as_index(seed, "seed")
   if seed < 0:
     raise ValueError(f"{seed=} must be a non-negative integer.")
+  return seed
+
+
+@functools.lru_cache(maxsize=64)
+def _signs256(seed: int) -> np.ndarray:
   bits = np.random.default_rng(seed).integers(0, 2, 256)
-  return np.where(bits == 1, -1.0, 1.0).astype(np.float32)[:n]
+  out = np.where(bits == 1, -1.0, 1.0).astype(np.float32)
+  out.setflags(write=False)
+  return out

@@ -3,12 +3,11 @@
 y = x @ W^T with W (N, K) coded row by row in 256-blocks. Grid (M/bm, N/bn);
 each program loops (``lax.fori_loop``) over the 256-blocks of its bn rows:
 decode the (bn, 256) coding-domain tile from the native bytes
-(``itq3s_jax/_src/kernel_decode.py``), optionally apply the inverse
+(``itq3s_jax/_src/core/kernel_codec.py``), optionally apply the inverse
 randomized Hadamard transform to it (``weight_ifwht``), and accumulate
 x_tile (bm, 256) . tile^T in float32.
 
-Written for the Triton lowering of ``pl.pallas_call`` (jax 0.10-0.12, see
-jax_notes.md §2-§5): no scratch, no in-register slicing or gather (bytes are
+Written for the Triton lowering of ``pl.pallas_call`` (jax 0.10-0.12): no scratch, no in-register slicing or gather (bytes are
 fetched from the ref at computed offsets), power-of-two loads only, 2-D dots on
 float operands. Compiled Triton kernels do not mask out-of-bounds blocks, so
 nothing here relies on masking: x is zero-padded to whole row blocks, weight
@@ -33,12 +32,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from itq3s_jax._src import blocks
-from itq3s_jax._src import fwht
-from itq3s_jax._src import kernel_decode
-from itq3s_jax._src import qtensor
-from itq3s_jax._src import quantize
-from itq3s_jax._src import registry
+from itq3s_jax._src import codec
+from itq3s_jax._src.core import blocks
+from itq3s_jax._src.core import kernel_codec
+from itq3s_jax._src.core import qtensor
+from itq3s_jax._src.core import registry
 
 QK = blocks.QK
 _HALF_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -108,7 +106,7 @@ class Plan:
 
 def plan(format: str, k: int) -> Plan:
   fmt = registry.get_format(format)
-  segs = [s for s in blocks.plan(k, fmt.tail, fmt.block_nbytes) if s.n == QK]
+  segs = [s for s in qtensor.segments(format, k) if s.n == QK]
   return Plan(k_cols=sum(s.valid for s in segs), n_blocks=sum(s.count for s in segs),
               nbytes=fmt.block_nbytes(QK), byte_stop=sum(s.count * s.nbytes for s in segs))
 
@@ -134,14 +132,14 @@ def check_supported(x: jax.Array, qt: qtensor.QuantizedTensor) -> None:
     raise ValueError(f"x has K={x.shape[-1]} but the weight has K={qt.shape[-1]}.")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"x must be a float array, got dtype {x.dtype}.")
-  kernel_decode.get(qt.format, QK)  # NotImplementedError for formats without a decoder
+  kernel_codec.get(qt.format, QK)  # NotImplementedError for formats without a decoder
   if plan(qt.format, qt.shape[-1]).n_blocks == 0:
     raise NotImplementedError(
         f"K={qt.shape[-1]} has no 256-block for the kernel; use method='xla'.")
 
 
 class _RefSource:
-  """kernel_decode.Source over the coded-rows ref: rows (bn, 1), block at byte ``base``."""
+  """kernel_codec.Source over the coded-rows ref: rows (bn, 1), block at byte ``base``."""
 
   def __init__(self, data_ref, rows, base, tables, lut_refs):
     self._data, self._rows, self._base = data_ref, rows, base
@@ -171,8 +169,8 @@ def _kernel(x_ref, data_ref, signs_ref, *refs, codec, n_rows, p, block_n, transf
 
   def body(b, acc):
     z = codec.decode(_RefSource(data_ref, rows, b * p.nbytes, tables, lut_refs))
-    if transform:  # inverse RHT of each row: sigma * H z / 16 (quantize._transform inverse, n = 256)
-      z = kernel_decode.hadamard(z) * signs_ref[...]
+    if transform:  # inverse RHT of each row: sigma * H z / 16 (codec.transform inverse, n = 256)
+      z = kernel_codec.hadamard(z) * signs_ref[...]
     xt = x_ref[:, pl.ds(b * QK, QK)]
     return acc + lax.dot_general(xt, z.astype(dot_dtype), (((1,), (1,)), ((), ())),
                                  precision=precision, preferred_element_type=jnp.float32)
@@ -181,16 +179,10 @@ def _kernel(x_ref, data_ref, signs_ref, *refs, codec, n_rows, p, block_n, transf
   o_ref[...] = lax.fori_loop(0, p.n_blocks, body, acc)
 
 
-def _signs(fmt: registry.Format, seed: int) -> np.ndarray:
-  """Row (1, 256) that finishes the inverse transform: sigma / 16 (1/16 = 1/sqrt(256) exactly)."""
-  sig = fwht.sign_vector(seed, QK) if fmt.transform == "rht" else np.ones(QK, np.float32)
-  return (sig / np.float32(16.0)).astype(np.float32)[None, :]
-
-
-@functools.partial(jax.jit, static_argnames=("format", "seed", "transform", "config",
+@functools.partial(jax.jit, static_argnames=("format", "transform", "config",
                                              "interpret", "n", "name"))
-def fused(xk: jax.Array, data: jax.Array, out_init: jax.Array | None, *, format: str,
-          seed: int, n: int, transform: bool, config: Config, interpret: bool,
+def fused(xk: jax.Array, data: jax.Array, sig: jax.Array, out_init: jax.Array | None, *,
+          format: str, n: int, transform: bool, config: Config, interpret: bool,
           name: str) -> jax.Array:
   """The kernel on the 256-block part: xk (M, n_blocks*256) . W_blocks^T -> f32 (M, n).
 
@@ -199,9 +191,10 @@ def fused(xk: jax.Array, data: jax.Array, out_init: jax.Array | None, *, format:
       columns where a pad256 block is padded; bf16/f16 run a bf16/f16 dot,
       anything else a float32 dot at full precision.
     data: uint8 (n, row_nbytes) coded rows.
+    sig: float32 (256,) sign vector of the weight (``codec.signs``).
     out_init: None, or a float32 (Mp, Np) buffer (M, n padded to whole blocks)
       aliased to the output: tests fill it with NaN to catch unwritten blocks.
-    format, seed: the weight's format and sign seed.
+    format: the weight's format.
     n: weight rows N.
     transform: apply the inverse block transform to decoded tiles.
     config: tiling.
@@ -211,19 +204,19 @@ def fused(xk: jax.Array, data: jax.Array, out_init: jax.Array | None, *, format:
   Returns:
     float32 (M, n).
   """
-  fmt = registry.get_format(format)
-  codec = kernel_decode.get(format, QK)
+  dec = kernel_codec.get(format, QK)
   p = plan(format, xk.shape[-1])  # xk covers whole 256-blocks: the same blocks as the row's
   m = xk.shape[0]
   bm, bn = config.block_m, config.block_n
   mp, np_ = -(-m // bm) * bm, -(-n // bn) * bn
   dot_dtype = xk.dtype if xk.dtype in _HALF_FLOATS else jnp.dtype(jnp.float32)
   xk = jnp.pad(xk.astype(dot_dtype), ((0, mp - m), (0, 0)))
-  names, lut_names = sorted(codec.tables), sorted(codec.luts)
-  consts = ([jnp.asarray(codec.tables[k])[None, :] for k in names]
-            + [jnp.asarray(codec.luts[k]) for k in lut_names])
+  names, lut_names = sorted(dec.tables), sorted(dec.luts)
+  consts = ([jnp.asarray(dec.tables[k])[None, :] for k in names]
+            + [jnp.asarray(dec.luts[k]) for k in lut_names])
   whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, nd=a.ndim: (0,) * nd)
-  args = [xk, data, jnp.asarray(_signs(fmt, seed)), *consts]
+  # sigma / 16 finishes the inverse transform (1/16 = 1/sqrt(256) exactly).
+  args = [xk, data, (sig.astype(jnp.float32) / 16.0)[None, :], *consts]
   in_specs = [pl.BlockSpec((bm, xk.shape[1]), lambda i, j: (i, 0))] + [whole(a) for a in args[1:]]
   aliases = {}
   if out_init is not None:
@@ -233,7 +226,7 @@ def fused(xk: jax.Array, data: jax.Array, out_init: jax.Array | None, *, format:
     args.append(out_init.astype(jnp.float32))
     in_specs.append(pl.BlockSpec((bm, bn), lambda i, j: (i, j)))
   kernel = functools.partial(
-      _kernel, codec=codec, n_rows=n, p=p, block_n=bn, transform=transform,
+      _kernel, codec=dec, n_rows=n, p=p, block_n=bn, transform=transform,
       dot_dtype=dot_dtype)
   if out_init is not None:  # the poisoned buffer is written only through the output ref
     kernel = functools.partial(_drop_aliased, kernel)
@@ -270,9 +263,8 @@ def tail_matmul(x: jax.Array, qt: qtensor.QuantizedTensor, p: Plan) -> jax.Array
   k = qt.shape[-1]
   if p.k_cols == k:
     return None
-  sub = qtensor.QuantizedTensor(qt.data[:, p.byte_stop:], (qt.shape[0], k - p.k_cols),
-                                qt.format, qt.seed)
-  w = quantize.dequantize(sub, jnp.float32)
+  sub = qt.replace(data=qt.data[:, p.byte_stop:], k=k - p.k_cols)
+  w = codec.dequantize(sub, jnp.float32)
   return jnp.dot(x[:, p.k_cols:].astype(jnp.float32), w.T,
                  precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
@@ -290,12 +282,13 @@ def run(x, qt, *, rotate_x: bool, config: Config | None, interpret: bool | None,
   interpret = interpret_default() if interpret is None else interpret
   p = plan(qt.format, k)
   xk = x2[:, :p.k_cols]
+  sig = jnp.asarray(codec.signs(qt.format, qt.seed))
   if rotate_x:  # coding domain of the activations, once per 256 columns (zero-padded)
-    xk = quantize.rotate_activations(xk, qt.format, qt.seed).astype(
+    xk = codec.rotate(xk, sig, qt.format).astype(
         x.dtype if x.dtype in _HALF_FLOATS else jnp.float32)
   else:
     xk = jnp.pad(xk, ((0, 0), (0, p.n_blocks * QK - p.k_cols)))
-  y = fused(xk, qt.data, out_init, format=qt.format, seed=qt.seed, n=n,
+  y = fused(xk, qt.data, sig, out_init, format=qt.format, n=n,
             transform=not rotate_x and registry.get_format(qt.format).transform != "none",
             config=config, interpret=interpret,
             name="act_rotate" if rotate_x else "weight_ifwht")

@@ -3,28 +3,24 @@
 The paper's fused kernel done right: sub-block steps are applied to the codes
 *before* the transform (the transform mixes sub-blocks), in float32, with no
 shared-memory traffic between threads of a tile. y = x @ dequantize(qt)^T.
-Cost: 8 add/sub per weight for the butterfly (kernel_decode.hadamard) on top
-of the decode, which dominates at small M (jax_notes.md §8); ``act_rotate``
-avoids it. The kernel body is shared with ``act_rotate`` (``_driver.py``).
+Cost: 8 add/sub per weight for the butterfly (kernel_codec.hadamard) on top
+of the decode, which dominates at small M; ``act_rotate``
+avoids it. The kernel body is shared with ``act_rotate`` (``driver.py``).
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 from jax.typing import ArrayLike
 
-from itq3s_jax._src import matmul as matmul_lib
-from itq3s_jax._src import qtensor
-from pallas_kernels import _driver
+from itq3s_jax._src.core import qtensor
+from itq3s_jax._src.matmul import xla
+from itq3s_jax.pallas_kernels import driver
 
-Config = _driver.Config
-heuristic = _driver.heuristic
-reference = functools.partial(matmul_lib.matmul, method="xla")
-
-
-supports = _driver.supports
+Config = driver.Config
+heuristic = driver.heuristic
+reference = xla.dequantize_dot
+supports = driver.supports
 
 
 def weight_ifwht(x: ArrayLike, qt: qtensor.QuantizedTensor, *, config: Config | None = None,
@@ -34,10 +30,10 @@ def weight_ifwht(x: ArrayLike, qt: qtensor.QuantizedTensor, *, config: Config | 
   Args:
     x: float activations (..., K); bf16/f16 run a bf16/f16 tensor-core dot
       (tiles rounded to that dtype), others a float32 dot.
-    qt: weight (N, K) in a format with a kernel decoder (kernel_decode.CODECS).
+    qt: weight (N, K) in a format with a kernel decoder (``Format.kernel_codec``).
     config: tiling; None: :func:`heuristic`.
     interpret: None: interpret mode on CPU, compiled on GPU.
-    out_init: testing hook, see ``_driver.fused``.
+    out_init: testing hook, see ``driver.fused``.
 
   Returns:
     float32 (..., N).
@@ -45,5 +41,5 @@ def weight_ifwht(x: ArrayLike, qt: qtensor.QuantizedTensor, *, config: Config | 
   Raises:
     NotImplementedError: format without a kernel decoder, K < 256, non-GPU backend.
   """
-  return _driver.run(x, qt, rotate_x=False, config=config, interpret=interpret,
+  return driver.run(x, qt, rotate_x=False, config=config, interpret=interpret,
                      out_init=out_init)

@@ -4,27 +4,23 @@ Each 256-block of a weight row is stored as z = H (sigma * w) / 16, H/16
 orthonormal, so w . x = z . (H (sigma * x) / 16): the activations are rotated
 once (``itq3s_jax.rotate_activations``, M*K*8 add/sub in XLA, negligible at
 small M) and the kernel only decodes codes times steps, never transforms a
-weight tile (jax_notes.md §8). Equal to dequantize-first up to rounding.
+weight tile. Equal to dequantize-first up to rounding.
 y = x @ dequantize(qt)^T. The kernel body is shared with ``weight_ifwht``.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 from jax.typing import ArrayLike
 
-from itq3s_jax._src import matmul as matmul_lib
-from itq3s_jax._src import qtensor
-from pallas_kernels import _driver
+from itq3s_jax._src.core import qtensor
+from itq3s_jax._src.matmul import xla
+from itq3s_jax.pallas_kernels import driver
 
-Config = _driver.Config
-heuristic = _driver.heuristic
-reference = functools.partial(matmul_lib.matmul, method="xla")
-
-
-supports = _driver.supports
+Config = driver.Config
+heuristic = driver.heuristic
+reference = xla.dequantize_dot
+supports = driver.supports
 
 
 def act_rotate(x: ArrayLike, qt: qtensor.QuantizedTensor, *, config: Config | None = None,
@@ -34,10 +30,10 @@ def act_rotate(x: ArrayLike, qt: qtensor.QuantizedTensor, *, config: Config | No
   Args:
     x: float activations (..., K); bf16/f16 rotate in float32, then round the
       rotated activations and decoded tiles to that dtype for the dot.
-    qt: weight (N, K) in a format with a kernel decoder (kernel_decode.CODECS).
+    qt: weight (N, K) in a format with a kernel decoder (``Format.kernel_codec``).
     config: tiling; None: :func:`heuristic`.
     interpret: None: interpret mode on CPU, compiled on GPU.
-    out_init: testing hook, see ``_driver.fused``.
+    out_init: testing hook, see ``driver.fused``.
 
   Returns:
     float32 (..., N).
@@ -45,5 +41,5 @@ def act_rotate(x: ArrayLike, qt: qtensor.QuantizedTensor, *, config: Config | No
   Raises:
     NotImplementedError: format without a kernel decoder, K < 256, non-GPU backend.
   """
-  return _driver.run(x, qt, rotate_x=True, config=config, interpret=interpret,
+  return driver.run(x, qt, rotate_x=True, config=config, interpret=interpret,
                      out_init=out_init)

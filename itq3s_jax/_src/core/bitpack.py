@@ -1,11 +1,11 @@
-"""Byte packing shared by the codecs: base-3 trits (5 per byte) and n-bit fields.
+"""Byte packing shared by the codecs: base-3 trits (5 per byte), n-bit fields, fp16 scales.
 
 Trit bytes use the TQ1_0 code of llama.cpp (docs/FORMAT.md): five trits
 t_0..t_4 in {-1, 0, 1}, u_k = t_k + 1, q = sum_k u_k 3^(4-k) (t_0 most
 significant) and byte = ceil(q * 256 / 243). Trit k of a byte b decodes as
 ((b * 3^k mod 256) * 3 >> 8) - 1, which needs no division and vectorises.
 Bit fields are LSB-first: field i of width w occupies bits [w*i, w*i + w) of
-the little-endian bit string of the bytes.
+the little-endian bit string of the bytes. fp16 scales are stored little-endian.
 """
 
 from __future__ import annotations
@@ -60,3 +60,15 @@ def unpack_bits(b: jax.Array, width: int, m: int) -> jax.Array:
   bits = bits.reshape(*b.shape[:-1], b.shape[-1] * 8)[..., : m * width]
   bits = bits.reshape(*b.shape[:-1], m, width)
   return jnp.sum(bits << jnp.arange(width, dtype=jnp.int32), axis=-1)
+
+
+def fp16_from_bytes(b: jax.Array) -> jax.Array:
+  """uint8 (..., 2) little-endian -> float16 (...)."""
+  bits = b[..., 0].astype(jnp.uint16) | (b[..., 1].astype(jnp.uint16) << 8)
+  return jax.lax.bitcast_convert_type(bits, jnp.float16)
+
+
+def fp16_to_bytes(h: jax.Array) -> jax.Array:
+  """float16 (...) -> uint8 (..., 2) little-endian."""
+  bits = jax.lax.bitcast_convert_type(h.astype(jnp.float16), jnp.uint16)
+  return jnp.stack([bits & 0xFF, bits >> 8], axis=-1).astype(jnp.uint8)

@@ -1,9 +1,11 @@
 """The one list of formats: every codec registers a :class:`Format` here.
 
 A format codes blocks of ``n`` consecutive weights along the last (contraction)
-axis. The shared driver (``quantize.py``) cuts rows into blocks, applies the
+axis. The shared driver (``codec.py``) cuts rows into blocks, applies the
 format's transform, and calls the codec's ``encode``/``decode`` on arrays with a
 trailing block axis. Codecs therefore never see rows, padding or rotations.
+A format also declares what the rest of the library needs of it: its GGML
+type, its Hessian-aware rounding hooks and its kernel decoder.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Format:
     max_abs: largest |coding-domain value| the codec represents without
       clipping; quantize raises beyond it in eager mode.
     gguf_type: GGML type id when the 256-blocks are byte-compatible, else None.
+    kernel_codec: optional ``n -> kernel_codec.Codec``: the block decoder in the
+      elementwise form the Pallas kernels run (``core/kernel_codec.py``); None:
+      the fused kernels decline the format.
     description: one line for tables and ``itq3s inspect``.
     levels: optional Hessian-aware rounding hook (gptq.py): (uint8 (..., nbytes),
       n) -> (step, lo, hi), each (..., n): with the block's scales as stored,
@@ -74,6 +79,7 @@ class Format:
   repack: Callable[[jax.Array, jax.Array, int], jax.Array] | None = None
   group: int = 1
   snap: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+  kernel_codec: Callable[[int], "object"] | None = None
 
 
 _REGISTRY: dict[str, Format] = {}

@@ -1,0 +1,1 @@
+"""The format core: block plans, bit packing, the FWHT, the format registry and QuantizedTensor."""
