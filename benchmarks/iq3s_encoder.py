@@ -6,7 +6,7 @@
 
 Speed: ``quantize`` / ``dequantize`` under ``jax.jit`` on N(0,1) weights, after
 one warm-up call, median of ``--repeats`` runs (wall clock, all cores). Accuracy:
-rel-MSE (float64) on test tensors a (N(0,1)) and b (Student-t 3), numbers.md
+rel-MSE (float64) on test tensors a (N(0,1)) and b (Student-t 3), benchmarks/anchors.py
 §1.1 recipes. Search check: the fraction of 4-groups whose ``NCAND``-candidate
 choice differs from an exhaustive 512-point search, and the squared-error
 excess over the exhaustive optimum.

@@ -85,7 +85,7 @@ def accuracy_section(acc: dict) -> str:
   scope = "full tensors" if not acc.get("rows") else f"{acc['rows']} rows per tensor"
   out = [f"## Accuracy: rel-MSE on the nine test tensors ({scope}, seed {acc['seed']})", "",
          "rel-MSE = Σ(w − ŵ)² / Σw² in float64; ε_q = the certified per-block bound; "
-         "columns marked * are anchor numbers from numbers.md (llama.cpp C library / numpy "
+         "columns marked * are anchor numbers from benchmarks/anchors.py (llama.cpp C library / numpy "
          "prototypes, imatrix NULL unless named), not measured here. Produced by "
          "`benchmarks/accuracy.py --json`.", "", _md(heads, rows), ""]
   for tid, why in (acc.get("skipped") or {}).items():
@@ -174,7 +174,7 @@ def plot_rate_distortion(acc: dict, path: str) -> None:
   ax.set_yscale("log")
   ax.set_xlabel("bits per weight")
   ax.set_ylabel("rel-MSE: mean, min–max over the test tensors")
-  ax.set_title("Rate–distortion (o measured here, x anchors from numbers.md)")
+  ax.set_title("Rate–distortion (o measured here, x anchors from benchmarks/anchors.py)")
   ax.legend(fontsize=7, ncol=2, loc="upper right")
   fig.tight_layout()
   fig.savefig(path, dpi=80)

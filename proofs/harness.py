@@ -16,7 +16,6 @@ import math
 import os
 from typing import Any, Callable
 
-import jax
 import numpy as np
 import scipy.linalg
 
@@ -102,8 +101,8 @@ def blocks64(fmt_name: str, seed: int, w: np.ndarray) -> list[tuple[np.ndarray, 
 
 def _block_n(fmt_name: str, k: int, lo: int) -> int:
   fmt = itq3s_jax.get_format(fmt_name)
-  from itq3s_jax._src.core import blocks  # the plan is the core's; only its block length is read
-  for seg in blocks.plan(k, fmt.tail, fmt.block_nbytes):
+  from itq3s_jax._src.core import qtensor  # the plan is the core's; only its block length is read
+  for seg in qtensor.segments(fmt.name, k):
     if seg.start <= lo < seg.start + seg.count * seg.n:
       return seg.n
   raise ValueError(f"column {lo} outside the plan of k={k}.")
@@ -133,31 +132,26 @@ class Coded:
   eps: np.ndarray | None  # error_bound(qt, include_rounding=False), (rows, nblocks)
 
 
-@functools.lru_cache(maxsize=None)
-def _coder(fmt_name: str, seed: int):
-  has = itq3s_jax.has_bound(fmt_name)
-
-  def run(w):
-    qt = itq3s_jax.quantize(w, fmt_name, seed=seed)
-    out = [qt.data, itq3s_jax.dequantize(qt), itq3s_jax.decode_rotated(qt)]
-    if has:
-      out += [itq3s_jax.error_bound(qt), itq3s_jax.error_bound(qt, include_rounding=False)]
-    return out
-
-  return jax.jit(run)  # one compilation per (format, seed, shape): all outputs at once
+def _coder(fmt_name: str, seed: int, w) -> list:
+  # The public functions are compiled once per shape each and shared by every test that
+  # calls them; a jax.jit around them here would compile a second, private program.
+  qt = itq3s_jax.quantize(w, fmt_name, seed=seed)
+  out = [qt.data, itq3s_jax.dequantize(qt), itq3s_jax.decode_rotated(qt)]
+  if itq3s_jax.has_bound(fmt_name):
+    out += [itq3s_jax.error_bound(qt), itq3s_jax.error_bound(qt, include_rounding=False)]
+  return out
 
 
 def code(fmt_name: str, seed: int, w: np.ndarray) -> Coded:
-  """Quantizes ``w`` (float32 (rows, K)) under jit and returns what the proofs read."""
-  out = [np.asarray(a) for a in _coder(fmt_name, seed)(w)]
+  """Quantizes ``w`` (float32 (rows, K)) and returns what the proofs read."""
+  out = [np.asarray(a) for a in _coder(fmt_name, seed, w)]
   data, w_hat, z_hat = out[0], f64(out[1]), f64(out[2])
   bound, eps = (f64(out[3]), f64(out[4])) if len(out) > 3 else (None, None)
   return Coded(data, w_hat, z_hat, bound, eps)
 
 
-@functools.lru_cache(maxsize=None)
 def rotate_fn(fmt_name: str, seed: int):
-  return jax.jit(lambda x: itq3s_jax.rotate_activations(x, fmt_name, seed))
+  return functools.partial(itq3s_jax.rotate_activations, format=fmt_name, seed=seed)
 
 
 def matmul_methods(every: bool | None = None) -> tuple[str, ...]:
@@ -166,22 +160,17 @@ def matmul_methods(every: bool | None = None) -> tuple[str, ...]:
   Pallas methods run in interpret mode on CPU (slow): property runs use them only in
   the thorough profile (``every``); each also has one pinned ci test.
   """
-  from itq3s_jax._src import matmul as matmul_lib
+  from itq3s_jax._src.matmul import api  # pylint: disable=g-import-not-at-top
   if every is None:
     every = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
-  names = tuple(getattr(matmul_lib, "_METHODS", {"xla": None}))
+  names = tuple(api.METHODS)
   return names if every else tuple(m for m in names if m == "xla")
-
-
-@functools.lru_cache(maxsize=None)
-def _matmul(method: str):
-  return jax.jit(lambda x, qt: itq3s_jax.matmul(x, qt, method=method))
 
 
 def run_matmul(method: str, x, qt) -> np.ndarray | None:
   """float64 result, or None where the method documents NotImplementedError (format/shape)."""
   try:
-    return f64(_matmul(method)(x, qt))
+    return f64(itq3s_jax.matmul(x, qt, method=method))
   except NotImplementedError:
     return None
 

@@ -1,4 +1,4 @@
-"""T10: Hessian-aware two-neighbour rounding keeps a certified bound (proofs/T10.md).
+"""T10: Hessian-aware two-neighbour rounding keeps a certified bound (proofs/README.md, T10).
 
 For every format with a bound and rounding hooks, every input and every positive
 semi-definite Sigma, ``itq3s_jax.quantize(w, fmt, hessian=Sigma)`` (rounding="two_neighbour"):
@@ -15,9 +15,7 @@ For itq3_t, eps2 = 4 ||Delta||_2 = 2 eps_q.
 
 from __future__ import annotations
 
-import functools
 
-import jax
 import numpy as np
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -52,14 +50,14 @@ def hessian(kind: str, k: int, draw_seed: int) -> np.ndarray:
   return (x.T @ x / len(x)).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
 def _coder(fmt: str, seed: int, rounding_free: bool):
+  # The library's compiled programs, shared with every other test of the same shapes.
   def run(w, h):
     qt = itq3s_jax.quantize(w, fmt, seed=seed, hessian=None if rounding_free else h)
     return (itq3s_jax.decode_rotated(qt), itq3s_jax.dequantize(qt),
             itq3s_jax.two_neighbour_bound(qt, include_rounding=False), qt.data)
 
-  return jax.jit(run)
+  return run
 
 
 def _steps(fmt: str, data: np.ndarray, k: int) -> np.ndarray:

@@ -7,7 +7,6 @@ scipy.linalg.hadamard. Tolerances are the derived float32 rounding bound phi(n)
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import example, given, settings
@@ -18,8 +17,8 @@ from proofs import harness
 from proofs import strategies
 
 POW2 = (32, 64, 128, 256)
-_fwht = jax.jit(itq3s_jax.fwht)
-_ifwht = jax.jit(itq3s_jax.ifwht)
+_fwht = itq3s_jax.fwht  # jitted by the library
+_ifwht = itq3s_jax.ifwht
 
 
 def _signs(n: int, seed: int) -> jnp.ndarray:

@@ -21,7 +21,6 @@ import numpy as np
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import itq3s_jax
 from itq3s_jax._src.formats import itq3_t
 from proofs import harness
 from proofs import strategies
@@ -94,7 +93,7 @@ def counterexamples(draw: int) -> float:
   # uniform3's grid: uniform3 is exact, itq3_t is not.
   g = grid_case(draw)
   assert _sse("uniform3", g) == 0.0 < _sse("itq3_t", g)
-  # U(-1, 1): the rotation makes uniform 3-bit worse (numbers.md §6.2: 0.021 -> 0.050).
+  # U(-1, 1): the rotation makes uniform 3-bit worse (benchmarks/anchors.py, B1b vs B2b on e: 0.021 -> 0.050).
   x = np.random.default_rng(draw).uniform(-1, 1, (32, 256)).astype(np.float32)
   ratio = _sse("uniform3", x) / _sse("uniform3_rot", x)
   assert ratio < 1.0, ratio

@@ -10,7 +10,6 @@ for every registered method. Exact arithmetic: z_hat . R x = (R^T z_hat) . x. fl
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -37,13 +36,9 @@ def rotation_bound(fmt: str, seed: int, coded: harness.Coded, x: np.ndarray) -> 
   return out
 
 
-@functools.lru_cache(maxsize=None)
-def _rotated_dot(fmt: str, seed: int):
-  def run(x, data, shape):
-    qt = itq3s_jax.QuantizedTensor(data=data, format=fmt, k=shape[-1], seed=seed)
-    return jnp.dot(itq3s_jax.rotate_activations(x, fmt, seed), itq3s_jax.decode_rotated(qt).T,
-                   preferred_element_type=jnp.float32)
-  return jax.jit(run, static_argnums=2)
+@jax.jit
+def _dot(a, b):
+  return jnp.dot(a, b.T, preferred_element_type=jnp.float32)
 
 
 @harness.check("T6", strategies.matvec_cases(ks=strategies.ALL_K))
@@ -55,7 +50,8 @@ def rotated_matmul(args, every: bool | None = None) -> float | None:
       continue
     coded = harness.code(fmt, case.seed, case.w)
     qt = itq3s_jax.QuantizedTensor(data=jnp.asarray(coded.data), format=fmt, k=case.w.shape[-1], seed=case.seed)
-    a = harness.f64(_rotated_dot(fmt, case.seed)(x, jnp.asarray(coded.data), case.w.shape))
+    a = harness.f64(_dot(itq3s_jax.rotate_activations(x, fmt, case.seed),
+                         itq3s_jax.decode_rotated(qt)))
     x64 = harness.f64(x)
     bound = (rotation_bound(fmt, case.seed, coded, x)
              + harness.gamma(x.shape[-1]) * (np.abs(x64) @ np.abs(coded.w_hat).T))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import example, given, settings
@@ -26,18 +27,27 @@ from proofs import harness
 from proofs import strategies
 
 
+@jax.jit
+def _all_fields_round_trip():
+  i = jnp.arange(8**8, dtype=jnp.int32)
+  v = (i[:, None] >> (3 * jnp.arange(8, dtype=jnp.int32))) & 7
+  packed = bitpack.pack_bits(v, 3).astype(jnp.int32)
+  words = packed[:, 0] | packed[:, 1] << 8 | packed[:, 2] << 16
+  return words, jnp.all(bitpack.unpack_bits(packed.astype(jnp.uint8), 3, 8) == v)
+
+
 def trits_bijection() -> float:
   t = np.array(list(itertools.product((-1, 0, 1), repeat=5)), np.int32)  # (243, 5)
   b = np.asarray(bitpack.pack_trits(jnp.asarray(t)))[:, 0]
   assert len(set(b.tolist())) == 243, "pack_trits is not injective"
   np.testing.assert_array_equal(np.asarray(bitpack.unpack_trits(jnp.asarray(b[:, None]), 5)), t)
-  # all 8^8 strings of eight 3-bit fields (= all 3-byte strings), digit j of i in base 8
-  v = ((np.arange(8**8, dtype=np.int32)[:, None] >> (3 * np.arange(8, dtype=np.int32))) & 7)
-  packed = np.asarray(bitpack.pack_bits(jnp.asarray(v), 3))
-  words = packed[:, 0].astype(np.int64) | packed[:, 1].astype(np.int64) << 8 | (
-      packed[:, 2].astype(np.int64) << 16)
-  assert len(np.unique(words)) == len(v), "pack_bits is not injective"
-  np.testing.assert_array_equal(np.asarray(bitpack.unpack_bits(jnp.asarray(packed), 3, 8)), v)
+  # All 8^8 strings of eight 3-bit fields: field j of string i is base-8 digit j of i, so
+  # LSB-first packing must give back i's three bytes: the identity on 2^24 words is the
+  # bijection. Generated and packed in one compiled program (eagerly this is ~1 GB of
+  # temporaries).
+  words, back_ok = _all_fields_round_trip()
+  np.testing.assert_array_equal(np.asarray(words), np.arange(8**8, dtype=np.int32))
+  assert bool(back_ok), "unpack_bits does not invert pack_bits"
   return 0.0
 
 
@@ -46,8 +56,16 @@ def itq3_t_bytes(e: np.ndarray, s: np.ndarray, q: np.ndarray) -> np.ndarray:
   t0 = (q + 1) % 3 - 1
   t1 = (q - t0) // 3
   trits = np.stack([t0, t1], -1).reshape(*q.shape[:-1], -1)
-  return np.concatenate([e[..., None].astype(np.uint8), np.asarray(bitpack.pack_bits(
-      jnp.asarray(s), 3)), np.asarray(bitpack.pack_trits(jnp.asarray(trits)))], -1)
+  return np.concatenate([e[..., None].astype(np.uint8), np.asarray(_pack_bits3(s)),
+                         np.asarray(_pack_trits(trits))], -1)
+
+
+# Jitted once per shape: eagerly, every small op of the packers and the decoder would be
+# dispatched (and compiled) on its own.
+_pack_bits3 = jax.jit(lambda s: bitpack.pack_bits(s, 3))
+_pack_trits = jax.jit(bitpack.pack_trits)
+_decode = jax.jit(lambda b, n: (itq3_t.decode(b, n), itq3_t.steps(b, n)), static_argnums=1)
+_unpack_steps = jax.jit(lambda b, m: bitpack.unpack_bits(b, 3, m), static_argnums=1)
 
 
 _CODES = st.builds(lambda n, draw: (n, draw), st.sampled_from((32, 64, 128, 256)),
@@ -65,8 +83,8 @@ def itq3_t_code_space(args) -> float:
   q = rng.integers(-4, 5, (rows, n))
   b = itq3_t_bytes(e, s, q)
   assert b.shape[-1] == itq3_t.nbytes(n)
-  z = np.asarray(itq3_t.decode(jnp.asarray(b), n), np.float64)
-  delta = np.repeat(np.asarray(itq3_t.steps(jnp.asarray(b), n), np.float64), itq3_t.SUB, -1)
+  z, delta = (np.asarray(a, np.float64) for a in _decode(b, n))
+  delta = np.repeat(delta, itq3_t.SUB, -1)
   nz = e > 0
   np.testing.assert_array_equal(z[nz], (delta * q)[nz])  # products exact: 11-bit constants
   np.testing.assert_array_equal(z[~nz], 0.0)
@@ -86,10 +104,8 @@ def itq3_t_condition(data: np.ndarray, n: int = 256) -> np.ndarray:
   """(rows, nblocks) bool: the README T7 sufficient condition, read from the bytes."""
   nb = itq3_t.nbytes(n)
   b = data.reshape(*data.shape[:-1], -1, nb)
-  z = np.asarray(itq3_t.decode(jnp.asarray(b), n), np.float64)
-  delta = np.asarray(itq3_t.steps(jnp.asarray(b), n), np.float64)
-  s = np.asarray(bitpack.unpack_bits(jnp.asarray(b[..., 1:1 + -(-3 * (n // 16) // 8)]), 3,
-                                     n // 16))
+  z, delta = (np.asarray(a, np.float64) for a in _decode(b, n))
+  s = np.asarray(_unpack_steps(b[..., 1:1 + -(-3 * (n // 16) // 8)], n // 16))
   q = np.abs(z.reshape(*delta.shape, itq3_t.SUB) / np.where(delta > 0, delta, 1)[..., None])
   qmax = np.round(q.max(-1))
   sub_ok = (qmax == 4) | ((qmax == 0) & (s == 0))

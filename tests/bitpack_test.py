@@ -4,7 +4,7 @@ Packing is integer arithmetic, so every check here is exact. The trit bytes are
 checked against an independent decoder, the ``gguf`` package's TQ1_0
 dequantizer: 52 of our bytes are laid into one ``block_tq1_0`` (qs[48], qh[4],
 fp16 d = 1.0) and gguf's trits must equal ours. TQ1_0 element order
-(formats.md §2): qs[m] trit n -> element 32n + m (m < 32); qs[32 + m] trit n ->
+(llama.cpp's TQ1_0 block): qs[m] trit n -> element 32n + m (m < 32); qs[32 + m] trit n ->
 160 + 16n + m (m < 16); qh[j] trit n -> 240 + 4n + j (n < 4, the byte's 5th
 trit is not read).
 """

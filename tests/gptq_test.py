@@ -46,14 +46,21 @@ def test_levels_and_repack_reproduce_the_encoder(fmt):
   """decode == step * q exactly with lo <= q <= hi, and repack(b, q) == b byte for byte."""
   f = registry.get_format(fmt)
   z = jnp.asarray(_weights(4, 256) * 50)
-  for n in (256, 32) if f.tail == "pow2" else (256,):
-    b = f.encode(z[..., :n], None)
+
+  @jax.jit
+  def hooks(z):  # one compiled program per block length instead of many eager ops
+    n = z.shape[-1]
+    b = f.encode(z, None)
     step, lo, hi = f.levels(b, n)
     zh = f.decode(b, n)
     q = jnp.round(zh / jnp.where(step == 0, 1, step)).astype(jnp.int32)
+    return b, step, lo, hi, zh, q, f.repack(b, q, n)
+
+  for n in (256, 32) if f.tail == "pow2" else (256,):
+    b, step, lo, hi, zh, q, repacked = hooks(z[..., :n])
     np.testing.assert_array_equal(np.asarray(q * step), np.asarray(zh))
     assert bool(jnp.all((lo <= q) & (q <= hi)))
-    np.testing.assert_array_equal(np.asarray(f.repack(b, q, n)), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(repacked), np.asarray(b))
 
 
 @pytest.mark.parametrize("fmt,rounding", ROUNDED)
@@ -85,7 +92,7 @@ def test_two_neighbour_codes_and_bound(fmt):
   zh = np.asarray(itq3s_jax.decode_rotated(qt), np.float64)
   eps = np.asarray(itq3s_jax.two_neighbour_bound(qt, include_rounding=False), np.float64)
   # |z - z_hat| < step per coefficient; the block sum of step^2 is eps^2. float32 coefficients
-  # and quotients add relative error ~10 u (proofs/T10.md), covered by the 1e-5 factor.
+  # and quotients add relative error ~10 u (proofs/README.md, T10), covered by the 1e-5 factor.
   col = 0
   for b, (lo, hi) in enumerate(itq3s_jax.block_columns(fmt, K)):
     n = hi - lo
@@ -176,11 +183,11 @@ def test_zero_rows_and_dead_inputs():
   h = _hessian()
   h[5, :] = 0
   h[:, 5] = 0
-  w = np.zeros((2, K), np.float32)
+  w = np.zeros((6, K), np.float32)  # the shape of _weights(): shares its compilations
   for fmt in HOOKED:
     qt = gq(w, fmt, h)
     assert not np.any(np.asarray(itq3s_jax.dequantize(qt))), fmt
-    qt = gq(_weights(2), fmt, np.zeros((K, K), np.float32))
+    qt = gq(_weights(), fmt, np.zeros((K, K), np.float32))
     assert np.all(np.isfinite(np.asarray(itq3s_jax.dequantize(qt)))), fmt
 
 

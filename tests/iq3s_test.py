@@ -77,7 +77,7 @@ def _rel_mse(w, w_hat) -> float:
 @pytest.mark.parametrize("fmt", ["iq3_s", "itq3_s"])
 def test_encoder_accuracy_on_gaussian(fmt):
   # 16 rows x 1024 of N(0,1): rel-MSE of llama.cpp's IQ3_S encoder is 0.0188
-  # (imatrix ones) and 0.0276 (NULL) on 256x4096 (numbers.md T2/T1); ours is
+  # (imatrix ones) and 0.0276 (NULL) on 256x4096 (benchmarks/anchors.py); ours is
   # 0.0173 there. Per-block rel-MSE varies by ~10% (chi-square with 256 dof),
   # so 64 blocks give ~1.3% relative sampling error: 0.0188 is > 6 sigma above
   # our expected value and still fails a search that is worse than llama.cpp's.
@@ -119,7 +119,7 @@ def test_constant_row_itq3s():
   error is at least min_{S,g} (v - S g)^2 + 31 S^2 = v^2 31 / (15^2 + 31)
   (g = 15); the other sub-blocks add 224 d^2 with d <= S / 31 (<= 0.2% of
   v^2), fp16 d and the odd multipliers a little more: within 3% of 31/256.
-  llama.cpp's encoder gives 0.50 here (formats.md §4)."""
+  llama.cpp's encoder gives 0.50 here (it shifts later sub-blocks' codes one slot)."""
   w = np.full((2, 512), 0.37, np.float32)
   qt = itq3s_jax.quantize(w, "itq3_s")
   err = _rel_mse(w, itq3s_jax.dequantize(qt))

@@ -1,6 +1,7 @@
 """itq3s_jax.testing: the nine test tensors follow their recipes; the metrics.
 
-Statistics are checked against numbers.md §1.1, which rounds RMS to 3-4
+Statistics are checked against the table below (measured when the tensors were
+defined), which rounds RMS to 3-4
 significant digits and kurtosis to 2-3: tolerances are half a unit of the last
 printed digit (plus float32 rounding, negligible at that size).
 """
@@ -15,7 +16,7 @@ import scipy.stats
 
 from itq3s_jax import testing
 
-# numbers.md §1.1: id -> (shape, RMS, half unit of its last digit, kurtosis, half unit)
+# id -> (shape, RMS, half unit of its last digit, kurtosis, half unit)
 TABLE = {
     "a": ((256, 4096), 1.001, 5e-4, 3.0, 0.05),
     "b": ((256, 4096), 1.72, 5e-3, 162, 0.5),
@@ -52,7 +53,7 @@ def _check_stats(tid):
 
 
 def test_recipes_exactly():
-  # The recipes of numbers.md §1.1, restated independently.
+  # The recipes of itq3s_jax/testing.py, restated independently.
   np.testing.assert_array_equal(
       testing.test_tensor("a"),
       np.random.default_rng(0).standard_normal((256, 4096)).astype(np.float32))
@@ -76,7 +77,7 @@ def test_cos_data_is_the_test_quantize_fns_formula():
   for i in (0, 1, 2, 1000, 4095):
     c = float(np.float32(math.cos(float(np.float32(i)))))
     assert x[i] == np.float32(0.1 + 2.0 * c)
-  assert abs(np.mean(x.astype(np.float64) ** 2) - 2.0100) < 5e-5  # numbers.md §8
+  assert abs(np.mean(x.astype(np.float64) ** 2) - 2.0100) < 5e-5  # llama.cpp test-quantize-fns: mean of x^2 of its cos data
   np.testing.assert_array_equal(testing.cos_data(8, offset=1.0)[:7], testing.cos_data(9)[1:8])
   # Tensor f is the same formula over 2^20 points, row-major.
   np.testing.assert_array_equal(testing.test_tensor("f")[0], x)
@@ -144,5 +145,3 @@ def test_rel_mse():
     testing.rel_mse(w, w[:1])
 
 
-def test_builders_are_not_collected_as_tests():
-  assert testing.test_tensors.__test__ is False and testing.test_tensor.__test__ is False

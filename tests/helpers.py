@@ -1,0 +1,47 @@
+"""Small helpers shared by the tests (imported as ``from tests import helpers``)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+
+_TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+_traces = [0]
+
+
+def _listener(event: str, duration: float, **_) -> None:
+  del duration
+  if event == _TRACE_EVENT:
+    _traces[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_listener)
+
+
+@contextlib.contextmanager
+def count_traces():
+  """Counts the jax.jit traces (of any function) run inside the block.
+
+  >>> with count_traces() as n:
+  ...   pass
+  >>> n()
+  0
+
+  Yields a callable returning the count so far; a second call of a compiled
+  function with the same shapes and static arguments traces nothing.
+  """
+  start = _traces[0]
+  yield lambda: _traces[0] - start
+
+
+def assert_max_traces(n: int):
+  """Context manager failing when the block runs more than ``n`` jax.jit traces."""
+
+  @contextlib.contextmanager
+  def check():
+    with count_traces() as count:
+      yield count
+    assert count() <= n, f"{count()} jax.jit traces, expected at most {n}"
+
+  return check()
