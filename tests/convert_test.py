@@ -90,7 +90,7 @@ def test_round_trip_is_bit_identical_to_in_memory_quantization(converted):
 def test_metadata_records_format_shape_seed_bpw_and_source_hash(converted):
   src, out, _ = converted
   meta = checkpoint.read_metadata(out)
-  assert meta["format_version"] == 1
+  assert meta["format_version"] == 2
   content = _read(src)
   want = hashlib.sha256(content).hexdigest()  # what sha256sum prints
   assert meta["source"]["sha256"] == want
