@@ -210,6 +210,13 @@ class TensorFile:
     self.path = os.fspath(path)
     self._reader = _open(path, type41)
     self._by_name = {t.name: t for t in self._reader.tensors}
+    if len(self._by_name) != len(self._reader.tensors):
+      raise ValueError(f"{self.path}: two tensors have the same name.")
+    summed = {k[len(_SHA_KEY):] for k in self._reader.fields if k.startswith(_SHA_KEY)}
+    if summed - set(self._by_name):  # a tensor count or table that lost tensors
+      raise ValueError(f"{self.path}: the file has checksums of {len(summed)} tensors but "
+                       f"holds {len(self._by_name)} (first missing: "
+                       f"{sorted(summed - set(self._by_name))[0]!r}); it is damaged.")
 
   @property
   def names(self) -> tuple[str, ...]:
