@@ -210,6 +210,17 @@ def poisoned_plan_cache(case, base):
   return "error", "refused; later quantize of K=256 still works"
 
 
+def gguf_tensor_count_zero(case, base):
+  """A converted GGUF whose tensor count reads 0 used to inspect as an empty file."""
+  path = os.path.join(case, "out.gguf")
+  with open(base["gguf_out"], "rb") as f:
+    raw = f.read()
+  with open(path, "wb") as f:
+    f.write(raw[:8] + bytes(8) + raw[16:])
+  rc, err = targets.run_cli(["inspect", path])
+  return targets._cli_status(rc, err, "inspect") or ("wrong", "exit 0")  # pylint: disable=protected-access
+
+
 # (name, function, the outcome it must have)
 PINNED = [
     (header_low_byte_0x80, "ok"),
@@ -232,4 +243,5 @@ PINNED = [
     (sealed_edit("rounding", "sideways"), "error"),
     (resume_seed_edit, "error"),
     (poisoned_plan_cache, "error"),
+    (gguf_tensor_count_zero, "error"),
 ]
