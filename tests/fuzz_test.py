@@ -48,7 +48,7 @@ def _extremes() -> dict[str, np.ndarray]:
 EXTREMES = _extremes()
 # One of each kind for the (slower) converter path: overflowing, in range, mixed, tiny.
 THROUGH_CONVERTER = ("all_3.40282e+38", "all_3e+38", "all_3e+37", "mixed_3e+38", "lognormal",
-                     "all_2.6e+05", "all_1e-30", "all_1e-45")
+                     "all_260000", "all_1e-30", "all_1e-45")
 
 
 def _holds_or_refused(w: np.ndarray, fmt: str, dtype) -> str:

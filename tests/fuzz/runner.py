@@ -109,6 +109,11 @@ class _Stderr:
   callback thread prints (after the case that caused it returned, possibly) is seen."""
 
   def __enter__(self):
+    # Exceptions Python reports as unraisable (a callback's, a finalizer's) go here too.
+    self._old_hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: os.write(2, (
+        f"Traceback (unraisable, in {u.object!r:.100}):\n" + "".join(traceback.format_exception(
+            u.exc_type, u.exc_value, u.exc_traceback))).encode())
     self._file = tempfile.TemporaryFile(mode="a+b")  # O_APPEND: writers never clobber
     sys.stderr.flush()
     self._saved = os.dup(2)
@@ -127,6 +132,7 @@ class _Stderr:
     os.write(self._saved, (message + "\n").encode())
 
   def __exit__(self, *exc):
+    sys.unraisablehook = self._old_hook
     sys.stderr.flush()
     os.dup2(self._saved, 2)
     os.close(self._saved)

@@ -77,6 +77,10 @@ def _load_calibration(path: str) -> dict:
   """Calibration statistics, or CommandError naming the file (never a zip/npy traceback)."""
   try:
     safe_files.regular_size(path, "calibration file")
+    with zipfile.ZipFile(path) as z:  # closed on every error (np.load leaks the file on some)
+      bad = z.testzip()
+    if bad is not None:
+      raise ValueError(f"member {bad!r} is damaged (CRC mismatch)")
     return stats_lib.load(path)
   except safe_files.Unreadable as exc:
     raise cli.CommandError(str(exc)) from None
