@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -112,7 +113,7 @@ class _Stderr:
     # Exceptions Python reports as unraisable (a callback's, a finalizer's) go here too.
     self._old_hook = sys.unraisablehook
     sys.unraisablehook = lambda u: os.write(2, (
-        f"Traceback (unraisable, in {u.object!r:.100}):\n" + "".join(traceback.format_exception(
+        f"Unraisable exception in {u.object!r:.100}:\n" + "".join(traceback.format_exception(
             u.exc_type, u.exc_value, u.exc_traceback))).encode())
     self._file = tempfile.TemporaryFile(mode="a+b")  # O_APPEND: writers never clobber
     sys.stderr.flush()
@@ -150,8 +151,8 @@ def _blame(results: list[Result], printed: str) -> None:
   """A traceback printed since the last look is the latest case's (or a late print of
   the one before: the detail says so)."""
   if "Traceback" in printed and results and results[-1].status not in FAILURES:
-    blocks = printed[printed.index("Traceback"):].split("Traceback")[1:]
-    late = all(all(m in b for m in _ORBAX_LATE) for b in blocks)
+    errors = set(re.findall(r"^(\w+(?:Error|Exception|Warning)\b.*)$", printed, re.M))
+    late = all(m in printed for m in _ORBAX_LATE) and errors == {_ORBAX_LATE[1]}
     results[-1].status = "orbax_late_print" if late else "traceback"
     results[-1].detail = ("printed on stderr during or just after this case: "
                           + printed[printed.index("Traceback"):][-1500:])
