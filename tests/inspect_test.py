@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -12,7 +13,9 @@ import pytest
 import itq3s_jax
 from itq3s_jax import checkpoint
 from itq3s_jax import cli
+from itq3s_jax.checkpoint import entries
 from itq3s_jax.checkpoint import safetensors_file
+from itq3s_jax.checkpoint import writers
 
 RNG = np.random.default_rng(1)
 TENSORS = {
@@ -73,6 +76,26 @@ def _write(path, text):
     f.write(text)
 
 
+def _quantized(meta):
+  return next(e for e in meta["tensors"] if e["kind"] == "quantized")
+
+
+# Edits of the metadata, each applied and then (``sealed``) the checksum recomputed, as a
+# tool that rewrites the JSON consistently would: the schema checks must still refuse them.
+EDITS = {
+    "shape": lambda m: _quantized(m).update(shape=[64, 512]),
+    "format": lambda m: _quantized(m).update(format="nope"),
+    "seed": lambda m: _quantized(m).update(seed=-1),
+    "seed_float": lambda m: _quantized(m).update(seed=4.0),
+    "rounding": lambda m: _quantized(m).update(rounding="stochastic"),
+    "dtype_list": lambda m: m["tensors"][1].update(dtype=["float32"]),
+    "parts": lambda m: m["tensors"][1].update(parts=10**9),
+    "duplicate": lambda m: m["tensors"][1].update(name=m["tensors"][0]["name"]),
+    "item": lambda m: _quantized(m).update(item="../t00000"),
+    "tensors": lambda m: m.update(tensors={"a": 1}),
+}
+
+
 def _damage(path, kind):
   meta_path = os.path.join(path, "itq3s", "metadata")
   with open(meta_path) as f:
@@ -81,30 +104,56 @@ def _damage(path, kind):
     os.remove(meta_path)
   elif kind == "bad_json":
     _write(meta_path, "{not json")
+  elif kind == "nested":
+    _write(meta_path, "[" * 100000 + "]" * 100000)
   elif kind == "version":
     meta["format_version"] = 99
     _write(meta_path, json.dumps(meta))
   elif kind == "missing_item":
     shutil.rmtree(os.path.join(path, meta["tensors"][0]["item"]))
-  elif kind == "shape":
-    for e in meta["tensors"]:
-      if e["kind"] == "quantized":
-        e["shape"] = [64, 512]
+  elif kind == "unsealed":  # an edit without a new checksum: a format change, say
+    _quantized(meta)["format"] = "uniform3"
     _write(meta_path, json.dumps(meta))
-  elif kind == "format":
-    for e in meta["tensors"]:
-      if e["kind"] == "quantized":
-        e["format"] = "nope"
+  elif kind == "empty":
+    meta["tensors"] = []
     _write(meta_path, json.dumps(meta))
+  elif kind in EDITS:
+    EDITS[kind](meta)
+    _write(meta_path, json.dumps(entries.seal(meta)))
+  elif kind == "bitflip":  # one bit of the codes, found by the value written
+    _flip_data_bit(os.path.join(path, _quantized(meta)["item"]))
+
+
+def _flip_data_bit(item_dir):
+  """Flips one bit in the largest file of an orbax item (its data chunk)."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(item_dir) for f in fs]
+  target = max(files, key=os.path.getsize)
+  with open(target, "rb") as f:
+    raw = bytearray(f.read())
+  raw[len(raw) // 2] ^= 0x10
+  with open(target, "wb") as f:
+    f.write(bytes(raw))
 
 
 @pytest.mark.parametrize("kind,message", [
     ("no_meta", "not an itq3s checkpoint"),
-    ("bad_json", "corrupt metadata"),
+    ("bad_json", "not valid JSON"),
+    ("nested", "nested 100000 deep"),
     ("version", "unsupported itq3s checkpoint version 99"),
     ("missing_item", "is missing: no item directory t00000/"),
-    ("shape", "has 110 bytes per row, expected 220 for K=512"),
-    ("format", "unknown format 'nope'"),
+    ("unsealed", "does not match its sha256"),
+    ("empty", "does not match its sha256"),
+    ("bitflip", "is damaged"),
+    ("shape", "nbytes is 7040, its shape and format need 14080"),
+    ("format", "format is 'nope'; expected one of"),
+    ("seed", "seed is -1, outside"),
+    ("seed_float", "seed must be an integer, got float 4.0"),
+    ("rounding", "rounding is 'stochastic'"),
+    ("dtype_list", "dtype must be a string, got list"),
+    ("parts", "parts is 1000000000, impossible"),
+    ("duplicate", "appears twice"),
+    ("item", "item is '../t00000'; expected 't00000'"),
+    ("tensors", "tensors must be a JSON list"),
 ])
 def test_malformed_checkpoint_is_one_clear_line(ckpt, tmp_path, capsys, kind, message):
   path = str(tmp_path / "copy")
@@ -116,6 +165,24 @@ def test_malformed_checkpoint_is_one_clear_line(ckpt, tmp_path, capsys, kind, me
   assert captured.err.startswith("itq3s inspect: error: ") and message in captured.err, \
       captured.err
   assert captured.err.count("\n") == 1
+  with pytest.raises(checkpoint.CheckpointError, match=re.escape(message)):
+    checkpoint.load(path)
+
+
+def test_codes_that_decode_to_non_finite_values_are_refused(tmp_path):
+  """A checkpoint written (and sealed) by the library around codes whose scales are Inf:
+  the checksums hold, so only the decode check can refuse it."""
+  qt = itq3s_jax.quantize(TENSORS["layers.0.q_proj.weight"], "uniform3")
+  data = np.asarray(qt.data).copy()
+  data[:, :2] = 0xFF  # the first block's fp16 scale: NaN
+  bad = qt.replace(data=data)
+  entry = {"name": "w", "kind": "quantized", "format": "uniform3", "seed": 0,
+           "rounding": "nearest", "shape": [64, 256], "transposed": False,
+           "nbytes": bad.nbytes, "bits_per_weight": bad.bits_per_weight, "dtype": "float32"}
+  writers.save_tensors(str(tmp_path / "c"), [(entry, data, True)], {"created_by": "test"})
+  with pytest.raises(checkpoint.CheckpointError, match="decode to non-finite values"):
+    checkpoint.load(str(tmp_path / "c"))
+  assert cli.main(["inspect", str(tmp_path / "c")]) == 2
 
 
 @pytest.mark.parametrize("what,message", [("missing", "no such file or directory"),

@@ -134,3 +134,14 @@ def test_pytree_leaves_are_the_data_only():
   assert isinstance(out, itq3s_jax.QuantizedTensor)
   assert (out.shape, out.format, out.seed, out.rounding) == (
       qt.shape, qt.format, qt.seed, qt.rounding)
+
+
+@pytest.mark.parametrize("fmt", ["uniform3", "iq3_s", "itq3_s"])
+def test_from_bytes_rejects_codes_that_decode_to_non_finite_values(fmt):
+  """Random code bytes can hold an fp16 Inf/NaN scale; from_bytes used to pass them."""
+  qt = itq3s_jax.quantize(np.ones((2, 256), np.float32), fmt)
+  data = np.asarray(qt.data).copy()
+  data[0, :2] = (0x00, 0x7C)  # the first block's fp16 scale (both layouts): +Inf
+  with pytest.raises(ValueError, match="decode to non-finite values"):
+    itq3s_jax.QuantizedTensor.from_bytes(qt.replace(data=jnp.asarray(data)).to_bytes())
+  assert itq3s_jax.QuantizedTensor.from_bytes(qt.to_bytes()).format == fmt

@@ -15,6 +15,13 @@ sizes differ by 3x, far beyond alignment padding), as Q1_0 otherwise;
 with id 41 and their shape in elements, which is what the fork's llama.cpp
 reads; we bypass gguf's byte-shape conversion, whose table maps 41 to Q1_0.
 
+Checksums. ``write_gguf(..., checksums=True)`` (what ``itq3s convert`` writes)
+stores ``itq3s_jax.sha256.<tensor name>``: SHA-256 over the tensor's kind
+(format name, or numpy dtype of a plain array), logical shape and stored bytes
+(:func:`tensor_digest`). The readers verify every tensor that has one, and a
+file that says it was written with them (``itq3s_jax.format_version`` >= 2)
+must have one for every tensor; other GGUF files (llama.cpp's) have none.
+
 Padding. GGML's 256-blocks need a row length K that is a multiple of 256. A
 tensor with another K (a multiple of 32, zero-padded by the ``pad256`` policy)
 is written with the padded length and the true K in the key
@@ -23,8 +30,10 @@ is written with the padded length and the true K in the key
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import struct
 from typing import Any, Iterator, Literal, Mapping
 
 import gguf
@@ -32,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from itq3s_jax._src import codec
+from itq3s_jax._src import safe_files
 from itq3s_jax._src.core import qtensor
 from itq3s_jax._src.core import registry
 
@@ -39,7 +49,13 @@ GGMLType = gguf.GGMLQuantizationType
 ITQ3_S_TYPE = 41
 _K_KEY = "itq3s_jax.k."
 _IQ3S_BLOCK = (256, 110)  # weights, bytes
+_SHA_KEY = "itq3s_jax.sha256."
+_VERSION_KEY = "itq3s_jax.format_version"
+CHECKSUM_VERSION = 2  # itq3s_jax.format_version from which every tensor has a checksum
 _INTERNAL_KEYS = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")
+# What gguf's parser raises on malformed bytes (it indexes, unpacks and decodes blindly).
+_PARSE_ERRORS = (ValueError, KeyError, IndexError, TypeError, OverflowError, struct.error,
+                 RecursionError, AttributeError)
 Type41 = Literal["auto", "itq3_s", "q1_0"]
 _RAW_TYPES = (GGMLType.F16, GGMLType.F32, GGMLType.F64, GGMLType.I8, GGMLType.I16,
               GGMLType.I32, GGMLType.I64)
@@ -50,6 +66,7 @@ class _Reader(gguf.GGUFReader):
 
   def __init__(self, path: str, type41: Type41):
     self._type41 = type41
+    self.path = path
     self.itq3s_names: set[str] = set()
     super().__init__(path, mode="r")
 
@@ -80,14 +97,16 @@ def _open(path: str | os.PathLike, type41: Type41 = "auto") -> _Reader:
   if type41 not in ("auto", "itq3_s", "q1_0"):
     raise ValueError(f"type41 must be 'auto', 'itq3_s' or 'q1_0', got {type41!r}.")
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not os.path.exists(path):
     raise ValueError(f"{path}: no such GGUF file.")
-  if os.path.getsize(path) < 24:  # magic, version, two counts
-    raise ValueError(f"{path}: not a GGUF file (only {os.path.getsize(path)} bytes).")
+  size = safe_files.regular_size(path, "GGUF file")
+  if size < 24:  # magic, version, two counts
+    raise ValueError(f"{path}: not a GGUF file (only {size} bytes).")
   try:
     reader = _Reader(path, type41)
-  except (ValueError, KeyError, IndexError, TypeError, OverflowError) as exc:
-    raise ValueError(f"{path}: not a valid GGUF file or truncated ({exc}).") from None
+  except _PARSE_ERRORS as exc:
+    raise ValueError(f"{path}: not a valid GGUF file or truncated ({type(exc).__name__}: "
+                     f"{str(exc)[:200]}).") from None
   size = len(reader.data)
   for t in reader.tensors:
     if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
@@ -100,7 +119,41 @@ def _open(path: str | os.PathLike, type41: Type41 = "auto") -> _Reader:
 def _logical_shape(reader: _Reader, t) -> tuple[int, ...]:
   shape = tuple(int(d) for d in reversed(t.shape.tolist()))
   k = reader.get_field(_K_KEY + t.name)
-  return (*shape[:-1], int(k.contents())) if k is not None else shape
+  if k is None:
+    return shape
+  k = k.contents()
+  if type(k) is not int or not shape or not 0 <= k <= shape[-1]:  # pylint: disable=unidiomatic-typecheck
+    raise ValueError(f"{reader.path}: key {_K_KEY + t.name} is {k!r}, not a row length "
+                     f"within the stored {shape[-1] if shape else 0}.")
+  return (*shape[:-1], k)
+
+
+def tensor_digest(kind: str, shape: tuple[int, ...], data: np.ndarray) -> str:
+  """SHA-256 over a tensor's kind (format or dtype name), logical shape and stored bytes."""
+  h = hashlib.sha256(f"{kind}{list(shape)}".encode())
+  h.update(memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8)))
+  return h.hexdigest()
+
+
+def _kind(reader: _Reader, t) -> str:
+  return _format_of(reader, t) or np.dtype(t.data.dtype).name
+
+
+def _verify(reader: _Reader, t) -> None:
+  """ValueError if the tensor's checksum key (or, where the file promises one, its
+  absence) says the stored bytes are not those written."""
+  field = reader.get_field(_SHA_KEY + t.name)
+  version = reader.get_field(_VERSION_KEY)
+  if field is None:
+    promised = version is not None and isinstance(version.contents(), int) and \
+        version.contents() >= CHECKSUM_VERSION
+    if promised:
+      raise ValueError(f"{reader.path}: tensor {t.name!r} has no checksum key "
+                       f"{_SHA_KEY + t.name} although the file was written with them.")
+    return
+  if field.contents() != tensor_digest(_kind(reader, t), _logical_shape(reader, t), t.data):
+    raise ValueError(f"{reader.path}: tensor {t.name!r} is damaged: its bytes, type or "
+                     "shape do not match the sha256 recorded when it was written.")
 
 
 def _format_of(reader: _Reader, t) -> str | None:
@@ -111,9 +164,16 @@ def _format_of(reader: _Reader, t) -> str | None:
 
 def _quantized(reader: _Reader, t, fmt: str) -> qtensor.QuantizedTensor:
   shape = _logical_shape(reader, t)
-  data = np.array(t.data, np.uint8).reshape(*shape[:-1], -1)
-  return qtensor.validate(qtensor.QuantizedTensor(data=jnp.asarray(data), format=fmt,
-                                                  k=shape[-1]))
+  want = qtensor.row_nbytes(fmt, shape[-1])
+  if t.data.size != math.prod(shape[:-1]) * want:
+    raise ValueError(f"{reader.path}: tensor {t.name!r} holds {t.data.size} bytes; {fmt} "
+                     f"{list(shape)} needs {math.prod(shape[:-1]) * want}.")
+  data = np.array(t.data, np.uint8).reshape(*shape[:-1], want)
+  try:
+    return qtensor.check_values(qtensor.QuantizedTensor(data=jnp.asarray(data), format=fmt,
+                                                        k=shape[-1]))
+  except ValueError as exc:
+    raise ValueError(f"{reader.path}: tensor {t.name!r}: {exc}") from None
 
 
 def _to_float32(reader: _Reader, t) -> np.ndarray:
@@ -150,6 +210,13 @@ class TensorFile:
     self.path = os.fspath(path)
     self._reader = _open(path, type41)
     self._by_name = {t.name: t for t in self._reader.tensors}
+    if len(self._by_name) != len(self._reader.tensors):
+      raise ValueError(f"{self.path}: two tensors have the same name.")
+    summed = {k[len(_SHA_KEY):] for k in self._reader.fields if k.startswith(_SHA_KEY)}
+    if summed - set(self._by_name):  # a tensor count or table that lost tensors
+      raise ValueError(f"{self.path}: the file has checksums of {len(summed)} tensors but "
+                       f"holds {len(self._by_name)} (first missing: "
+                       f"{sorted(summed - set(self._by_name))[0]!r}); it is damaged.")
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -171,12 +238,15 @@ class TensorFile:
     return _format_of(self._reader, self._get(name))
 
   def read(self, name: str) -> np.ndarray:
-    """One tensor decoded to float32 in its logical shape."""
-    return _to_float32(self._reader, self._get(name))
+    """One tensor decoded to float32 in its logical shape (its checksum verified)."""
+    t = self._get(name)
+    _verify(self._reader, t)
+    return _to_float32(self._reader, t)
 
   def read_quantized(self, name: str) -> qtensor.QuantizedTensor | np.ndarray:
-    """One tensor as :func:`read_quantized` returns it."""
+    """One tensor as :func:`read_quantized` returns it (its checksum verified)."""
     t = self._get(name)
+    _verify(self._reader, t)
     fmt = _format_of(self._reader, t)
     if fmt is not None:
       return _quantized(self._reader, t, fmt)
@@ -266,7 +336,7 @@ def _add_metadata(writer: gguf.GGUFWriter, metadata: Mapping[str, Any]) -> None:
 
 def write_gguf(path: str | os.PathLike,
                tensors: Mapping[str, qtensor.QuantizedTensor | np.ndarray],
-               metadata: Mapping[str, Any] | None = None) -> None:
+               metadata: Mapping[str, Any] | None = None, *, checksums: bool = False) -> None:
   """Writes a GGUF file that llama.cpp reads as-is.
 
   Args:
@@ -278,6 +348,8 @@ def write_gguf(path: str | os.PathLike,
       float -> FLOAT32) or ``(value, GGUFValueType[, sub_type])`` to choose the
       type (:func:`read_metadata` with ``typed=True`` gives these).
       ``general.architecture`` (default "itq3s_jax") becomes the writer's arch.
+    checksums: also write ``itq3s_jax.sha256.<name>`` for every tensor
+      (:func:`tensor_digest`; module docstring), verified by the readers.
 
   Raises:
     ValueError: a QuantizedTensor in a format GGML has no type for, or an
@@ -304,6 +376,8 @@ def write_gguf(path: str | os.PathLike,
       # byte shape with its own size table (which maps 41 to Q1_0).
       writer.add_tensor(name, data.view(np.int8), raw_shape=(*t.shape[:-1], kp),
                         raw_dtype=fmt.gguf_type)
+      if checksums:
+        metadata[_SHA_KEY + name] = tensor_digest(t.format, t.shape, data)
     elif hasattr(t, "shape") and hasattr(t, "dtype"):
       arr = np.ascontiguousarray(np.asarray(t))
       if arr.dtype not in (np.float32, np.float16, np.float64, np.int8, np.int16,
@@ -311,6 +385,8 @@ def write_gguf(path: str | os.PathLike,
         raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be written; cast "
                          "to float32 or float16 first.")
       writer.add_tensor(name, arr)
+      if checksums:
+        metadata[_SHA_KEY + name] = tensor_digest(arr.dtype.name, arr.shape, arr)
     else:
       raise TypeError(f"tensor {name!r}: expected a QuantizedTensor or an array, got "
                       f"{type(t).__name__}.")

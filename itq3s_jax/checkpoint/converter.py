@@ -33,11 +33,14 @@ import numpy as np
 import tqdm
 
 import itq3s_jax
+from itq3s_jax._src import codec
 from itq3s_jax._src import llama_names
 from itq3s_jax._src.core import blocks
+from itq3s_jax._src.core import qtensor
 from itq3s_jax.checkpoint import errors
 from itq3s_jax.checkpoint import gguf_writer
 from itq3s_jax.checkpoint import sources
+from itq3s_jax.checkpoint import staging
 from itq3s_jax.checkpoint import writers
 
 CHUNK_WEIGHTS = 1 << 22  # 16 MiB of float32 per quantize call
@@ -148,38 +151,6 @@ def _load_libc():
 _LIBC = _load_libc()
 
 
-def _prepare_stage(stage: str, job: dict, resume: bool) -> list[dict]:
-  """Creates or reuses the staging directory; returns the entries already done."""
-  job_path, done_path = os.path.join(stage, "job.json"), os.path.join(stage, "done.jsonl")
-  if os.path.isdir(stage) and resume:
-    try:
-      with open(job_path, encoding="utf-8") as f:
-        old = json.load(f)
-    except (OSError, ValueError):
-      old = None
-    if old != job:
-      raise errors.CheckpointError(
-          f"{stage} was made from another source or with other options; rerun without "
-          "--resume to start over.")
-    done = []
-    if os.path.isfile(done_path):
-      with open(done_path, encoding="utf-8") as f:
-        for line in f:
-          try:
-            done.append(json.loads(line))
-          except ValueError:  # the line being written when the process died
-            break
-    with open(done_path, "w", encoding="utf-8") as f:  # drop that line before appending
-      f.writelines(json.dumps(e) + "\n" for e in done)
-    return done
-  if os.path.isdir(stage):
-    shutil.rmtree(stage)
-  os.makedirs(stage)
-  with open(job_path, "w", encoding="utf-8") as f:
-    json.dump(job, f)
-  return []
-
-
 def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
             resume: bool = False, overwrite: bool = False, progress: bool = False,
             calibration: Mapping[str, Any] | None = None,
@@ -210,17 +181,23 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
   """
   rule = rule or itq3s_jax.QuantRule(min_size=DEFAULT_MIN_SIZE)
   gptq = gptq or itq3s_jax.GptqConfig()
-  dst = os.fspath(dst)
-  if os.path.realpath(dst) == os.path.realpath(os.fspath(src)):
-    raise errors.CheckpointError(f"{dst} is the source; choose another destination.")
+  src, dst = os.fspath(src), os.fspath(dst)
+  _check_dst(src, dst)
   if os.path.lexists(dst) and not overwrite:
     raise errors.CheckpointError(f"{dst} already exists; pass --overwrite to replace it.")
   if _is_gguf(dst):
     gguf_writer.check_format(rule.format)
   start = time.perf_counter()
   source = sources.open_source(src)
+  if not source.tensors:
+    raise errors.CheckpointError(f"{src}: the checkpoint holds no tensors; nothing to convert.")
   plan = [(i, t, rule.decide(t.name, t.shape, t.dtype, t.k_axis))
           for i, t in enumerate(source.tensors)]
+  if len({t.name for t in source.tensors}) != len(source.tensors):
+    raise errors.CheckpointError(f"{src}: two tensors have the same name.")
+  expected = {info.name: _entry(info, decision, rule, writers.item_name(i),
+                                _rounding(info, decision, rule, calibration, gptq))
+              for i, info, decision in plan}
   src_hash = sources.sha256(source.files, source.path)
   job = {"source_sha256": src_hash, "source_kind": source.kind,
          "rule": rule.to_json(), "dst_kind": "gguf" if _is_gguf(dst) else "orbax"}
@@ -228,21 +205,26 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
     job["calibration_sha256"] = _stats_sha256(calibration)
     job["gptq"] = gptq.to_json()
   stage = writers.staging_path(dst)
-  done = {e["name"]: e for e in _prepare_stage(stage, job, resume)}
+  journal_entries = staging.prepare(stage, job, resume)
   writer = _writer(dst, stage, source)
+  try:
+    done = staging.reusable(stage, journal_entries, expected, writer)
+  except errors.CheckpointError:
+    writer.close()
+    raise
   entries, converted = [], 0
   total = sum(math.prod(t.shape) for _, t, _ in plan)
   bar = tqdm.tqdm(total=total, unit="w", unit_scale=True, disable=not progress,
                   file=sys.stderr, desc="convert")
   try:
-    with open(os.path.join(stage, "done.jsonl"), "a", encoding="utf-8") as journal:
+    with open(os.path.join(stage, staging.JOURNAL), "a", encoding="utf-8") as journal:
       for i, info, decision in plan:
-        item = writers.item_name(i)
-        if info.name in done and writer.has(item):
+        if info.name in done:
           entries.append(done[info.name])
           bar.update(math.prod(info.shape))
           continue
-        entry = _convert_one(source, info, decision, rule, writer, item, calibration, gptq)
+        entry = _convert_one(source, info, decision, rule, writer, expected[info.name],
+                             calibration, gptq)
         journal.write(json.dumps(entry) + "\n")
         journal.flush()
         os.fsync(journal.fileno())
@@ -263,9 +245,12 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
     writer.close()
     shutil.rmtree(stage, ignore_errors=True)  # the source is bad: nothing worth resuming
     raise
+  except BaseException:  # Ctrl-C, a crash in a callback: keep the stage, close orbax
+    writer.close()
+    raise
   finally:
     bar.close()
-  for name in ("job.json", "done.jsonl"):
+  for name in (staging.JOB, staging.JOURNAL):
     if os.path.exists(os.path.join(stage, name)):
       os.remove(os.path.join(stage, name))
   writers.move_into_place(result, dst, overwrite)
@@ -281,15 +266,89 @@ def _stats_sha256(stats: Mapping[str, Any]) -> str:
   return h.hexdigest()
 
 
-def _convert_one(source, info, decision, rule, writer, item, calibration, gptq) -> dict:
-  x = source.read(info.name)
-  entry = {"name": info.name, "item": item, "dtype": x.dtype.name,
+def _check_dst(src: str, dst: str) -> None:
+  """Refuses destinations whose replacement would destroy the source or the working dir."""
+  if not dst.strip():
+    raise errors.CheckpointError("DST is empty; name the checkpoint directory (or .gguf "
+                                 "file) to create.")
+  real, real_src = os.path.realpath(dst), os.path.realpath(src)
+  inside = lambda a, b: a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+  if inside(real_src, real):
+    raise errors.CheckpointError(f"{dst} is the source or holds it; choose another "
+                                 "destination.")
+  if inside(os.path.realpath(os.getcwd()), real):
+    raise errors.CheckpointError(f"{dst} is the working directory or holds it; choose "
+                                 "another destination.")
+  if os.path.isdir(real_src) and inside(real, real_src):
+    raise errors.CheckpointError(f"{dst} lies inside the source directory {src}; choose a "
+                                 "destination outside it.")
+
+
+def _rounding(info, decision, rule, calibration, gptq) -> str | None:
+  """How a quantized tensor will be rounded: GPTQ's mode where it has statistics."""
+  if not decision.quantize:
+    return None
+  if calibration is None or hessian_key(info.name, calibration) is None:
+    return "nearest"
+  try:
+    return gptq.resolve(rule.format).rounding
+  except ValueError as exc:
+    raise errors.CheckpointError(f"tensor {info.name!r}: {exc}") from None
+
+
+def _entry(info, decision, rule, item: str, rounding: str) -> dict:
+  """The metadata entry of one tensor, all but what the writer adds (``staging.WRITTEN``).
+
+  A function of the plan alone, so a resumed run can check its journal against it.
+  """
+  entry = {"name": info.name, "item": item, "dtype": np.dtype(info.dtype).name,
            "reason": decision.reason}
   if not decision.quantize:
-    parts = writer.put(item, x, quantized=False)
-    entry.update(kind="array", shape=list(x.shape), nbytes=int(x.nbytes), parts=parts)
+    entry.update(kind="array", shape=list(info.shape),
+                 nbytes=math.prod(info.shape) * np.dtype(info.dtype).itemsize)
     return entry
-  shape_nk = tuple(x.shape[::-1]) if info.k_axis == 0 else tuple(x.shape)
+  shape = list(info.shape[::-1] if info.k_axis == 0 else info.shape)
+  nbytes = math.prod(shape[:-1]) * qtensor.row_nbytes(rule.format, shape[-1])
+  entry.update(kind="quantized", format=rule.format, seed=rule.seed, rounding=rounding,
+               shape=shape, transposed=info.k_axis == 0, nbytes=nbytes,
+               bits_per_weight=8.0 * nbytes / math.prod(shape) if math.prod(shape) else 0.0)
+  return entry
+
+
+def _check_certificate(name: str, w: np.ndarray, qt) -> None:
+  """Refuses GPTQ codes whose certified bound does not hold for ``w``.
+
+  Round-to-nearest codes certify their bound by construction (the encoder's
+  range check). GPTQ's two-neighbour rounding does only if its float32
+  arithmetic on the statistics stayed finite; statistics that overflow it
+  (entries near 3e38, say) yield codes several levels away while the bytes
+  still claim eps_2. Measured here in float64, block by block.
+  """
+  if not itq3s_jax.has_bound(qt.format) or qt.rounding == "unrestricted":
+    return
+  bound = np.asarray(itq3s_jax.error_bound(qt), np.float64)
+  diff = np.asarray(w, np.float64) - np.asarray(itq3s_jax.dequantize(qt), np.float64)
+  for b, (lo, hi) in enumerate(codec.block_columns(qt.format, qt.k)):
+    err = np.sqrt(np.sum(diff[..., lo:hi] ** 2, axis=-1))
+    if not np.all(err <= bound[..., b]):
+      raise errors.CheckpointError(
+          f"tensor {name!r}: GPTQ rounding with its calibration statistics broke the "
+          f"certified bound (block {b}: error {np.max(err):.3g} > bound "
+          f"{np.min(bound[..., b]):.3g}); the statistics are not usable (overflowing or "
+          "non-finite?): recompute them, or convert without --calibration.")
+
+
+def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq) -> dict:
+  x = source.read(info.name)
+  if tuple(x.shape) != tuple(info.shape) or x.dtype != info.dtype:
+    raise errors.CheckpointError(
+        f"{source.path}: tensor {info.name!r} reads as {x.dtype.name} {list(x.shape)} but "
+        f"its header says {np.dtype(info.dtype).name} {list(info.shape)}.")
+  entry = dict(entry)
+  if not decision.quantize:
+    entry.update(writer.put(entry["item"], x, quantized=False))
+    return entry
+  shape_nk = tuple(entry["shape"])
   key = None if calibration is None else hessian_key(info.name, calibration)
   hessian = None
   if key is not None:
@@ -302,9 +361,11 @@ def _convert_one(source, info, decision, rule, writer, item, calibration, gptq) 
     qt = quantize_tensor(x, rule, info.k_axis, hessian, gptq)
   except (ValueError, TypeError) as exc:
     raise errors.CheckpointError(f"tensor {info.name!r}: {exc}") from None
+  if hessian is not None:
+    _check_certificate(info.name, x.T if info.k_axis == 0 else x, qt)
   del x
-  writer.put(item, np.asarray(qt.data), quantized=True)
-  entry.update(kind="quantized", format=qt.format, seed=qt.seed, rounding=qt.rounding,
-               shape=list(qt.shape), transposed=info.k_axis == 0, nbytes=qt.nbytes,
-               bits_per_weight=qt.bits_per_weight)
+  if (qt.format, qt.seed, qt.rounding, list(qt.shape), qt.nbytes) != (
+      entry["format"], entry["seed"], entry["rounding"], entry["shape"], entry["nbytes"]):
+    raise AssertionError(f"{info.name}: planned entry {entry} does not describe {qt}")
+  entry.update(writer.put(entry["item"], np.asarray(qt.data), quantized=True))
   return entry

@@ -9,7 +9,8 @@ which ``convert`` renames to DST. Kept tensors whose dtype GGUF lacks are cast:
 bfloat16 -> float32, bool -> int8, uint8 -> int16.
 
 The GGUF keys of a GGUF source are copied (tokenizer, architecture, ...), plus
-``itq3s_jax.source_sha256`` and ``itq3s_jax.format_version``.
+``itq3s_jax.source_sha256``, ``itq3s_jax.format_version`` and a checksum key
+per tensor (``gguf_io.write_gguf(checksums=True)``), verified when read.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from itq3s_jax._src import gguf_io
 from itq3s_jax._src.core import qtensor
 from itq3s_jax._src.core import registry
+from itq3s_jax.checkpoint import entries
 from itq3s_jax.checkpoint import errors
 
 _CASTS = {"bfloat16": np.float32, "bool": np.int8, "uint8": np.int16}
@@ -48,19 +50,33 @@ class GgufWriter:
   def has(self, item: str) -> bool:
     return os.path.isfile(self._path(item))
 
-  def put(self, item: str, array: np.ndarray, quantized: bool) -> int:
+  def put(self, item: str, array: np.ndarray, quantized: bool) -> dict:
+    """Stages one tensor; returns the entry fields it decides (``parts``, ``sha256``)."""
     if not quantized and array.dtype.name in _CASTS:
       array = array.astype(_CASTS[array.dtype.name])
     tmp = self._path(item) + ".tmp"
     with open(tmp, "wb") as f:
       np.save(f, array, allow_pickle=False)
     os.replace(tmp, self._path(item))
-    return 1
+    return {"parts": 1 if array.size else 0, "sha256": entries.digest(array)}
+
+  def _load(self, entry: dict) -> np.ndarray:
+    return np.load(self._path(entry["item"]), mmap_mode="r", allow_pickle=False)
+
+  def verify(self, entry: dict) -> bool:
+    """Whether the staged .npy of ``entry`` holds the array its ``sha256`` names."""
+    try:
+      return entries.digest(self._load(entry)) == entry["sha256"]
+    except (OSError, ValueError):
+      return False
 
   def finish(self, meta: dict) -> str:
     tensors = {}
     for e in meta["tensors"]:
-      arr = np.load(self._path(e["item"]), mmap_mode="r", allow_pickle=False)
+      arr = self._load(e)
+      if entries.digest(arr) != e["sha256"]:
+        raise errors.CheckpointError(f"{self._path(e['item'])}: staged tensor {e['name']!r} "
+                                     "changed on disk since it was written.")
       if e["kind"] == "quantized":
         arr = qtensor.QuantizedTensor(data=arr, format=e["format"], k=e["shape"][-1],
                                       seed=e["seed"])
@@ -70,7 +86,7 @@ class GgufWriter:
     md["itq3s_jax.format_version"] = meta["format_version"]
     out = os.path.join(self.stage, "out.gguf")
     try:
-      gguf_io.write_gguf(out, tensors, md)
+      gguf_io.write_gguf(out, tensors, md, checksums=True)
     except (ValueError, TypeError) as exc:
       raise errors.CheckpointError(f"cannot write GGUF: {exc}") from None
     return out

@@ -58,9 +58,11 @@ def _row(entry: dict, t) -> Row:
     bpw = 8.0 * arr.dtype.itemsize
     return Row(entry["name"], "array", arr.dtype.name, tuple(arr.shape), bpw,
                int(arr.nbytes), None, None, entry.get("reason", "kept"))
-  if not itq3s_jax.has_bound(t.format):
+  if not itq3s_jax.has_bound(t.format) or t.rounding == "unrestricted":
+    why = ("no certified bound for this format" if not itq3s_jax.has_bound(t.format) else
+           "GPTQ rounding 'unrestricted': no certified bound")
     return Row(entry["name"], "quantized", t.format, t.shape, t.bits_per_weight, t.nbytes,
-               None, None, "no certified bound for this format")
+               None, None, why)
   bound = np.asarray(itq3s_jax.error_bound(t), np.float64)
   frob = float(np.sqrt(np.sum(bound**2)))
   norm = float(np.linalg.norm(np.asarray(itq3s_jax.dequantize(t), np.float64)))

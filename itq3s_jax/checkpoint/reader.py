@@ -1,22 +1,23 @@
 """Reading converted checkpoints back: ``load`` (all tensors) and ``iter_tensors``.
 
-The orbax layout is described in ``writers.py``. Every tensor is checked
-against its JSON entry (``qtensor.validate``: dtype, code bytes per row), so a
-damaged checkpoint raises CheckpointError instead of restoring wrong weights.
+The orbax layout is described in ``writers.py``. The metadata is checked
+(sealed, every field typed: ``entries.py``) and every tensor against its entry
+(shape and dtype before it is restored, its sha256 after; quantized codes must
+decode to finite values: ``qtensor.check_values``), so a damaged or edited
+checkpoint raises CheckpointError instead of restoring wrong weights.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterator
 
 import jax.numpy as jnp
-import numpy as np
-import orbax.checkpoint as ocp
 
 import itq3s_jax
+from itq3s_jax._src import safe_files
 from itq3s_jax._src.core import qtensor
+from itq3s_jax.checkpoint import entries
 from itq3s_jax.checkpoint import errors
 from itq3s_jax.checkpoint import writers
 
@@ -24,7 +25,12 @@ Tensor = "itq3s_jax.QuantizedTensor | np.ndarray"
 
 
 def read_metadata(path: str) -> dict:
-  """The JSON metadata of an itq3s orbax checkpoint (format version checked)."""
+  """The JSON metadata of an itq3s orbax checkpoint: version, seal and every entry checked.
+
+  Raises:
+    CheckpointError: not an itq3s checkpoint, another version, or metadata that
+      is malformed, edited or damaged (``entries.parse_metadata``).
+  """
   path = os.fspath(path)
   if not os.path.exists(path):
     raise errors.CheckpointError(f"{path}: no such file or directory.")
@@ -32,60 +38,30 @@ def read_metadata(path: str) -> dict:
     raise errors.CheckpointError(f"{path}: not a directory; an itq3s orbax checkpoint "
                                  "is a directory made by `itq3s convert`.")
   meta_path = os.path.join(path, writers.META_ITEM, "metadata")
-  try:
-    with open(meta_path, encoding="utf-8") as f:
-      meta = json.load(f)
-  except FileNotFoundError:
+  if not os.path.lexists(meta_path):
     raise errors.CheckpointError(f"{path}: not an itq3s checkpoint (no {writers.META_ITEM}/"
-                                 "metadata); was the conversion finished?") from None
-  except (OSError, ValueError) as exc:
-    raise errors.CheckpointError(f"{meta_path}: corrupt metadata ({exc}).") from None
-  if not isinstance(meta, dict) or meta.get("format_version") != writers.FORMAT_VERSION:
-    raise errors.CheckpointError(
-        f"{path}: unsupported itq3s checkpoint version "
-        f"{meta.get('format_version') if isinstance(meta, dict) else None!r}; this "
-        f"library reads version {writers.FORMAT_VERSION}.")
-  tensors = meta.get("tensors")
-  if not isinstance(tensors, list) or not all(
-      isinstance(e, dict) and {"name", "item", "kind", "shape"} <= set(e) for e in tensors):
-    raise errors.CheckpointError(f"{meta_path}: corrupt tensor list.")
-  return meta
+                                 "metadata); was the conversion finished?")
+  try:
+    raw = safe_files.read_bounded(meta_path, entries.MAX_META_BYTES, "metadata file")
+  except safe_files.Unreadable as exc:
+    raise errors.CheckpointError(f"corrupt metadata: {exc}") from None
+  return entries.parse_metadata(raw, meta_path)
 
 
 def _restore(path: str, entry: dict) -> Tensor:
-  quantized = entry["kind"] == "quantized"
-  path = os.path.abspath(path)  # orbax refuses relative paths
-  items = writers.part_items(entry)
-  for name in items:
-    if not os.path.isdir(os.path.join(path, name)):
-      raise errors.CheckpointError(
-          f"{path}: tensor {entry['name']!r} is missing: no item directory {name}/ (the "
-          "checkpoint was copied incompletely, or its metadata belongs to another one).")
-  try:
-    blocks = []
-    with ocp.StandardCheckpointer() as c:
-      for name in items:
-        blocks.append(np.asarray(c.restore(os.path.join(path, name))[
-            writers.leaf_key(quantized)]))
-    arr = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-  except Exception as exc:  # orbax/tensorstore raise many types for damaged items
+  """One tensor of a checked entry; its bytes verified against the entry's sha256."""
+  arr = writers.read_items(path, entry)
+  if entries.digest(arr) != entry["sha256"]:
     raise errors.CheckpointError(
-        f"{path}: tensor {entry['name']!r} ({entry['item']}) is damaged: "
-        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from None
-  if not quantized:
-    if list(arr.shape) != list(entry["shape"]):
-      raise errors.CheckpointError(
-          f"{path}: tensor {entry['name']!r} has shape {list(arr.shape)}, metadata says "
-          f"{entry['shape']}.")
+        f"{path}: tensor {entry['name']!r} ({entry['item']}) is damaged: its bytes do not "
+        "match the sha256 recorded when it was written.")
+  if entry["kind"] != "quantized":
     return arr
   try:
-    qt = qtensor.validate(itq3s_jax.QuantizedTensor(
-        data=jnp.asarray(arr), format=entry["format"], k=int(entry["shape"][-1]),
-        seed=int(entry["seed"]), rounding=entry.get("rounding", "nearest")))
-    if list(qt.shape) != list(entry["shape"]):
-      raise ValueError(f"codes of shape {list(qt.shape)}, metadata says {entry['shape']}")
-    return qt
-  except (ValueError, TypeError, KeyError) as exc:
+    return qtensor.check_values(itq3s_jax.QuantizedTensor(
+        data=jnp.asarray(arr), format=entry["format"], k=entry["shape"][-1],
+        seed=entry["seed"], rounding=entry["rounding"]))
+  except (ValueError, TypeError) as exc:
     raise errors.CheckpointError(f"{path}: tensor {entry['name']!r}: {exc}") from None
 
 

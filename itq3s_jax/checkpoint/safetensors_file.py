@@ -20,6 +20,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from itq3s_jax._src import safe_files
+from itq3s_jax._src import safe_json
 from itq3s_jax.checkpoint import errors
 
 # Safetensors dtype codes we can read; anything else is refused by name.
@@ -41,6 +43,14 @@ class Entry:
   end: int
 
 
+def looks_like(head: bytes, size: int) -> bool:
+  """Whether the first bytes of a file of ``size`` bytes start a safetensors file: a
+  header length that fits the file, then ``{``. (Any first byte is possible: a header
+  length whose low byte is 0x80 is valid, so a pickle sniff must not look at it.)"""
+  return (len(head) >= 9 and struct.unpack("<Q", head[:8])[0] <= size - 8
+          and head[8:9] == b"{")
+
+
 def read_header(path: str) -> tuple[list[Entry], dict[str, str]]:
   """Parses and checks a safetensors header.
 
@@ -48,11 +58,12 @@ def read_header(path: str) -> tuple[list[Entry], dict[str, str]]:
     (entries sorted by offset, ``__metadata__``).
 
   Raises:
-    CheckpointError: missing/truncated file, corrupt header, unsupported dtype,
-      or a tensor whose bytes lie outside the file or overlap another.
+    CheckpointError: missing, non-regular or truncated file, corrupt header
+      (not JSON, too deep, a field of the wrong type), unsupported dtype, or a
+      tensor whose bytes lie outside the file or overlap another.
   """
   try:
-    size = os.path.getsize(path)
+    size = safe_files.regular_size(path, "safetensors file")
     with open(path, "rb") as f:
       head = f.read(8)
       if len(head) < 8:
@@ -63,39 +74,47 @@ def read_header(path: str) -> tuple[list[Entry], dict[str, str]]:
             f"{path}: corrupt safetensors header (declares {n} header bytes, file has "
             f"{size}); the file is truncated or not safetensors.")
       raw = f.read(n)
+  except safe_files.Unreadable as exc:
+    raise errors.CheckpointError(str(exc)) from None
   except OSError as exc:
     raise errors.CheckpointError(f"cannot read {path}: {exc.strerror or exc}.") from None
   try:
-    header = json.loads(raw.decode("utf-8"))
-    if not isinstance(header, dict):
-      raise ValueError("not a JSON object")
-  except (UnicodeDecodeError, ValueError) as exc:
-    raise errors.CheckpointError(f"{path}: corrupt safetensors header ({exc}).") from None
-  meta = header.pop("__metadata__", None) or {}
-  data_start, data_size = 8 + n, size - 8 - n
-  entries = [_entry(path, name, spec, data_start, data_size) for name, spec in header.items()]
+    header = safe_json.as_dict(
+        safe_json.loads(raw, what=f"{path}: safetensors header", max_bytes=_MAX_HEADER),
+        f"{path}: safetensors header")
+    meta = header.pop("__metadata__", None)
+    meta = {} if meta is None else safe_json.as_dict(meta, f"{path}: __metadata__")
+    for key, value in meta.items():
+      safe_json.as_str(value, f"{path}: __metadata__[{key!r}]")
+    data_start, data_size = 8 + n, size - 8 - n
+    entries = [_entry(path, name, spec, data_start, data_size)
+               for name, spec in header.items()]
+  except safe_json.Malformed as exc:
+    raise errors.CheckpointError(f"corrupt safetensors header: {exc}") from None
   entries.sort(key=lambda e: e.begin)
   for a, b in zip(entries, entries[1:]):
     if b.begin < a.end:
       raise errors.CheckpointError(f"{path}: tensors {a.name!r} and {b.name!r} overlap.")
-  return entries, meta if isinstance(meta, dict) else {}
+  return entries, meta
 
 
 def _entry(path: str, name: str, spec, data_start: int, data_size: int) -> Entry:
-  try:
-    dtype_code, shape, (begin, end) = spec["dtype"], spec["shape"], spec["data_offsets"]
-    shape = tuple(int(d) for d in shape)
-    begin, end = int(begin), int(end)
-  except (TypeError, KeyError, ValueError):
-    raise errors.CheckpointError(
-        f"{path}: corrupt safetensors header entry for {name!r}: {spec!r}.") from None
+  what = f"{path}: tensor {name!r}"
+  spec = safe_json.as_dict(spec, what)
+  dtype_code = safe_json.as_str(spec.get("dtype"), f"{what} dtype")
+  shape = safe_json.as_shape(spec.get("shape"), f"{what} shape")
+  offsets = safe_json.as_list(spec.get("data_offsets"), f"{what} data_offsets")
+  if len(offsets) != 2:
+    raise safe_json.Malformed(f"{what} data_offsets must be [begin, end].")
+  begin, end = (safe_json.as_int(o, f"{what} data_offsets[{i}]") for i, o in enumerate(offsets))
   if dtype_code not in DTYPES:
     raise errors.CheckpointError(
         f"{path}: tensor {name!r} has unsupported dtype {dtype_code}; supported: "
         f"{', '.join(DTYPES)}. Convert it to one of these first.")
   dtype = DTYPES[dtype_code]
-  if any(d < 0 for d in shape) or not 0 <= begin <= end:
-    raise errors.CheckpointError(f"{path}: corrupt shape/offsets for tensor {name!r}.")
+  if not begin <= end:
+    raise errors.CheckpointError(f"{path}: corrupt offsets [{begin}, {end}] for tensor "
+                                 f"{name!r}.")
   if end - begin != math.prod(shape) * dtype.itemsize:
     raise errors.CheckpointError(
         f"{path}: tensor {name!r} has {end - begin} bytes but shape {list(shape)} of "

@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from typing import Callable
 
 import numpy as np
 
+from itq3s_jax._src import safe_files
+from itq3s_jax._src import safe_json
 from itq3s_jax.checkpoint import errors
 from itq3s_jax.checkpoint import orbax_source
 from itq3s_jax.checkpoint import safetensors_file
 from itq3s_jax.checkpoint import source_types
 
 
+_MAX_INDEX = 64 << 20
 TensorInfo = source_types.TensorInfo
 Source = source_types.Source
 
@@ -34,21 +36,29 @@ Source = source_types.Source
 def open_source(path: str) -> Source:
   """Opens a float checkpoint; CheckpointError if it is missing or malformed."""
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise errors.CheckpointError(f"{path}: no such file or directory.")
+  if not path or not os.path.exists(path):
+    raise errors.CheckpointError(f"{path!r}: no such file or directory." if not path else
+                                 f"{path}: no such file or directory.")
   if os.path.isdir(path):
     if _is_orbax(path):
       return _orbax(path)
-    shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if shards or any(f.endswith(".safetensors.index.json") for f in os.listdir(path)):
+    names = os.listdir(path)
+    shards = sorted(f for f in names if f.endswith(".safetensors"))
+    if shards or any(f.endswith(".safetensors.index.json") for f in names):
       return _safetensors_dir(path, shards)
     raise errors.CheckpointError(
         f"{path}: a directory with neither *.safetensors shards nor an orbax checkpoint.")
-  with open(path, "rb") as f:
-    magic = f.read(4)
-  if magic == b"GGUF":
+  try:
+    size = safe_files.regular_size(path, "checkpoint file")
+    with open(path, "rb") as f:
+      head = f.read(9)
+  except safe_files.Unreadable as exc:
+    raise errors.CheckpointError(str(exc)) from None
+  except OSError as exc:
+    raise errors.CheckpointError(f"cannot read {path}: {exc.strerror or exc}.") from None
+  if head[:4] == b"GGUF":
     return _gguf(path)
-  if not magic.startswith((b"\x80", b"PK\x03\x04")):
+  if safetensors_file.looks_like(head, size) or not head.startswith((b"\x80", b"PK\x03\x04")):
     return _safetensors([path], path)
   raise errors.CheckpointError(
       f"{path}: looks like a pickle (torch .bin/.pt); pickles can execute code and "
@@ -60,6 +70,10 @@ def sha256(files: tuple[str, ...], root: str) -> str:
   (relative path, NUL, content) of each file of a directory; read in 8 MiB pieces."""
   h = hashlib.sha256()
   for fname in sorted(files):
+    try:
+      safe_files.regular_size(fname, "checkpoint file")
+    except safe_files.Unreadable as exc:
+      raise errors.CheckpointError(str(exc)) from None
     if os.path.abspath(fname) != os.path.abspath(root):
       h.update(os.path.relpath(fname, root).encode() + b"\0")
     with open(fname, "rb") as f:
@@ -104,15 +118,20 @@ def _safetensors_dir(path: str, shards: list[str]) -> Source:
     return _safetensors([os.path.join(path, s) for s in shards], path)
   ipath = os.path.join(path, index[0])
   try:
-    with open(ipath, encoding="utf-8") as f:
-      weight_map = json.load(f)["weight_map"]
-    if not isinstance(weight_map, dict):
-      raise TypeError
-  except (OSError, ValueError, KeyError, TypeError):
-    raise errors.CheckpointError(f"{ipath}: corrupt index (needs a 'weight_map' object).") from None
+    raw = safe_files.read_bounded(ipath, _MAX_INDEX, "index file")
+    index_doc = safe_json.as_dict(safe_json.loads(raw, what=ipath, max_bytes=_MAX_INDEX), ipath)
+    weight_map = safe_json.as_dict(index_doc.get("weight_map"), f"{ipath}: weight_map")
+    for name, shard in weight_map.items():
+      what = f"{ipath}: weight_map[{name!r}]"
+      if safe_json.as_str(shard, what) in ("", ".", "..") or os.path.basename(shard) != shard \
+          or not shard.endswith(".safetensors"):
+        raise safe_json.Malformed(f"{what} is {shard!r}, not a *.safetensors file name in "
+                                  "the index's directory.")
+  except ValueError as exc:  # Unreadable or Malformed
+    raise errors.CheckpointError(f"corrupt index: {exc}") from None
   used = sorted(set(weight_map.values()))
   for s in used:
-    if not os.path.isfile(os.path.join(path, s)):
+    if not os.path.lexists(os.path.join(path, s)):
       raise errors.CheckpointError(f"{path}: shard {s!r} named in {index[0]} is missing.")
   src = _safetensors([os.path.join(path, s) for s in used], path, only=weight_map)
   return dataclasses.replace(src, files=src.files + (ipath,))

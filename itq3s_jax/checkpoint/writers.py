@@ -18,9 +18,11 @@ Orbax layout (an orbax *composite* checkpoint, restorable without a target)::
 Static fields of ``QuantizedTensor`` (shape, format, seed, rounding) are not
 orbax leaves, so they live in the JSON entries (orbax stores no dataclass
 fields). An entry: ``name``, ``item``, ``kind`` ("quantized" | "array"),
-``shape``, ``dtype``, ``nbytes``; quantized entries add ``format``, ``seed``,
-``rounding``, ``transposed`` (the source held the (in, out) Flax kernel) and
-``bits_per_weight``; large arrays add ``parts``.
+``shape``, ``dtype``, ``nbytes``, ``parts`` (items; 0 for an empty array, which
+orbax cannot store) and ``sha256`` (``entries.digest`` of the stored array);
+quantized entries add ``format``, ``seed``, ``rounding``, ``transposed`` (the
+source held the (in, out) Flax kernel) and ``bits_per_weight``. The metadata
+carries its own ``sha256`` (``entries.seal``). ``entries.py`` checks all of it.
 """
 
 from __future__ import annotations
@@ -34,32 +36,18 @@ from typing import Iterable
 import numpy as np
 import orbax.checkpoint as ocp
 
+from itq3s_jax._src.core import qtensor
+from itq3s_jax.checkpoint import entries
 from itq3s_jax.checkpoint import errors
 
-META_ITEM = "itq3s"
-FORMAT_VERSION = 1
+META_ITEM = entries.META_ITEM
+FORMAT_VERSION = entries.FORMAT_VERSION
 _STANDARD = "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler"
 _JSON = "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler"
-
-
-def item_name(index: int) -> str:
-  return f"t{index:05d}"
-
-
-def leaf_key(quantized: bool) -> str:
-  return "data" if quantized else "value"
-
-
-def part_items(entry: dict) -> list[str]:
-  """Items of one tensor: ``t00007`` or, for a large kept array saved in row
-  blocks, ``t00007``, ``t00007_0001``, ... (concatenate along axis 0)."""
-  return [entry["item"]] + [f"{entry['item']}_{j:04d}" for j in range(1, entry.get("parts", 1))]
-
-
-# Orbax's save holds about two extra copies of an array while it writes; kept arrays
-# larger than this are saved in row blocks of at most this size, one item each, so the
-# extra memory stays a constant instead of twice the largest tensor.
-PART_BYTES = 16 << 20
+item_name = entries.item_name
+leaf_key = entries.leaf_key
+part_items = entries.part_items
+PART_BYTES = entries.PART_BYTES
 
 
 class OrbaxWriter:
@@ -76,22 +64,30 @@ class OrbaxWriter:
   def has(self, item: str) -> bool:
     return os.path.isfile(os.path.join(self.stage, item, "_METADATA"))
 
-  def put(self, item: str, array: np.ndarray, quantized: bool) -> int:
-    """Saves one tensor; returns the number of items (row blocks) it took."""
-    rows = len(array) if array.ndim else 1
-    if not quantized and array.ndim and array.nbytes > PART_BYTES:
-      rows = max(1, PART_BYTES // max(1, array.nbytes // len(array)))
-    starts = range(0, len(array), rows) if array.ndim and len(array) else [None]
-    names = part_items({"item": item, "parts": len(starts)})
-    for name, lo in zip(names, starts):
-      block = array if lo is None else array[lo:lo + rows]
+  def put(self, item: str, array: np.ndarray, quantized: bool) -> dict:
+    """Saves one tensor; returns the entry fields it decides: ``parts`` (items, row
+    blocks; 0 for an empty array, which has no item) and ``sha256``."""
+    array = np.asarray(array)
+    parts = entries.part_count(array.shape, array.dtype.itemsize, quantized, PART_BYTES)
+    rows = entries.part_rows(array.shape, array.dtype.itemsize, quantized, PART_BYTES)
+    for j, name in enumerate(part_items({"item": item, "parts": parts})):
+      block = array[j * rows:(j + 1) * rows] if array.ndim else array
       self._ckpt.save(os.path.join(self.stage, name),
                       args=ocp.args.StandardSave({leaf_key(quantized): block}), force=True)
-    return len(names)
+    return {"parts": parts, "sha256": entries.digest(array)}
+
+  def verify(self, entry: dict) -> bool:
+    """Whether the staged items of ``entry`` hold the array its ``sha256`` names."""
+    try:
+      return entries.digest(read_items(self.stage, entry)) == entry["sha256"]
+    except errors.CheckpointError:
+      return False
 
   def finish(self, meta: dict) -> str:
     """Writes the JSON item and the composite metadata; returns the path to rename."""
     self._ckpt.close()
+    meta = entries.seal(meta)
+    entries.check_metadata(meta, "the metadata being written")  # a writer bug, not input
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
       c.save(os.path.join(self.stage, META_ITEM), args=ocp.args.JsonSave(meta), force=True)
     handlers = {META_ITEM: _JSON}
@@ -153,14 +149,64 @@ def save_tensors(dst: str, tensors: Iterable[tuple[dict, np.ndarray, bool]], met
   os.makedirs(stage)
   writer = OrbaxWriter(stage)
   try:
-    entries = []
+    done = []
     for i, (entry, array, quantized) in enumerate(tensors):
       entry = dict(entry, item=item_name(i))
-      entry["parts"] = writer.put(entry["item"], np.asarray(array), quantized)
-      entries.append(entry)
-    result = writer.finish(dict(meta, format_version=FORMAT_VERSION, tensors=entries))
+      entry.update(writer.put(entry["item"], np.asarray(array), quantized))
+      done.append(entry)
+    result = writer.finish(dict(meta, format_version=FORMAT_VERSION, tensors=done))
   except BaseException:
     writer.close()
     shutil.rmtree(stage, ignore_errors=True)
     raise
   move_into_place(result, dst, overwrite)
+
+
+def read_items(path: str, entry: dict) -> np.ndarray:
+  """The stored array of a checked ``entry`` (codes of a quantized tensor), its items
+  restored and concatenated; an empty array is made from the entry.
+
+  Each item's shape and dtype are read from orbax's metadata and compared with what
+  the entry allows (the entry's trailing dimensions and dtype, rows adding up to at
+  most its row count) before the item is restored, so a damaged item cannot make
+  orbax allocate by a size the (sealed) entry does not vouch for.
+
+  Raises:
+    CheckpointError: an item is missing, damaged, or not the entry's shape/dtype.
+  """
+  quantized = entry["kind"] == "quantized"
+  shape = tuple(entry["shape"])
+  if quantized:
+    shape = (*shape[:-1], qtensor.row_nbytes(entry["format"], shape[-1]))
+  dtype = np.dtype(np.uint8) if quantized else entries.dtype_of(entry["dtype"])
+  if entry.get("parts", 1) == 0:
+    return np.zeros(shape, dtype)
+  path = os.path.abspath(path)  # orbax refuses relative paths
+  key, blocks, left = leaf_key(quantized), [], shape[0] if shape else None
+  with ocp.StandardCheckpointer() as c:
+    for name in part_items(entry):
+      item = os.path.join(path, name)
+      if not os.path.isdir(item):
+        raise errors.CheckpointError(
+            f"{path}: tensor {entry['name']!r} is missing: no item directory {name}/ (the "
+            "checkpoint was copied incompletely, or its metadata belongs to another one).")
+      try:
+        meta = c.metadata(item).item_metadata.tree[key]
+        got = (tuple(int(d) for d in meta.shape), np.dtype(meta.dtype))
+        if got[1] != dtype or (got[0] != shape if not shape else (
+            len(got[0]) != len(shape) or got[0][1:] != shape[1:] or not 0 < got[0][0] <= left)):
+          raise ValueError(f"item {name} holds {got[1].name} {list(got[0])}, the entry says "
+                           f"{dtype.name} {list(shape)}")
+        blocks.append(np.asarray(c.restore(item)[key]))
+      except Exception as exc:  # orbax/tensorstore raise many types for damaged items
+        raise errors.CheckpointError(
+            f"{path}: tensor {entry['name']!r} ({name}) is damaged: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.") from None
+      if shape:
+        left -= blocks[-1].shape[0]
+  arr = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+  if arr.shape != shape or arr.dtype != dtype:
+    raise errors.CheckpointError(f"{path}: tensor {entry['name']!r} has {arr.dtype.name} "
+                                 f"{list(arr.shape)} stored, the entry says {dtype.name} "
+                                 f"{list(shape)}.")
+  return arr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import zipfile
 
 import itq3s_jax
 from itq3s_jax import cli
@@ -12,6 +13,7 @@ from itq3s_jax import checkpoint
 from itq3s_jax.checkpoint import converter
 from itq3s_jax.checkpoint import table
 from itq3s_jax.checkpoint import writers
+from itq3s_jax._src import safe_files
 from itq3s_jax._src import stats as stats_lib
 
 NAME = "convert"
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                                quantize_embeddings=args.quantize_embeddings)
     stats = None
     if args.calibration:
-      stats = stats_lib.load(args.calibration)
+      stats = _load_calibration(args.calibration)
     elif args.rounding:
       raise cli.CommandError("--rounding needs --calibration.")
     summary = checkpoint.convert(args.src, args.dst, rule=rule, resume=args.resume,
@@ -69,6 +71,23 @@ def run(args: argparse.Namespace) -> int:
   if not args.quiet:
     print(_summary_table(summary))
   return 0
+
+
+def _load_calibration(path: str) -> dict:
+  """Calibration statistics, or CommandError naming the file (never a zip/npy traceback)."""
+  try:
+    safe_files.regular_size(path, "calibration file")
+    with zipfile.ZipFile(path) as z:  # closed on every error (np.load leaks the file on some)
+      bad = z.testzip()
+    if bad is not None:
+      raise ValueError(f"member {bad!r} is damaged (CRC mismatch)")
+    return stats_lib.load(path)
+  except safe_files.Unreadable as exc:
+    raise cli.CommandError(str(exc)) from None
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+    # np.load raises these for a broken zip, a missing or pickled array, a bad header
+    raise cli.CommandError(f"{path}: not a readable calibration file ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''}).") from None
 
 
 def _summary_table(summary: converter.Summary) -> str:

@@ -12,6 +12,7 @@ static. ``shape`` is derived from ``data``, so ``vmap`` over leading axes and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import struct
@@ -94,7 +95,11 @@ class QuantizedTensor:
 
   @classmethod
   def from_bytes(cls, buf: bytes) -> "QuantizedTensor":
-    """Inverse of :meth:`to_bytes`; ValueError on anything malformed."""
+    """Inverse of :meth:`to_bytes`; ValueError on anything malformed.
+
+    Every field of the header is type-checked, the data length must match the
+    shape, and the codes must decode to finite values (:func:`check_values`).
+    """
     buf = bytes(buf)
     if len(buf) < 12 or buf[:4] != _MAGIC:
       raise ValueError("not an itq3s QuantizedTensor byte string (bad magic).")
@@ -114,7 +119,7 @@ class QuantizedTensor:
       raise ValueError(f"QuantizedTensor data has {len(body)} bytes, expected "
                        f"{math.prod(want)} for shape {shape} in {fmt}.")
     data = jnp.asarray(np.frombuffer(body, np.uint8).reshape(want))
-    return validate(cls(data=data, format=fmt, k=shape[-1], seed=seed, rounding=rounding))
+    return check_values(cls(data=data, format=fmt, k=shape[-1], seed=seed, rounding=rounding))
 
 
 def _header_fields(header) -> tuple[tuple[int, ...], str, int, str]:
@@ -158,4 +163,41 @@ def validate(qt: QuantizedTensor) -> QuantizedTensor:
   if qt.data.shape[-1] != want:
     raise ValueError(f"QuantizedTensor.data has {qt.data.shape[-1]} bytes per row, expected "
                      f"{want} for K={qt.k} in format {qt.format!r}.")
+  return qt
+
+
+# Largest |coding-domain value| a stored block may decode to: the unnormalized
+# Hadamard sums of the inverse transform (n <= 256 terms) then stay finite in
+# float32. Real codes decode to at most each format's max_abs (< 1e8).
+DECODE_LIMIT = float(np.finfo(np.float32).max) / 256
+
+
+@functools.partial(jax.jit, static_argnames=("format", "k"))
+def _decoded_peak(data, *, format, k):
+  fmt = registry.get_format(format)
+  peak = jnp.zeros((), jnp.float32)
+  for seg in segments(format, k):
+    b = data[..., seg.byte_start:seg.byte_stop].reshape(*data.shape[:-1], seg.count, seg.nbytes)
+    z = fmt.decode(b, seg.n)
+    peak = jnp.maximum(peak, jnp.max(jnp.where(jnp.isfinite(z), jnp.abs(z), jnp.inf),
+                                     initial=0.0))
+  return peak
+
+
+def check_values(qt: QuantizedTensor) -> QuantizedTensor:
+  """:func:`validate`, then ValueError unless every block decodes to finite values.
+
+  Random or damaged code bytes can hold non-finite or huge stored scales (an fp16
+  Inf/NaN), which decode to Inf/NaN weights. Readers of untrusted bytes
+  (``from_bytes``, the checkpoint and GGUF readers) call this; ``quantize``
+  never produces such codes. Skipped for traced data (nothing to inspect).
+  """
+  validate(qt)
+  if isinstance(qt.data, jax.core.Tracer) or not math.prod(qt.data.shape):
+    return qt
+  peak = float(_decoded_peak(qt.data, format=qt.format, k=qt.k))
+  if not peak <= DECODE_LIMIT:
+    raise ValueError(f"QuantizedTensor codes of format {qt.format!r} decode to "
+                     f"{'non-finite values' if not math.isfinite(peak) else f'|z| = {peak:.3g}'}"
+                     " (damaged or random scale bytes); refusing them.")
   return qt
