@@ -220,3 +220,18 @@ def test_format_without_hooks_is_not_implemented(monkeypatch):
   monkeypatch.setitem(registry._REGISTRY, fmt.name, fmt)
   with pytest.raises(NotImplementedError, match="no levels/repack hooks"):
     gq(_weights(), "_nohooks", np.eye(K, dtype=np.float32))
+
+
+def test_huge_statistics_round_like_normal_ones_and_keep_the_certificate():
+  """Statistics near float32 max used to overflow the rotation and break eps_2; a power-of-two
+  multiple of Sigma must give the same codes (exact rescaling), and any huge Sigma a
+  certificate that holds (measured in float64)."""
+  w, h = _weights(), _hessian()  # max |h| ~ 1e3: 2^110 h stays below float32 max
+  base = gq(w, "itq3_t", h)
+  huge = gq(w, "itq3_t", h * np.float32(2.0**110))
+  np.testing.assert_array_equal(np.asarray(huge.data), np.asarray(base.data))
+  qt = gq(w, "itq3_t", (h / np.abs(h).max() * np.float32(3.0e38)).astype(np.float32))
+  diff = w.astype(np.float64) - np.asarray(itq3s_jax.dequantize(qt), np.float64)
+  err = np.stack([np.linalg.norm(diff[:, lo:hi], axis=-1)
+                  for lo, hi in itq3s_jax.block_columns("itq3_t", K)], axis=-1)
+  assert np.all(err <= np.asarray(itq3s_jax.error_bound(qt), np.float64))

@@ -114,9 +114,14 @@ def _diag_block_inverses(u: jax.Array, g: int) -> jax.Array:
 
 
 def _snap_range(lo, hi):
-  """The per-coefficient rounding of lattice formats: clip(round(x / step), lo, hi)."""
+  """The per-coefficient rounding of lattice formats: clip(round(x / step), lo, hi).
+
+  NaN/Inf error feedback still lands in [lo, hi] (nan_to_num before the clip), so a
+  two-neighbour code never leaves its two levels whatever the arithmetic did: the
+  certificate is structural, not a property of well-behaved statistics.
+  """
   def snap(x, step):
-    return jnp.clip(jnp.round(x / step), lo, hi).astype(jnp.int32)
+    return jnp.clip(jnp.nan_to_num(jnp.round(x / step)), lo, hi).astype(jnp.int32)
   return snap
 
 
@@ -173,14 +178,23 @@ def _round_columns(z, step, clo, chi, u, *, block, format):
 
 @functools.partial(jax.jit, static_argnames=("format", "gptq"))
 def _quantize_rows(w, h, sig, *, format, gptq: config.GptqConfig):
-  """float32 (M, K), (K, K) -> (uint8 (M, row_nbytes), peak, all finite); one program per shape.
+  """float32 (M, K), (K, K) -> (uint8 (M, row_nbytes), peak, all finite, usable).
 
-  ``peak`` and ``finite`` are the checks of ``codec.encode``, on the same rotated z.
+  One program per shape. ``peak`` and ``finite`` are the checks of ``codec.encode`` on
+  the same rotated z; ``usable``: the rotated hessian and its factor are finite.
   """
   fmt = registry.get_format(format)
   k = w.shape[-1]
   z = codec.rotate(w, sig, fmt.name)  # (M, Kp)
   peak = jnp.max(jnp.where(jnp.isfinite(z), jnp.abs(z), jnp.inf), initial=0.0)
+  # Statistics whose largest entry is beyond 2^+-64 are brought to [0.5, 1) by a power of
+  # two (exact; any positive multiple of Sigma rounds the same up to the absolute 1.0 that
+  # inverse_cholesky puts on dead inputs), so the rotation (sums of 256 x 256 entries) and
+  # the factorization stay far from float32 overflow and underflow. Other statistics are
+  # used as given, so their codes do not change.
+  top = jnp.max(jnp.abs(h), initial=0.0)
+  expo = jnp.frexp(jnp.where(top > 0, top, 1.0))[1]
+  h = jnp.where(jnp.abs(expo) > 64, jnp.ldexp(h, -expo), h)
   hz = _rotate_hessian(h, sig, fmt.name)
   imp = jnp.diagonal(hz) if gptq.scales == "weighted" else None
   m = z.shape[0]
@@ -210,13 +224,14 @@ def _quantize_rows(w, h, sig, *, format, gptq: config.GptqConfig):
     perm = jnp.arange(z.shape[1])
   inv = jnp.argsort(perm)
   u = inverse_cholesky(hz[perm][:, perm], gptq.damp)
+  usable = jnp.all(jnp.isfinite(hz)) & jnp.all(jnp.isfinite(u))
   q = _round_columns(z[:, perm], step[:, perm], lo[:, perm], hi[:, perm], u,
                      block=_col_block(z.shape[1]), format=fmt.name)[:, inv]
   out = []
   for seg, b in zip(qtensor.segments(fmt.name, k), rtn):
     qb = q[:, seg.coded_start:seg.coded_stop].reshape(m, seg.count, seg.n)
     out.append(fmt.repack(b, qb, seg.n).reshape(m, seg.count * seg.nbytes))
-  return jnp.concatenate(out, axis=-1), peak, jnp.all(jnp.isfinite(w))
+  return jnp.concatenate(out, axis=-1), peak, jnp.all(jnp.isfinite(w)), usable
 
 
 def quantize(w: ArrayLike, format: str, hessian: ArrayLike, *, seed: int = 0,
@@ -252,8 +267,13 @@ def quantize(w: ArrayLike, format: str, hessian: ArrayLike, *, seed: int = 0,
     raise ValueError("hessian has NaN/Inf entries; recompute the calibration statistics.")
   gptq = gptq.resolve(fmt.name)
   sig = codec.signs(fmt.name, seed)
-  data, peak, finite = _quantize_rows(w.reshape(-1, k), h, sig, format=fmt.name, gptq=gptq)
+  data, peak, finite, usable = _quantize_rows(w.reshape(-1, k), h, sig, format=fmt.name,
+                                              gptq=gptq)
   codec.raise_if_unrepresentable(fmt.name, peak, finite, w)
+  if codec.is_concrete(usable) and not bool(usable):
+    raise ValueError("the hessian's rotated form or its damped inverse factor is not finite "
+                     "in float32 (statistics of a degenerate or overflowing layer input); "
+                     "recompute the statistics or quantize this weight without them.")
   return qtensor.QuantizedTensor(data=data.reshape(*w.shape[:-1], data.shape[-1]),
                                  format=fmt.name, k=k, seed=int(seed), rounding=gptq.rounding)
 

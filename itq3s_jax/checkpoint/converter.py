@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -33,7 +32,6 @@ import numpy as np
 import tqdm
 
 import itq3s_jax
-from itq3s_jax._src import codec
 from itq3s_jax._src import llama_names
 from itq3s_jax._src.core import blocks
 from itq3s_jax._src.core import qtensor
@@ -315,29 +313,6 @@ def _entry(info, decision, rule, item: str, rounding: str) -> dict:
   return entry
 
 
-def _check_certificate(name: str, w: np.ndarray, qt) -> None:
-  """Refuses GPTQ codes whose certified bound does not hold for ``w``.
-
-  Round-to-nearest codes certify their bound by construction (the encoder's
-  range check). GPTQ's two-neighbour rounding does only if its float32
-  arithmetic on the statistics stayed finite; statistics that overflow it
-  (entries near 3e38, say) yield codes several levels away while the bytes
-  still claim eps_2. Measured here in float64, block by block.
-  """
-  if not itq3s_jax.has_bound(qt.format) or qt.rounding == "unrestricted":
-    return
-  bound = np.asarray(itq3s_jax.error_bound(qt), np.float64)
-  diff = np.asarray(w, np.float64) - np.asarray(itq3s_jax.dequantize(qt), np.float64)
-  for b, (lo, hi) in enumerate(codec.block_columns(qt.format, qt.k)):
-    err = np.sqrt(np.sum(diff[..., lo:hi] ** 2, axis=-1))
-    if not np.all(err <= bound[..., b]):
-      raise errors.CheckpointError(
-          f"tensor {name!r}: GPTQ rounding with its calibration statistics broke the "
-          f"certified bound (block {b}: error {np.max(err):.3g} > bound "
-          f"{np.min(bound[..., b]):.3g}); the statistics are not usable (overflowing or "
-          "non-finite?): recompute them, or convert without --calibration.")
-
-
 def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq) -> dict:
   x = source.read(info.name)
   if tuple(x.shape) != tuple(info.shape) or x.dtype != info.dtype:
@@ -361,8 +336,6 @@ def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq)
     qt = quantize_tensor(x, rule, info.k_axis, hessian, gptq)
   except (ValueError, TypeError) as exc:
     raise errors.CheckpointError(f"tensor {info.name!r}: {exc}") from None
-  if hessian is not None:
-    _check_certificate(info.name, x.T if info.k_axis == 0 else x, qt)
   del x
   if (qt.format, qt.seed, qt.rounding, list(qt.shape), qt.nbytes) != (
       entry["format"], entry["seed"], entry["rounding"], entry["shape"], entry["nbytes"]):
