@@ -72,11 +72,15 @@ def hessian_key(name: str, stats: Mapping[str, Any]) -> str | None:
   """The key of ``stats`` holding the input statistics of checkpoint tensor ``name``.
 
   Tried in order: ``name`` itself; ``name`` without a ``.weight``/``.kernel``
-  suffix; for a llama GGUF tensor ``blk.I.attn_q.weight`` the NNX layer path
-  ``layers.I.attn.q_proj`` that ``itq3s_jax.calibration.calibrate`` records for
-  ``itq3s_jax.models.llama`` (``itq3s calibrate``). None when nothing matches.
+  suffix; for a LLaMA-family tensor (GGUF ``blk.I.attn_q.weight`` or Hugging
+  Face ``model.layers.I.self_attn.q_proj.weight``) the NNX layer path
+  ``layers.I.attn.q_proj`` that ``itq3s calibrate`` records for
+  ``itq3s_jax.models.llama``; any of those with ``/`` for ``.`` (orbax
+  sources join keys with ``/``). None when nothing matches.
   """
-  cands = [name, re.sub(r"\.(weight|kernel)$", "", name), llama_names.gguf_to_layer(name)]
+  base = re.sub(r"[./](weight|kernel)$", "", name)
+  cands = [name, base, llama_names.to_layer(name), name.replace("/", "."),
+           base.replace("/", ".")]
   return next((c for c in cands if c is not None and c in stats), None)
 
 
@@ -221,6 +225,8 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
   source = sources.open_source(src)
   plan = [(i, t, rule.decide(t.name, t.shape, t.dtype, t.k_axis))
           for i, t in enumerate(source.tensors)]
+  if calibration is not None:
+    plan = _match_calibration(plan, calibration)
   src_hash = sources.sha256(source.files, source.path)
   job = {"source_sha256": src_hash, "source_kind": source.kind,
          "rule": rule.to_json(), "dst_kind": "gguf" if _is_gguf(dst) else "orbax"}
@@ -272,6 +278,24 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
   if result != stage:
     shutil.rmtree(stage, ignore_errors=True)
   return Summary(dst, tuple(entries), time.perf_counter() - start, converted)
+
+
+def _match_calibration(plan, calibration: Mapping[str, Any]):
+  """The plan with each quantized tensor lacking statistics marked in its reason.
+
+  Raises:
+    CheckpointError: the statistics match none of the tensors to quantize
+      (they belong to another model, or use names this converter cannot map).
+  """
+  quantized = [t.name for _, t, d in plan if d.quantize]
+  missing = {n for n in quantized if hessian_key(n, calibration) is None}
+  if quantized and len(missing) == len(quantized):
+    raise errors.CheckpointError(
+        f"the calibration statistics match none of the {len(quantized)} tensors to quantize "
+        f"(tensors like {quantized[0]!r}, statistics like {next(iter(calibration), None)!r}); "
+        "collect them from this checkpoint with `itq3s calibrate`.")
+  return [(i, t, d if t.name not in missing else dataclasses.replace(
+      d, reason=f"{d.reason}; no calibration statistics: nearest")) for i, t, d in plan]
 
 
 def _stats_sha256(stats: Mapping[str, Any]) -> str:

@@ -7,6 +7,7 @@
 
 from itq3s_jax.flax._core import QuantizationReport
 from itq3s_jax.flax.checkpoint import restore
+from itq3s_jax.flax.checkpoint import restore_tensors
 from itq3s_jax.flax.checkpoint import save
 from itq3s_jax.flax.linen import QuantizedDense
 from itq3s_jax.flax.linen import quantize_params
@@ -22,5 +23,6 @@ __all__ = [
     "quantize_model",
     "quantize_params",
     "restore",
+    "restore_tensors",
     "save",
 ]
