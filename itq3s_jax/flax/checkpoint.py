@@ -200,8 +200,9 @@ def _quantized_layer(path: str, name: str, module, qt) -> qnnx.QuantizedLinear:
     weight_meta = qnnx.sharding_metadata(weight_var, transpose=False)
   else:
     method, bias_var, weight_var = "auto", module.bias, module.kernel
-    sharding = qnnx.transposed_sharding(getattr(weight_var.get_value(), "sharding", None))
-    weight_meta = qnnx.sharding_metadata(weight_var, transpose=True)
+    sharding = qnnx.transposed_sharding(getattr(weight_var.get_value(), "sharding", None),
+                                        module.in_features)
+    weight_meta = qnnx.sharding_metadata(weight_var, transpose=True, k=module.in_features)
   new = qnnx.QuantizedLinear(
       module.in_features, module.out_features, format=qt.format, seed=qt.seed,
       use_bias=bias_var is not None, dtype=module.dtype, param_dtype=module.param_dtype,
