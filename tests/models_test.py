@@ -310,10 +310,11 @@ def test_mean_cosine():
   assert math.isclose(evaluation.mean_cosine(a, b), (1 / math.sqrt(2) - 1) / 2, rel_tol=1e-12)
 
 
-def test_eval_reports_unregistered_format():
-  from itq3s_jax._src.commands import eval as eval_cmd
-  row = eval_cmd._row("no_such_format", None, {}, lambda m: {})
-  assert row["status"].startswith("unavailable")
+def test_eval_rejects_unknown_formats(capsys):
+  from itq3s_jax import cli
+  assert cli.main(["eval", "--formats", "itq3,itq3_t,foo", "--model", "minilm"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown format(s) ['itq3', 'foo']" in err and "'ref'" in err
 
 
 def test_eval_command_rejects_bad_arguments(capsys):

@@ -142,7 +142,7 @@ def calibrate(model: nnx.Module, tokens: ArrayLike, *, window: int = 512,
 
 def quantize_weights(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
                      format: str = "itq3_t", seed: int = 0,
-                     gptq: config.GptqConfig | None = None
+                     gptq: config.GptqConfig | None = None, progress: bool = False
                      ) -> dict[str, qtensor.QuantizedTensor]:
   """GPTQ-quantizes the kernels of the linear layers that have statistics.
 
@@ -155,6 +155,7 @@ def quantize_weights(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
     stats: {dotted path: Sigma (K, K)} from :func:`calibrate` / :func:`load`.
     format, seed: as ``itq3s_jax.quantize``.
     gptq: rounding options (:class:`itq3s_jax.GptqConfig`); None: the defaults.
+    progress: show a tqdm bar over the groups (stderr).
 
   Returns:
     {dotted path: QuantizedTensor (out_features, in_features)}.
@@ -163,7 +164,8 @@ def quantize_weights(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
   for path, lin in _linears(model, lambda p: p in stats):
     groups.setdefault(id(stats[state_lib.dotted(path)]), []).append((state_lib.dotted(path), lin))
   out = {}
-  for members in groups.values():
+  for members in tqdm.tqdm(groups.values(), desc="gptq", unit="group", leave=False,
+                           disable=not progress):
     w = jnp.concatenate([lin.kernel[...].T for _, lin in members], axis=0)
     qt = api.quantize(w, format, seed=seed, hessian=stats[members[0][0]], gptq=gptq)
     row = 0

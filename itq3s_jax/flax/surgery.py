@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+import tqdm
 from flax import nnx
 
 from itq3s_jax._src import config
@@ -43,7 +44,8 @@ LAYERS = (nnx.Linear,) + qgeneral.GENERAL_LAYERS
 def quantize_model(model: M, rule: config.QuantRule | None = None, *,
                    hessians: Mapping[str, Any] | None = None,
                    gptq: config.GptqConfig | None = None,
-                   method: str = "auto") -> tuple[M, _core.QuantizationReport]:
+                   method: str = "auto", progress: bool = False
+                   ) -> tuple[M, _core.QuantizationReport]:
   """Replaces the selected dense layers of ``model`` by quantized ones.
 
   ``nnx.Linear`` becomes ``QuantizedLinear``; ``nnx.LinearGeneral`` and
@@ -72,6 +74,7 @@ def quantize_model(model: M, rule: config.QuantRule | None = None, *,
       to nearest. Layers sharing one Sigma array are rounded in one call.
     gptq: options of the GPTQ rounding (:class:`itq3s_jax.GptqConfig`).
     method: ``itq3s_jax.matmul`` method of the new layers.
+    progress: show tqdm bars (stderr) over the GPTQ groups and the layers.
 
   Returns:
     ``(model, report)``: the same model object, and a
@@ -97,7 +100,7 @@ def quantize_model(model: M, rule: config.QuantRule | None = None, *,
       if isinstance(m, nnx.Linear) and name in hessians and _decide(rule, name, m)[0].quantize:
         selected[name] = hessians[name]
     calibrated = calibrate.quantize_weights(model, selected, format=rule.format,
-                                            seed=rule.seed, gptq=gptq)
+                                            seed=rule.seed, gptq=gptq, progress=progress)
   quantized, skipped = [], []
   done: dict[int, nnx.Module] = {}  # id(layer) -> its replacement
   kept: set[int] = set()
@@ -110,7 +113,8 @@ def quantize_model(model: M, rule: config.QuantRule | None = None, *,
                if path and isinstance(m, LAYERS) and id(m) not in kept]
     if not targets:
       break
-    for path, layer in targets:
+    for path, layer in tqdm.tqdm(targets, desc="quantize", unit="layer", leave=False,
+                                 disable=not progress):
       if id(layer) not in done:
         name = state_lib.dotted(path)
         decision, shape = _decide(rule, name, layer)
@@ -143,10 +147,11 @@ def _decide(rule: config.QuantRule, name: str, layer) -> tuple[config.Decision, 
   try:
     plan = qgeneral.plan_of(layer)
   except NotImplementedError as exc:
-    decision = rule.decide(name, tuple(kernel.shape), dtype, k_axis=-1)
-    if decision.quantize:
+    shape = tuple(kernel.shape)
+    decision = rule.decide(name, shape, dtype, k_axis=tuple(range(len(shape) - 1)))
+    if decision.quantize or decision.reason.startswith("kept: K="):
       decision = config.Decision(False, f"not quantizable: {exc}")
-    return decision, tuple(kernel.shape)
+    return decision, shape
   return rule.decide(name, plan.kernel_shape, dtype, k_axis=plan.k_axes), (plan.n, plan.k)
 
 
