@@ -168,3 +168,25 @@ def test_eval_calibrated_rows_use_the_statistics():
                         lambda m, f=fmt: seen.setdefault(f, m.a.qt) and {})
     assert row["status"] == "ok", row
   assert seen["iq3_s"].rounding == "nearest" and seen["iq3_s+gptq"].rounding == "unrestricted"
+
+
+def test_load_names_the_file_for_broken_or_incomplete_statistics(tmp_path):
+  good = tmp_path / "s.npz"
+  calibrate.save(good, {"a": np.eye(4), "b": np.eye(8)})
+  blob = good.read_bytes()
+  (tmp_path / "cut.npz").write_bytes(blob[:len(blob) // 2])
+  with pytest.raises(ValueError, match=r"cut\.npz: not a readable calibration \.npz"):
+    calibrate.load(tmp_path / "cut.npz")
+  with pytest.raises(ValueError, match=r"nope\.npz: no such calibration file"):
+    calibrate.load(tmp_path / "nope.npz")
+  with np.load(good) as f:  # the index still names s1, the array is gone
+    kept = {k: f[k] for k in f.files if k != "s1"}
+  np.savez(tmp_path / "lacks.npz", **kept)
+  with pytest.raises(ValueError, match=r"lacks\.npz: the index names arrays the file lacks"):
+    calibrate.load(tmp_path / "lacks.npz")
+  with np.load(good) as f:
+    kept = {k: f[k] for k in f.files}
+  kept["s0"] = np.zeros((4, 3), np.float32)
+  np.savez(tmp_path / "bad.npz", **kept)
+  with pytest.raises(ValueError, match=r"bad\.npz: statistics \['s0'\] are not square"):
+    calibrate.load(tmp_path / "bad.npz")

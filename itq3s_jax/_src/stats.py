@@ -51,7 +51,8 @@ def load(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   """
   name = os.fspath(path)
   try:
-    with np.load(name, allow_pickle=False) as f:
+    # Our own handle: np.load leaks the one it opens when the zip is damaged.
+    with open(name, "rb") as fh, np.load(fh, allow_pickle=False) as f:
       files = set(f.files)
       index = f[_FORMAT_KEY] if _FORMAT_KEY in files else None
       table = [] if index is None else [str(s).split("\t") for s in index]
