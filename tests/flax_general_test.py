@@ -63,7 +63,7 @@ def test_nnx_model_of_every_dense_kind_quantizes_runs_and_reports(tmp_path):
   for name in ("lg2", "ein", "lg3"):
     getattr(ref, name).kernel[...] = getattr(q, name).plan.from_nk(
         itq3s_jax.dequantize(getattr(q, name).qt))
-  want = np.asarray(ref(X))
+  want = np.asarray(_fwd(ref, X))
   np.testing.assert_allclose(y, want, rtol=0, atol=TOL * np.abs(want).max())
   # The one checkpoint layout restores the general layers into the float architecture.
   qflax.save(tmp_path / "ckpt", q)

@@ -33,8 +33,10 @@ from itq3s_jax._src import gguf_io
 from itq3s_jax.models import llama
 from itq3s_jax.models import loaders
 
-CFG = llama.LlamaConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                        ffn_dim=96, head_dim=16, rope_base=1e4, rms_eps=1e-5,
+# Every linear weight is 64 x 64 (one GPTQ compilation for the converter); grouped-query
+# attention and other widths are covered by the float loads of test_hf_model_types_load_exactly.
+CFG = llama.LlamaConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                        ffn_dim=64, head_dim=16, rope_base=1e4, rms_eps=1e-5,
                         tie_embeddings=False)
 LINEARS = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj",
            "self_attn.v_proj": "attn.v_proj", "self_attn.o_proj": "attn.o_proj",
@@ -138,7 +140,7 @@ def test_hf_checkpoint_calibrate_convert_load_equals_in_memory(float_model, tmp_
   stats, ckpt = str(tmp_path / "stats.npz"), str(tmp_path / "q")
   assert cli.main(["calibrate", hf, stats, "--text", _text(tmp_path / "t.txt"),
                    "--window", "32", "--quiet"]) == 0
-  assert "14 layers, 8 distinct inputs" in capsys.readouterr().out
+  assert "14 layers, 8 distinct inputs" in capsys.readouterr().out  # q/k/v and gate/up share
   assert cli.main(["convert", hf, ckpt, "--calibration", stats, "--min-size", "0",
                    "--quiet"]) == 0
   loaded, tok = models.load(ckpt)
@@ -239,7 +241,8 @@ def test_gguf_loads_float_and_converted_gguf_loads_quantized(float_model, tmp_pa
 
 @pytest.mark.parametrize("model_type,tie,shards", [("qwen2", True, 2), ("mistral", False, 1)])
 def test_hf_model_types_load_exactly(model_type, tie, shards, tmp_path):
-  cfg = dataclasses.replace(CFG, n_layers=1, tie_embeddings=tie, qkv_bias=model_type == "qwen2")
+  cfg = dataclasses.replace(CFG, n_layers=1, n_kv_heads=2, ffn_dim=96, tie_embeddings=tie,
+                            qkv_bias=model_type == "qwen2")
   model = llama.Llama(cfg, rngs=nnx.Rngs(3))
   if cfg.qkv_bias:  # non-zero biases, so a bias dropped or misplaced changes the output
     model.layers[0].attn.k_proj.bias[...] = jnp.linspace(-1, 1, cfg.n_kv_heads * cfg.hd)
