@@ -190,3 +190,17 @@ def test_load_names_the_file_for_broken_or_incomplete_statistics(tmp_path):
   np.savez(tmp_path / "bad.npz", **kept)
   with pytest.raises(ValueError, match=r"bad\.npz: statistics \['s0'\] are not square"):
     calibrate.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("name,key", [
+    ("model.layers.1.self_attn.q_proj.weight", "layers.1.attn.q_proj"),  # Hugging Face
+    ("blk.1.attn_q.weight", "layers.1.attn.q_proj"),  # GGUF
+    ("params/layers/0/mlp/up/kernel", "layers.0.mlp.up"),  # orbax Flax params
+    ("fc.weight", "fc"),
+    ("model.layers.1.self_attn.q_proj.bias", None),
+    ("other.weight", None),
+])
+def test_converter_finds_statistics_under_every_naming(name, key):
+  from itq3s_jax.checkpoint import converter  # pylint: disable=g-import-not-at-top
+  stats = {"layers.0.mlp.up": 0, "layers.1.attn.q_proj": 1, "fc": 2}
+  assert converter.hessian_key(name, stats) == key

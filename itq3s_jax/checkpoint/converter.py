@@ -75,12 +75,13 @@ def hessian_key(name: str, stats: Mapping[str, Any]) -> str | None:
   suffix; for a LLaMA-family tensor (GGUF ``blk.I.attn_q.weight`` or Hugging
   Face ``model.layers.I.self_attn.q_proj.weight``) the NNX layer path
   ``layers.I.attn.q_proj`` that ``itq3s calibrate`` records for
-  ``itq3s_jax.models.llama``; any of those with ``/`` for ``.`` (orbax
-  sources join keys with ``/``). None when nothing matches.
+  ``itq3s_jax.models.llama``; the suffix-free name with ``/`` for ``.``
+  (orbax sources join keys with ``/``), with and without a leading
+  ``params``. None when nothing matches.
   """
   base = re.sub(r"[./](weight|kernel)$", "", name)
-  cands = [name, base, llama_names.to_layer(name), name.replace("/", "."),
-           base.replace("/", ".")]
+  dotted = base.replace("/", ".")
+  cands = [name, base, llama_names.to_layer(name), dotted, dotted.removeprefix("params.")]
   return next((c for c in cands if c is not None and c in stats), None)
 
 
