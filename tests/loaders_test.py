@@ -290,3 +290,27 @@ def test_load_errors(tmp_path, float_model):
                      str(tmp_path / "moved" / "model.safetensors"))
   with pytest.raises(checkpoint.CheckpointError, match="'model.layers.0.extra.weight' is not"):
     models.load(tmp_path / "moved")
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_calibrate_convert_load_equals_in_memory(tmp_path, capsys):
+  """The same chain on SmolLM2-135M's GGUF (about 10 minutes on 2 CPU cores; -m slow)."""
+  gguf = llama.smollm2_gguf_path()
+  stats, ckpt = str(tmp_path / "s.npz"), str(tmp_path / "q")
+  assert cli.main(["calibrate", gguf, stats, "--tokens", "16384:17408", "--quiet"]) == 0
+  assert "210 layers, 120 distinct inputs" in capsys.readouterr().out
+  assert cli.main(["convert", gguf, ckpt, "--calibration", stats, "--quiet"]) == 0
+  loaded, tok = models.load(ckpt)
+  in_memory, report = qflax.quantize_model(models.load(gguf)[0],
+                                           hessians=calibration.load(stats))
+  assert len(report.quantized) == 210
+  pairs = zip(nnx.iter_modules(loaded), nnx.iter_modules(in_memory))
+  n = 0
+  for (path, a), (_, b) in pairs:
+    if isinstance(a, qflax.QuantizedLinear):
+      assert a.rounding == b.rounding == "two_neighbour", path
+      np.testing.assert_array_equal(np.asarray(a.weight[...]), np.asarray(b.weight[...]))
+      n += 1
+  assert n == 210
+  ids = jnp.asarray([tok.encode("The capital of France is Paris.").ids], jnp.int32)
+  np.testing.assert_array_equal(_apply(loaded, ids), _apply(in_memory, ids))

