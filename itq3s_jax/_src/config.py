@@ -49,11 +49,11 @@ class QuantRule:
   | dtype | not float16/bfloat16/float32/float64 | keep |
   | ``exclude`` | name matches (``re.search``) | keep |
   | ``include`` | given, and the name does not match | keep |
-  | rank | not 2-D | keep |
+  | rank | not 2-D (with several ``k_axis`` axes: fewer than 2 axes) | keep |
   | empty | no weights | keep |
   | embedding | name looks like an embedding or output head, unless ``quantize_embeddings`` | keep |
   | size | fewer than ``min_size`` weights | keep |
-  | K | the contraction axis is not a multiple of 32 | keep, with the reason |
+  | K | the contraction axes' size is not a multiple of 32 | keep, with the reason |
   | otherwise | a linear weight | quantize |
 
   Names are dotted paths in a model (``"layers.0.mlp.up_proj"``) or tensor
@@ -84,14 +84,18 @@ class QuantRule:
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
 
-  def decide(self, name: str, shape: tuple[int, ...], dtype, k_axis: int = -1) -> "Decision":
+  def decide(self, name: str, shape: tuple[int, ...], dtype,
+             k_axis: int | tuple[int, ...] = -1) -> "Decision":
     """Applies the rules of the class docstring to one weight.
 
     Args:
       name: dotted model path or checkpoint tensor name.
       shape: the weight's shape as stored.
       dtype: its dtype (anything ``np.dtype`` takes, or a name).
-      k_axis: its contraction axis: -1 for (out, in), 0 for Flax kernels (in, out).
+      k_axis: its contraction axis: -1 for (out, in), 0 for Flax kernels (in,
+        out); or a tuple of axes contracted together (``nnx.LinearGeneral``,
+        ``nnx.Einsum``): the weight is then coded as (N, K) with K the product
+        of those axes and N of the others, so any rank >= 2 qualifies.
     """
     dname = np.dtype(dtype).name
     if dname not in _FLOAT_KINDS:
@@ -100,7 +104,8 @@ class QuantRule:
       return Decision(False, f"kept: matches exclude={self.exclude!r}")
     if self.include is not None and not re.search(self.include, name):
       return Decision(False, f"kept: does not match include={self.include!r}")
-    if len(shape) != 2:
+    k_axes = k_axis_tuple(k_axis, len(shape))
+    if len(shape) < 2 or (len(shape) != 2 and isinstance(k_axis, int)):
       return Decision(False, f"kept: {len(shape)}-D (norm, bias or non-linear)")
     if math.prod(shape) == 0:
       return Decision(False, "kept: empty")
@@ -108,10 +113,27 @@ class QuantRule:
       return Decision(False, "kept: embedding/output head")
     if math.prod(shape) < self.min_size:
       return Decision(False, f"kept: fewer than min_size={self.min_size} weights")
-    k = shape[k_axis]
+    k = math.prod(shape[a] for a in k_axes)
+    if len(k_axes) == len(shape):
+      return Decision(False, "kept: every axis is contracted (no output axis)")
     if k % blocks.MIN_K_MULTIPLE:
       return Decision(False, f"kept: K={k} is not a multiple of {blocks.MIN_K_MULTIPLE}")
     return Decision(True, f"quantized: {self.format}")
+
+
+def k_axis_tuple(k_axis: int | tuple[int, ...], ndim: int) -> tuple[int, ...]:
+  """``k_axis`` as a tuple of distinct non-negative axes of an ``ndim``-D weight.
+
+  Raises:
+    ValueError: an axis out of range or repeated.
+  """
+  axes = (k_axis,) if isinstance(k_axis, int) else tuple(k_axis)
+  if not axes or not all(isinstance(a, int) and -max(ndim, 1) <= a < max(ndim, 1) for a in axes):
+    raise ValueError(f"k_axis={k_axis!r} must name axes of a {ndim}-D weight.")
+  out = tuple(a % max(ndim, 1) for a in axes)
+  if len(set(out)) != len(out):
+    raise ValueError(f"k_axis={k_axis!r} names an axis twice.")
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

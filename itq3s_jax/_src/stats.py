@@ -42,15 +42,39 @@ def save(path: str | os.PathLike[str], stats: Mapping[str, np.ndarray], *,
 def load(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   """Reads statistics written by :func:`save`; shared arrays stay shared.
 
+  Returns:
+    {layer key: float32 Sigma (K, K)}.
+
   Raises:
-    ValueError: the file is not a calibration .npz.
+    ValueError: the file is missing, not a zip/npz, damaged, not a calibration
+      file, or its index names an array it lacks (the message names the file).
   """
-  with np.load(path, allow_pickle=False) as f:
-    if _FORMAT_KEY not in f.files:
-      raise ValueError(f"{os.fspath(path)} is not an itq3s calibration file (no index); "
-                       "write it with itq3s_jax.calibration.save().")
-    table = [str(s).split("\t") for s in f[_FORMAT_KEY]]
-    arrays = {k: f[k] for k in {k for _, k in table}}
+  name = os.fspath(path)
+  try:
+    # Our own handle: np.load leaks the one it opens when the zip is damaged.
+    with open(name, "rb") as fh, np.load(fh, allow_pickle=False) as f:
+      files = set(f.files)
+      index = f[_FORMAT_KEY] if _FORMAT_KEY in files else None
+      table = [] if index is None else [str(s).split("\t") for s in index]
+      wanted = {row[-1] for row in table} & files
+      arrays = {k: f[k] for k in wanted}
+  except FileNotFoundError:
+    raise ValueError(f"{name}: no such calibration file.") from None
+  except Exception as exc:  # zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError
+    raise ValueError(f"{name}: not a readable calibration .npz ({type(exc).__name__}: "
+                     f"{exc}).") from None
+  if index is None:
+    raise ValueError(f"{name} is not an itq3s calibration file (no index); "
+                     "write it with itq3s_jax.calibration.save().")
+  if not all(len(row) == 2 for row in table):
+    raise ValueError(f"{name}: corrupt calibration index.")
+  missing = sorted({k for _, k in table} - set(arrays))
+  if missing:
+    raise ValueError(f"{name}: the index names arrays the file lacks ({missing[:3]}); "
+                     "the file is truncated or was edited.")
+  bad = [k for k, a in arrays.items() if a.ndim != 2 or a.shape[0] != a.shape[1]]
+  if bad:
+    raise ValueError(f"{name}: statistics {bad[:3]} are not square (K, K) matrices.")
   return {p: arrays[k] for p, k in table}
 
 

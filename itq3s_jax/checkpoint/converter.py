@@ -73,11 +73,16 @@ def hessian_key(name: str, stats: Mapping[str, Any]) -> str | None:
   """The key of ``stats`` holding the input statistics of checkpoint tensor ``name``.
 
   Tried in order: ``name`` itself; ``name`` without a ``.weight``/``.kernel``
-  suffix; for a llama GGUF tensor ``blk.I.attn_q.weight`` the NNX layer path
-  ``layers.I.attn.q_proj`` that ``itq3s_jax.calibration.calibrate`` records for
-  ``itq3s_jax.models.llama`` (``itq3s calibrate``). None when nothing matches.
+  suffix; for a LLaMA-family tensor (GGUF ``blk.I.attn_q.weight`` or Hugging
+  Face ``model.layers.I.self_attn.q_proj.weight``) the NNX layer path
+  ``layers.I.attn.q_proj`` that ``itq3s calibrate`` records for
+  ``itq3s_jax.models.llama``; the suffix-free name with ``/`` for ``.``
+  (orbax sources join keys with ``/``), with and without a leading
+  ``params``. None when nothing matches.
   """
-  cands = [name, re.sub(r"\.(weight|kernel)$", "", name), llama_names.gguf_to_layer(name)]
+  base = re.sub(r"[./](weight|kernel)$", "", name)
+  dotted = base.replace("/", ".")
+  cands = [name, base, llama_names.to_layer(name), dotted, dotted.removeprefix("params.")]
   return next((c for c in cands if c is not None and c in stats), None)
 
 
@@ -193,6 +198,8 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
           for i, t in enumerate(source.tensors)]
   if len({t.name for t in source.tensors}) != len(source.tensors):
     raise errors.CheckpointError(f"{src}: two tensors have the same name.")
+  if calibration is not None:
+    plan = _match_calibration(plan, calibration)
   expected = {info.name: _entry(info, decision, rule, writers.item_name(i),
                                 _rounding(info, decision, rule, calibration, gptq))
               for i, info, decision in plan}
@@ -255,6 +262,24 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
   if result != stage:
     shutil.rmtree(stage, ignore_errors=True)
   return Summary(dst, tuple(entries), time.perf_counter() - start, converted)
+
+
+def _match_calibration(plan, calibration: Mapping[str, Any]):
+  """The plan with each quantized tensor lacking statistics marked in its reason.
+
+  Raises:
+    CheckpointError: the statistics match none of the tensors to quantize
+      (they belong to another model, or use names this converter cannot map).
+  """
+  quantized = [t.name for _, t, d in plan if d.quantize]
+  missing = {n for n in quantized if hessian_key(n, calibration) is None}
+  if quantized and len(missing) == len(quantized):
+    raise errors.CheckpointError(
+        f"the calibration statistics match none of the {len(quantized)} tensors to quantize "
+        f"(tensors like {quantized[0]!r}, statistics like {next(iter(calibration), None)!r}); "
+        "collect them from this checkpoint with `itq3s calibrate`.")
+  return [(i, t, d if t.name not in missing else dataclasses.replace(
+      d, reason=f"{d.reason}; no calibration statistics: nearest")) for i, t, d in plan]
 
 
 def _stats_sha256(stats: Mapping[str, Any]) -> str:

@@ -87,7 +87,7 @@ def dense(x: ArrayLike, qt: itq3s_jax.QuantizedTensor, bias: ArrayLike | None, *
 
 @dataclasses.dataclass(frozen=True)
 class Quantized:
-  """One replaced layer: dotted path, weight shape (out, in) and coded bytes."""
+  """One replaced layer: dotted path, coded weight shape (N, K) and coded bytes."""
   path: str
   shape: tuple[int, int]
   nbytes: int
@@ -95,9 +95,10 @@ class Quantized:
 
 @dataclasses.dataclass(frozen=True)
 class Skipped:
-  """One dense layer left in float, and why."""
+  """One weight left in float, and why: a dense layer (path of the layer, (N, K) shape
+  or the kernel's) or another parameter of two or more axes (its own path and shape)."""
   path: str
-  shape: tuple[int, int]
+  shape: tuple[int, ...]
   reason: str
 
 
@@ -128,7 +129,8 @@ class QuantizationReport:
     lines = [f"{len(self.quantized)} layers quantized to {self.format} "
              f"({self.nbytes} bytes), {len(self.skipped)} kept in float"]
     lines += [f"  quantized {q.path} {q.shape[0]}x{q.shape[1]}" for q in self.quantized]
-    lines += [f"  skipped   {s.path}: {s.reason}" for s in self.skipped]
+    lines += [f"  skipped   {s.path} {'x'.join(map(str, s.shape))}: {s.reason}"
+              for s in self.skipped]
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 from jax.typing import ArrayLike
 
@@ -73,7 +74,7 @@ def calibrate(model: nnx.Module, tokens: ArrayLike, *, window: int = 512,
               batch_size: int = 2, dtype=np.float64,
               include: Callable[[str], bool] | None = None,
               forward: Callable[[nnx.Module, jax.Array], jax.Array] | None = None,
-              ) -> dict[str, np.ndarray]:
+              progress: bool = False) -> dict[str, np.ndarray]:
   """Input second moments Sigma_x = X^T X / n of the model's linear layers.
 
   Args:
@@ -86,6 +87,7 @@ def calibrate(model: nnx.Module, tokens: ArrayLike, *, window: int = 512,
     dtype: accumulator dtype across batches, ``np.float64`` or ``np.float32``.
     include: optional predicate on the dotted layer path (``"layers.0.attn.q_proj"``).
     forward: ``(model, tokens (B, T)) -> anything``; default ``model(tokens)``.
+    progress: show a tqdm bar over the batches (stderr).
 
   Returns:
     {dotted path: Sigma (K, K) of ``dtype``}, K the layer's in_features;
@@ -116,7 +118,8 @@ def calibrate(model: nnx.Module, tokens: ArrayLike, *, window: int = 512,
 
   sums: dict[str, np.ndarray] = {}
   owner: dict[str, str] = {}  # path -> path of the accumulator it shares
-  for i in range(0, len(ids), batch_size):
+  for i in tqdm.tqdm(range(0, len(ids), batch_size), desc="calibrate", unit="batch",
+                     disable=not progress, leave=False):
     out = moments(state, jnp.asarray(ids[i:i + batch_size], jnp.int32))
     mats = dict(zip(paths, (np.asarray(x) for x in out)))
     if not owner:
@@ -139,7 +142,7 @@ def calibrate(model: nnx.Module, tokens: ArrayLike, *, window: int = 512,
 
 def quantize_weights(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
                      format: str = "itq3_t", seed: int = 0,
-                     gptq: config.GptqConfig | None = None
+                     gptq: config.GptqConfig | None = None, progress: bool = False
                      ) -> dict[str, qtensor.QuantizedTensor]:
   """GPTQ-quantizes the kernels of the linear layers that have statistics.
 
@@ -152,6 +155,7 @@ def quantize_weights(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
     stats: {dotted path: Sigma (K, K)} from :func:`calibrate` / :func:`load`.
     format, seed: as ``itq3s_jax.quantize``.
     gptq: rounding options (:class:`itq3s_jax.GptqConfig`); None: the defaults.
+    progress: show a tqdm bar over the groups (stderr).
 
   Returns:
     {dotted path: QuantizedTensor (out_features, in_features)}.
@@ -160,7 +164,8 @@ def quantize_weights(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
   for path, lin in _linears(model, lambda p: p in stats):
     groups.setdefault(id(stats[state_lib.dotted(path)]), []).append((state_lib.dotted(path), lin))
   out = {}
-  for members in groups.values():
+  for members in tqdm.tqdm(groups.values(), desc="gptq", unit="group", leave=False,
+                           disable=not progress):
     w = jnp.concatenate([lin.kernel[...].T for _, lin in members], axis=0)
     qt = api.quantize(w, format, seed=seed, hessian=stats[members[0][0]], gptq=gptq)
     row = 0

@@ -32,20 +32,24 @@ placed with it.
 from __future__ import annotations
 
 import os
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import jax
 import numpy as np
 from flax import nnx
 
+import itq3s_jax
 from itq3s_jax.checkpoint import errors
 from itq3s_jax.checkpoint import reader
 from itq3s_jax.checkpoint import writers
 from itq3s_jax.flax import nnx as qnnx
+from itq3s_jax.flax import nnx_general as qgeneral
 from itq3s_jax.flax import state as state_lib
 
 M = TypeVar("M", bound=nnx.Module)
 KERNEL = "kernel"
+QUANTIZED = (qnnx.QuantizedLinear, qgeneral.QuantizedEinsum)
+DENSE = (nnx.Linear,) + qgeneral.GENERAL_LAYERS + QUANTIZED
 
 
 def canonical(name: str) -> str:
@@ -56,7 +60,7 @@ def canonical(name: str) -> str:
 def _entries(model: nnx.Module):
   """(entry, array, quantized) for every state variable of ``model``, in state order."""
   layers = {path: m for path, m in nnx.iter_modules(model)
-            if isinstance(m, qnnx.QuantizedLinear)}
+            if isinstance(m, QUANTIZED)}
   for path, var in nnx.to_flat_state(nnx.state(model)):
     value = var.get_value()
     owner = layers.get(path[:-1])
@@ -107,20 +111,49 @@ def restore(path: str | os.PathLike[str], abstract_model: M) -> M:
       tensors do not fit the model (names the first mismatches).
   """
   path = os.fspath(path)
-  stored = {canonical(e["name"]): (e, t) for e, t in reader.iter_tensors(path)}
+  return restore_tensors(abstract_model, {e["name"]: t for e, t in reader.iter_tensors(path)},
+                         origin=path)
+
+
+def restore_tensors(abstract_model: M, tensors: Mapping[str, Any], *, origin: str = "tensors"
+                    ) -> M:
+  """:func:`restore` from tensors already in memory, named by model path.
+
+  Loaders that rename a foreign checkpoint (Hugging Face, GGUF) to model paths
+  call this, so every source fills a model the same way.
+
+  Args:
+    abstract_model: as for :func:`restore`; consumed.
+    tensors: {dotted state path (``/`` or ``.``): float array, or a
+      QuantizedTensor (out, in) for an ``nnx.Linear`` kernel stored quantized,
+      named ``<layer>.kernel``}.
+    origin: where the tensors came from, for error messages.
+
+  Returns:
+    The model with the given arrays; every ``nnx.Linear`` whose kernel is a
+    QuantizedTensor becomes a ``QuantizedLinear`` with its format, seed and
+    rounding.
+
+  Raises:
+    CheckpointError: a variable without a tensor, a tensor without a
+      variable, or a shape mismatch.
+  """
+  stored = {canonical(k): v for k, v in tensors.items()}
   used: set[str] = set()
   arrays: dict[tuple, Any] = {}
   for mpath, module in list(nnx.iter_modules(abstract_model)):
-    if not mpath or not isinstance(module, (nnx.Linear, qnnx.QuantizedLinear)):
+    if not mpath or not isinstance(module, DENSE):
       continue
     name = state_lib.dotted(mpath + (KERNEL,))
-    entry, qt = stored.get(name, (None, None))
-    if entry is None or entry["kind"] != "quantized":
-      if isinstance(module, qnnx.QuantizedLinear):
-        raise errors.CheckpointError(f"{path}: the model's quantized layer "
+    qt = stored.get(name)
+    if not isinstance(qt, itq3s_jax.QuantizedTensor):
+      if isinstance(module, QUANTIZED):
+        raise errors.CheckpointError(f"{origin}: the model's quantized layer "
                                      f"{state_lib.dotted(mpath)} has no quantized {name!r}.")
       continue
-    state_lib.set_submodule(abstract_model, mpath, _quantized_layer(path, name, module, qt))
+    build = (_quantized_layer if isinstance(module, (nnx.Linear, qnnx.QuantizedLinear))
+             else _quantized_general)
+    state_lib.set_submodule(abstract_model, mpath, build(origin, name, module, qt))
     arrays[mpath + ("weight",)] = np.asarray(qt.data)
     used.add(name)
   for vpath, var in nnx.to_flat_state(nnx.state(abstract_model)):
@@ -128,23 +161,23 @@ def restore(path: str | os.PathLike[str], abstract_model: M) -> M:
       continue
     name = state_lib.dotted(vpath)
     if name not in stored:
-      raise errors.CheckpointError(f"{path}: no tensor {name!r} for the model's variable "
+      raise errors.CheckpointError(f"{origin}: no tensor {name!r} for the model's variable "
                                    f"of shape {tuple(var.get_value().shape)}.")
-    entry, t = stored[name]
-    if entry["kind"] == "quantized":
-      raise errors.CheckpointError(f"{path}: {name!r} is stored quantized but the model "
+    t = stored[name]
+    if isinstance(t, itq3s_jax.QuantizedTensor):
+      raise errors.CheckpointError(f"{origin}: {name!r} is stored quantized but the model "
                                    "holds it as a float array (not an nnx.Linear kernel).")
     arrays[vpath] = t
     used.add(name)
   extra = sorted(set(stored) - used)
   if extra:
-    raise errors.CheckpointError(f"{path}: {len(extra)} stored tensors fit no variable of the "
+    raise errors.CheckpointError(f"{origin}: {len(extra)} stored tensors fit no variable of the "
                                  f"model (first: {extra[:3]}); restore into the model the "
                                  "checkpoint was made from.")
   try:
     return state_lib.assign(abstract_model, arrays)
   except ValueError as exc:
-    raise errors.CheckpointError(f"{path}: {exc}") from None
+    raise errors.CheckpointError(f"{origin}: {exc}") from None
 
 
 def _quantized_layer(path: str, name: str, module, qt) -> qnnx.QuantizedLinear:
@@ -167,8 +200,9 @@ def _quantized_layer(path: str, name: str, module, qt) -> qnnx.QuantizedLinear:
     weight_meta = qnnx.sharding_metadata(weight_var, transpose=False)
   else:
     method, bias_var, weight_var = "auto", module.bias, module.kernel
-    sharding = qnnx.transposed_sharding(getattr(weight_var.get_value(), "sharding", None))
-    weight_meta = qnnx.sharding_metadata(weight_var, transpose=True)
+    sharding = qnnx.transposed_sharding(getattr(weight_var.get_value(), "sharding", None),
+                                        module.in_features)
+    weight_meta = qnnx.sharding_metadata(weight_var, transpose=True, k=module.in_features)
   new = qnnx.QuantizedLinear(
       module.in_features, module.out_features, format=qt.format, seed=qt.seed,
       use_bias=bias_var is not None, dtype=module.dtype, param_dtype=module.param_dtype,
@@ -178,5 +212,32 @@ def _quantized_layer(path: str, name: str, module, qt) -> qnnx.QuantizedLinear:
   new.weight.set_metadata(**weight_meta)  # after construction: no mesh context is needed
   new.weight.set_value(jax.ShapeDtypeStruct(qt.data.shape, qt.data.dtype, sharding=sharding))
   if bias_var is not None:  # filled from the checkpoint with the other float arrays
+    new.bias.set_value(bias_var.get_value())
+  return new
+
+
+def _quantized_general(path: str, name: str, module, qt) -> qgeneral.QuantizedEinsum:
+  """An abstract QuantizedEinsum for a stored (N, K) kernel of a LinearGeneral/Einsum layer."""
+  try:
+    plan = qgeneral.plan_of(module)
+  except NotImplementedError as exc:
+    raise errors.CheckpointError(f"{path}: {name!r} is stored quantized but the model's "
+                                 f"layer cannot take it: {exc}.") from None
+  if tuple(qt.shape) != (plan.n, plan.k):
+    raise errors.CheckpointError(f"{path}: {name!r} is {tuple(qt.shape)} (N, K) but the "
+                                 f"model's layer is {(plan.n, plan.k)}.")
+  if isinstance(module, qgeneral.QuantizedEinsum):
+    kw = {"einsum_str": module.einsum_str} if module.axis is None else {"axis": module.axis}
+    method = module.method
+  else:
+    kw = ({"axis": tuple(module.axis)} if isinstance(module, nnx.LinearGeneral)
+          else {"einsum_str": module.einsum_str})
+    method = "auto"
+  bias_var = module.bias
+  new = qgeneral.QuantizedEinsum(
+      qt, plan, dtype=module.dtype, param_dtype=module.param_dtype, method=method,
+      bias=None if bias_var is None else np.zeros(bias_var.shape, module.param_dtype), **kw)
+  new.weight.set_value(jax.ShapeDtypeStruct(qt.data.shape, qt.data.dtype))
+  if bias_var is not None:
     new.bias.set_value(bias_var.get_value())
   return new

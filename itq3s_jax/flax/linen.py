@@ -33,6 +33,8 @@ from jax.typing import ArrayLike
 
 import itq3s_jax
 from itq3s_jax.flax import _core
+from itq3s_jax.flax import contraction
+from itq3s_jax.flax import linen_general
 from itq3s_jax.flax import state as state_lib
 
 
@@ -94,28 +96,38 @@ class QuantizedDense(nn.Module):
                        method=self.method)
 
 
-def _is_dense_kernel(v: Any) -> bool:
-  return (hasattr(v, "ndim") and hasattr(v, "dtype") and v.ndim == 2
+def _is_float_kernel(v: Any) -> bool:
+  return (hasattr(v, "ndim") and hasattr(v, "dtype") and v.ndim >= 2
           and jnp.issubdtype(v.dtype, jnp.floating))
 
 
-def quantize_params(params: Mapping[str, Any], rule: "itq3s_jax.QuantRule | None" = None
+def quantize_params(params: Mapping[str, Any], rule: "itq3s_jax.QuantRule | None" = None, *,
+                    module: nn.Module | None = None, args: tuple = ()
                     ) -> tuple[dict[str, Any], _core.QuantizationReport]:
-  """Replaces dense kernels (in, out) in a linen tree by QuantizedTensors (out, in).
+  """Replaces dense kernels in a linen tree by QuantizedTensors of their (N, K) view.
 
-  A dense layer is any sub-dict holding a 2-D float ``kernel``; its path is
-  the dotted key path to that sub-dict (``"Dense_0"``, or ``"params.Dense_0"``
-  when the whole variable dict is passed). Selection is ``rule.decide`` on
-  that path, as in :func:`itq3s_jax.flax.quantize_model`. The input is not
+  A dense layer is any sub-dict holding a float ``kernel``; its path is the
+  dotted key path to that sub-dict (``"Dense_0"``, or ``"params.Dense_0"``
+  when the whole variable dict is passed). A 2-D kernel (in, out) is a
+  ``Dense`` and becomes (out, in). Kernels of more axes (``DenseGeneral``,
+  ``Einsum``) need their contraction, which ``module`` and sample ``args``
+  give (``linen_general.contractions``: an abstract ``init``); without them
+  they are reported as skipped. Selection is ``rule.decide`` on the path and
+  the contracted axes, as in :func:`itq3s_jax.flax.quantize_model`. Run the
+  result with :func:`itq3s_jax.flax.apply_quantized` (any dense layer), or
+  with ``QuantizedDense`` layers in place of ``nn.Dense``. The input is not
   modified.
 
   Args:
     params: a (nested) linen parameter dict, e.g. ``variables["params"]``.
     rule: which layers and which format; None: ``QuantRule()``.
+    module: the float linen model the params belong to (optional).
+    args: sample inputs of ``module.init`` (shapes only matter).
 
   Returns:
     ``(new_params, report)``: plain nested dicts with the selected kernels
-    replaced, and a :class:`QuantizationReport`.
+    replaced, and a :class:`QuantizationReport` (every float kernel left
+    float is listed with its reason).
 
   Raises:
     ValueError: a weight the format cannot code.
@@ -124,6 +136,7 @@ def quantize_params(params: Mapping[str, Any], rule: "itq3s_jax.QuantRule | None
   if not isinstance(params, Mapping):
     raise TypeError(f"quantize_params needs a nested dict of params, got {type(params).__name__}.")
   rule = _core.check_rule(rule)
+  layers = linen_general.contractions(module, *args) if module is not None else {}
   quantized, skipped = [], []
 
   def walk(tree: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
@@ -131,16 +144,29 @@ def quantize_params(params: Mapping[str, Any], rule: "itq3s_jax.QuantRule | None
     for key, value in tree.items():
       out[key] = walk(value, (*path, key)) if isinstance(value, Mapping) else value
     kernel = out.get("kernel")
-    if not _is_dense_kernel(kernel):
+    if not _is_float_kernel(kernel):
       return out
     name = state_lib.dotted(path)
-    k, n = kernel.shape
-    decision = rule.decide(name, kernel.shape, kernel.dtype, k_axis=0)
-    if not decision.quantize:
-      skipped.append(_core.Skipped(name, (n, k), decision.reason))
+    layer = layers.get(name.removeprefix("params."))
+    if layer is not None and layer.plan is None:
+      skipped.append(_core.Skipped(name, tuple(kernel.shape),
+                                   f"not quantizable: {layer.why_not}"))
       return out
-    out["kernel"] = _core.quantize_kernel(kernel, rule.format, rule.seed)
-    quantized.append(_core.Quantized(name, (n, k), out["kernel"].nbytes))
+    if layer is None and kernel.ndim != 2:
+      skipped.append(_core.Skipped(name, tuple(kernel.shape), (
+          f"not quantized: a {kernel.ndim}-D kernel whose contracted axes are unknown; pass "
+          "module= and args= (sample inputs)")))
+      return out
+    plan = layer.plan if layer is not None else contraction.Plan(kernel.shape, (0,), (1,))
+    decision = rule.decide(name, kernel.shape, kernel.dtype, k_axis=plan.k_axes)
+    if not decision.quantize:
+      skipped.append(_core.Skipped(name, (plan.n, plan.k), decision.reason))
+      return out
+    if kernel.ndim == 2 and plan.k_axes == (0,):
+      out["kernel"] = _core.quantize_kernel(kernel, rule.format, rule.seed)
+    else:
+      out["kernel"] = itq3s_jax.quantize(plan.to_nk(kernel), rule.format, seed=rule.seed)
+    quantized.append(_core.Quantized(name, (plan.n, plan.k), out["kernel"].nbytes))
     return out
 
   new = walk(params, ())

@@ -9,6 +9,7 @@ attributes: a jitted model recompiles only when they change.
 
 from __future__ import annotations
 
+import math
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -18,6 +19,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 import itq3s_jax
+from itq3s_jax._src.core import blocks
 from itq3s_jax.flax import _core
 
 _default_kernel_init = nnx.initializers.lecun_normal()
@@ -34,28 +36,73 @@ class QuantizedWeight(nnx.Variable):
 SHARDING_KEYS = ("mesh", "sharding_rules", "eager_sharding")
 
 
-def transposed_sharding(sharding):
-  """The NamedSharding of a kernel (in, out) as the coded rows' (out, None); else None."""
+def _shard_count(mesh, names) -> int | None:
+  """Devices along mesh axis name(s) ``names`` (a name or a tuple of names); None if unknown."""
+  if mesh is None or not getattr(mesh, "shape", None):
+    return None
+  names = names if isinstance(names, tuple) else (names,)
+  try:
+    return math.prod(int(mesh.shape[n]) for n in names)
+  except KeyError:
+    return None
+
+
+def check_k_shards(k: int | None, names, mesh) -> None:
+  """Row-parallel kernels: K split over devices must split into whole 256-weight blocks.
+
+  Each coded row is a sequence of 256-weight blocks along K, so a K shard is a
+  contiguous run of whole blocks (its bytes a contiguous slice of the row)
+  exactly when K / shards is a multiple of 256.
+
+  Raises:
+    ValueError: K / shards is not a multiple of the block.
+  """
+  m = _shard_count(mesh, names)
+  if k is None or m is None or m == 1:
+    return
+  if k % (blocks.QK * m):
+    raise ValueError(f"the kernel's K={k} is sharded {m} ways along {names!r}: each shard "
+                     f"would hold {k / m:g} weights, not a whole number of {blocks.QK}-weight "
+                     f"blocks; use K a multiple of {blocks.QK * m}, or shard the output axis "
+                     "instead.")
+
+
+def transposed_sharding(sharding, k: int | None = None):
+  """The NamedSharding of a kernel (in, out) as the coded rows' (out, in); else None.
+
+  A sharded ``in`` (K, row-parallel) shards the byte axis: whole blocks per
+  shard (:func:`check_k_shards`).
+  """
   if not isinstance(sharding, jax.sharding.NamedSharding) or len(sharding.spec) != 2:
     return None
   spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[1], None))
+  if spec[0] is not None:
+    check_k_shards(k, spec[0], sharding.mesh)
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[1], spec[0]))
 
 
-def sharding_metadata(var: nnx.Variable, transpose: bool) -> dict[str, Any]:
+def sharding_metadata(var: nnx.Variable, transpose: bool, k: int | None = None
+                      ) -> dict[str, Any]:
   """Sharding metadata of a float Variable, carried over to its replacement.
 
   With ``transpose``, kernel names (in_ax, out_ax) become the coded data's
-  (out_ax, None): rows (output features) shard, the byte axis never does.
+  (out_ax, in_ax): rows (output features) shard along out_ax, and a K shard
+  (row-parallel) is a slice of each row's bytes, which needs whole blocks per
+  shard (checked against the mesh when one is known; ``k`` = in_features).
   """
   meta = var.get_metadata()
-  out = {k: meta[k] for k in SHARDING_KEYS if k in meta}
+  out = {k_: meta[k_] for k_ in SHARDING_KEYS if k_ in meta}
   names = meta.get("out_sharding")
   if names:
     if transpose:
       if len(names) != 2:
         raise ValueError(f"kernel out_sharding must name 2 axes, got {names}.")
-      names = (names[1], None)
+      if names[0] is not None:
+        value = var.get_value()
+        mesh = (meta.get("mesh") or getattr(getattr(value, "sharding", None), "mesh", None)
+                or jax.sharding.get_abstract_mesh())
+        check_k_shards(k, names[0], mesh)
+      names = (names[1], names[0])
     out["out_sharding"] = tuple(names)
   return out
 
@@ -187,7 +234,7 @@ class QuantizedLinear(nnx.Module):
       raise TypeError(f"from_linear needs an nnx.Linear, got {type(linear).__name__}.")
     if weight is None:
       weight = _core.quantize_kernel(linear.kernel[...], format, seed)
-    weight_metadata = sharding_metadata(linear.kernel, transpose=True)
+    weight_metadata = sharding_metadata(linear.kernel, transpose=True, k=linear.in_features)
     bias_metadata = {}
     if linear.bias is not None:
       bias_metadata = sharding_metadata(linear.bias, transpose=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Mapping
 
 import jax
@@ -41,6 +42,9 @@ class LlamaConfig:
   rope_base: float = 10000.0
   rms_eps: float = 1e-5
   tie_embeddings: bool = True  # True: logits = h @ embedding.T
+  qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2; LLaMA attention_bias)
+  o_bias: bool = False  # the output projection carries a bias (LLaMA attention_bias)
+  mlp_bias: bool = False  # gate/up/down carry a bias (LLaMA mlp_bias)
 
   def __post_init__(self):
     if self.n_heads % self.n_kv_heads:
@@ -85,8 +89,8 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
-def _linear(i: int, o: int, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(i, o, use_bias=False, rngs=rngs)
+def _linear(i: int, o: int, rngs: nnx.Rngs, bias: bool = False) -> nnx.Linear:
+  return nnx.Linear(i, o, use_bias=bias, rngs=rngs)
 
 
 class Attention(nnx.Module):
@@ -94,10 +98,10 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     d, hd = cfg.d_model, cfg.hd
-    self.q_proj = _linear(d, cfg.n_heads * hd, rngs)
-    self.k_proj = _linear(d, cfg.n_kv_heads * hd, rngs)
-    self.v_proj = _linear(d, cfg.n_kv_heads * hd, rngs)
-    self.o_proj = _linear(cfg.n_heads * hd, d, rngs)
+    self.q_proj = _linear(d, cfg.n_heads * hd, rngs, cfg.qkv_bias)
+    self.k_proj = _linear(d, cfg.n_kv_heads * hd, rngs, cfg.qkv_bias)
+    self.v_proj = _linear(d, cfg.n_kv_heads * hd, rngs, cfg.qkv_bias)
+    self.o_proj = _linear(cfg.n_heads * hd, d, rngs, cfg.o_bias)
     self.n_heads, self.n_kv_heads, self.hd = cfg.n_heads, cfg.n_kv_heads, hd
     self.rope_base = cfg.rope_base
 
@@ -115,9 +119,9 @@ class MLP(nnx.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-    self.gate_proj = _linear(cfg.d_model, cfg.ffn_dim, rngs)
-    self.up_proj = _linear(cfg.d_model, cfg.ffn_dim, rngs)
-    self.down_proj = _linear(cfg.ffn_dim, cfg.d_model, rngs)
+    self.gate_proj = _linear(cfg.d_model, cfg.ffn_dim, rngs, cfg.mlp_bias)
+    self.up_proj = _linear(cfg.d_model, cfg.ffn_dim, rngs, cfg.mlp_bias)
+    self.down_proj = _linear(cfg.ffn_dim, cfg.d_model, rngs, cfg.mlp_bias)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -191,27 +195,64 @@ def config_from_gguf_metadata(md: Mapping[str, Any]) -> LlamaConfig:
 
 
 GGUF_LINEARS = llama_names.GGUF_LINEARS
+_ROPE_PERMUTED = re.compile(r"^blk\.\d+\.attn_(q|k)\.weight$")
+
+
+def model_tensors(cfg: LlamaConfig, tensors: Mapping[str, Any]) -> dict[str, Any]:
+  """Renames GGUF or Hugging Face tensors to :class:`Llama` state paths.
+
+  Float linear weights (out, in) become kernels (in, out); quantized ones
+  (``QuantizedTensor`` (out, in), e.g. from ``itq3s convert``) stay rows, as
+  ``itq3s_jax.flax.restore_tensors`` takes them. GGUF q/k rows are un-permuted
+  to the HF RoPE layout (:func:`unpermute_rope_rows`); codes are per row, so
+  permuting coded rows equals coding the permuted weight. With tied
+  embeddings a stored head is dropped.
+
+  Args:
+    cfg: the model's configuration.
+    tensors: {GGUF or HF tensor name: np.ndarray or QuantizedTensor}.
+
+  Returns:
+    {dotted state path: tensor}.
+
+  Raises:
+    ValueError: a name that is no LLaMA tensor of either scheme.
+  """
+  out: dict[str, Any] = {}
+  for name, t in tensors.items():
+    if llama_names.HF_IGNORED.search(name):
+      continue
+    hit = llama_names.to_model(name)
+    if hit is None:
+      raise ValueError(f"tensor {name!r} is not a LLaMA-family weight this loader knows "
+                       "(GGUF blk.* or Hugging Face model.layers.* names).")
+    path, is_weight = hit
+    m = _ROPE_PERMUTED.match(name)
+    if m:
+      heads = cfg.n_heads if m.group(1) == "q" else cfg.n_kv_heads
+      if hasattr(t, "data") and hasattr(t, "format"):  # QuantizedTensor: permute coded rows
+        t = t.replace(data=unpermute_rope_rows(t.data, heads))
+      else:
+        t = unpermute_rope_rows(np.asarray(t), heads)
+    if is_weight and not hasattr(t, "format"):
+      t = np.asarray(t).T
+    out[path] = t
+  if cfg.tie_embeddings:
+    out.pop("lm_head", None)
+  return out
 
 
 def params_from_gguf_tensors(cfg: LlamaConfig, t: Mapping[str, np.ndarray]) -> dict:
-  """Maps GGUF tensors (numpy order: (out, in) for weights) to model state paths.
+  """GGUF tensors as ``{state path tuple: array}`` (:func:`model_tensors`, tuple keys).
 
-  Weights become ``nnx.Linear`` kernels (in, out) by transposing; q/k rows are
-  un-permuted to the HF RoPE layout.
+  Raises:
+    KeyError: a tensor the model needs is missing.
   """
-  out: dict = {("embed", "embedding"): t["token_embd.weight"],
-               ("norm", "weight"): t["output_norm.weight"]}
-  if not cfg.tie_embeddings:
-    out[("lm_head",)] = t["output.weight"].T
-  for i in range(cfg.n_layers):
-    g = lambda name: t[f"blk.{i}.{name}.weight"]  # noqa: E731
-    out[("layers", i, "input_norm", "weight")] = g("attn_norm")
-    out[("layers", i, "post_attn_norm", "weight")] = g("ffn_norm")
-    for name, (mod, attr) in GGUF_LINEARS.items():
-      w = g(name)
-      if name in ("attn_q", "attn_k"):
-        w = unpermute_rope_rows(w, cfg.n_heads if name == "attn_q" else cfg.n_kv_heads)
-      out[("layers", i, mod, attr, "kernel")] = w.T
+  named = model_tensors(cfg, t)
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  out = {}
+  for path, _ in nnx.to_flat_state(nnx.state(abstract)):
+    out[path] = named[state_lib.dotted(path)]
   return out
 
 

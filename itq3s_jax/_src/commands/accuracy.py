@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 import itq3s_jax
 from itq3s_jax import cli
@@ -117,13 +118,14 @@ def _bound_stats(w: np.ndarray, w_hat: np.ndarray, eps, eps_r):
 
 
 def measure(formats: Sequence[str], tensors: dict[str, np.ndarray], *,
-            seed: int = 0) -> tuple[list[Result], list[FormatSummary]]:
+            seed: int = 0, progress: bool = False) -> tuple[list[Result], list[FormatSummary]]:
   """Quantizes every tensor with every format (no importance weights).
 
   Args:
     formats: registered format names.
     tensors: id -> float32 (R, K) weights, K a multiple of 256.
     seed: sign-vector seed.
+    progress: show a tqdm bar over formats x tensors (stderr).
 
   Returns:
     (one :class:`Result` per format x tensor, one :class:`FormatSummary` per format).
@@ -133,8 +135,12 @@ def measure(formats: Sequence[str], tensors: dict[str, np.ndarray], *,
   cos_blocks = _as_blocks(cos[None, :])
   chunk = _chunk_blocks([b.shape[0] for b in blocks.values()] + [cos_blocks.shape[0]])
   results, summaries = [], []
+  bar = tqdm.tqdm(total=len(formats) * (len(blocks) + 1), desc="accuracy", unit="tensor",
+                  leave=False, disable=not progress)
   for fmt in formats:
     for tid, b in blocks.items():
+      bar.set_postfix_str(f"{fmt} {tid}")
+      bar.update()
       w_hat, eps, eps_r = _code_blocks(b, fmt, seed, chunk)
       ratio, holds = _bound_stats(b, w_hat, eps, eps_r)
       results.append(Result(fmt, tid, tuple(tensors[tid].shape),
@@ -142,6 +148,8 @@ def measure(formats: Sequence[str], tensors: dict[str, np.ndarray], *,
                             testing.rel_mse(b, w_hat), ratio, holds))
     cos_hat = _code_blocks(cos_blocks, fmt, seed, chunk)[0].reshape(cos.shape)
     summaries.append(FormatSummary(fmt, row_bpw(fmt, 576), testing.llamacpp_metric(cos, cos_hat)))
+    bar.update()
+  bar.close()
   return results, summaries
 
 
@@ -247,9 +255,21 @@ def parse_common(args: argparse.Namespace):
   return formats, tensors, missing
 
 
+def missing_note(missing: dict[str, str]) -> str | None:
+  """One plain line saying which rows are absent and which package brings them, or None."""
+  if not missing:
+    return None
+  why = sorted(set(missing.values()))
+  return (f"NOTE: {len(missing)} of the {len(testing.TENSOR_IDS)} test tensors are not shown "
+          f"({', '.join(missing)}): {'; '.join(why)}.")
+
+
 def run(args: argparse.Namespace, anchors: Sequence = ()) -> int:
   formats, tensors, missing = parse_common(args)
-  results, summaries = measure(formats, tensors, seed=args.seed)
+  note = missing_note(missing)
+  if note and not args.json:
+    print(note, flush=True)
+  results, summaries = measure(formats, tensors, seed=args.seed, progress=not args.json)
   if args.json:
     print(to_json(results, summaries, rows=args.rows or None, seed=args.seed,
                   skipped=missing, anchors=[dataclasses.asdict(a) for a in anchors]))
@@ -258,6 +278,6 @@ def run(args: argparse.Namespace, anchors: Sequence = ()) -> int:
   print(f"itq3s accuracy: {len(formats)} formats x {len(tensors)} test tensors ({rows}), "
         f"seed {args.seed}, no importance weights")
   print(render(results, summaries, anchors))
-  for tid, why in missing.items():
-    print(f"skipped {tid}: {why}")
+  if note:
+    print(note)
   return 0

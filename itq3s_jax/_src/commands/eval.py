@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import tqdm
 from flax import nnx
 
 import itq3s_jax
@@ -77,14 +78,37 @@ def _quantized(model: nnx.Module, fmt: str, rules: dict[str, Any]):
   from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top
   rules = dict(rules)
   extra = {k: rules.pop(k) for k in ("hessians", "gptq") if k in rules}
-  return qflax.quantize_model(nnx.clone(model), itq3s_jax.QuantRule(fmt, **rules), **extra)
+  return qflax.quantize_model(nnx.clone(model), itq3s_jax.QuantRule(fmt, **rules),
+                              progress=True, **extra)
 
 
-def _status(fmt: str) -> str | None:
-  """None when ``fmt`` can be evaluated, else why not."""
-  if fmt == REF or fmt in itq3s_jax.formats():
-    return None
-  return f"unavailable (not registered; known: {', '.join(itq3s_jax.formats())})"
+def check_formats(formats: list[str]) -> None:
+  """CommandError (exit 2) naming every format that is neither ``ref`` nor registered."""
+  unknown = [f for f in formats if f != REF and f not in itq3s_jax.formats()]
+  if unknown:
+    raise cli.CommandError(f"unknown format(s) {unknown}; known: "
+                           f"{[REF, *itq3s_jax.formats()]}.")
+
+
+class _Ticking(nnx.Module):
+  """The model, ticking a progress bar once per batch it scores (a host callback: the
+  computed values are the model's)."""
+
+  def __init__(self, model: nnx.Module, bar):
+    self.model = model
+    self.bar = bar
+
+  def __call__(self, tokens):
+    jax.debug.callback(lambda: self.bar.update(1))
+    return self.model(tokens)
+
+
+def _scored(model, windows, batch: int, label: str) -> list[float]:
+  """evaluation.nlls with a tqdm bar over the batches (stderr)."""
+  n = -(-len(windows) // batch)
+  with tqdm.tqdm(total=n, desc=f"score {label}", unit="batch", leave=False,
+                 file=sys.stderr) as bar:
+    return evaluation.nlls(_Ticking(model, bar), windows, batch).tolist()
 
 
 CALIBRATED = "+gptq"  # suffix of the label of a calibrated row
@@ -96,9 +120,6 @@ def _row(fmt: str, model, rules: dict[str, Any], measure) -> dict[str, Any]:
   ``fmt`` may end in ``+gptq``: then ``rules`` carries ``hessians`` (and options).
   """
   base = fmt.removesuffix(CALIBRATED)
-  status = _status(base)
-  if status is not None:
-    return {"format": fmt, "status": status}
   t0, c0 = time.perf_counter(), time.process_time()
   row: dict[str, Any] = {"format": fmt, "status": "ok"}
   try:
@@ -152,8 +173,10 @@ def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, 
                 rounding: str | None = None) -> dict[str, Any]:
   from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
   from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
+  from itq3s_jax.models import loaders  # pylint: disable=g-import-not-at-top
   t0 = time.perf_counter()
-  model, tok, cfg = llama.load_gguf()
+  model, tok = loaders.load(llama.smollm2_gguf_path(), progress=True)
+  cfg = model.config
   text = evaluation.protocol_text()
   windows = evaluation.make_windows(tok.encode(text, add_special_tokens=False).ids, n_tokens)
   info = {"text_sha256": evaluation.text_sha256(text), "python": platform.python_version(),
@@ -165,14 +188,14 @@ def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, 
   stats = None
   if calibrated:
     stats = _timed_stats(info, lambda: calibration.calibrate(
-        model, calibration.protocol_tokens(tok)), stats_path)
+        model, calibration.protocol_tokens(tok), progress=True), stats_path)
   ref_nlls = None
   rows = []
   formats = _with_calibrated(formats, calibrated)
   order = [REF] + [f for f in formats if f != REF]  # the reference first: deltas need it
   for fmt in order:
     row = _row(fmt, model, _rules_for(fmt, rules, stats, rounding),
-               lambda m: {"nlls": evaluation.nlls(m, windows, batch).tolist()})
+               lambda m, f=fmt: {"nlls": _scored(m, windows, batch, f)})
     if row["status"] == "ok":
       row["ppl"] = evaluation.perplexity(row["nlls"])
       if fmt == REF:
@@ -260,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
   formats = [f.strip() for f in args.formats.split(",") if f.strip()]
   if not formats:
     raise cli.CommandError("--formats is empty.")
+  check_formats(formats)
   if args.tokens < 2 * evaluation.WINDOW:
     raise cli.CommandError(f"--tokens={args.tokens} must be >= {2 * evaluation.WINDOW} "
                            "(two windows, for a standard error).")
