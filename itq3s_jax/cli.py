@@ -44,8 +44,35 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _quiet_closed_loop(previous):
+  """An unraisable hook that drops asyncio's "Event loop is closed" from finalizers.
+
+  When orbax fails on a damaged checkpoint while other reads are pending, their
+  completion callbacks later run into orbax's closed event loop; Python prints that
+  as an unraisable exception after our one-line error. Nothing reaches our code and
+  the exit status is already set, so that one message is not shown; every other
+  unraisable exception goes to the previous hook.
+  """
+  if getattr(previous, "_itq3s_quiet", False):  # main() called again in this process
+    return previous
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._itq3s_quiet = True
+  return hook
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = build_parser()
+  sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+  try:
+    parser = build_parser()
+  except KeyboardInterrupt:  # Ctrl-C while the command modules (jax, orbax) import
+    print("itq3s: interrupted", file=sys.stderr)
+    return 130
   args = parser.parse_args(argv)
   if not hasattr(args, "_run"):
     parser.print_help()
