@@ -15,6 +15,7 @@ finished tensors of a partial directory made from the same source and options.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -23,7 +24,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -222,7 +225,8 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
   bar = tqdm.tqdm(total=total, unit="w", unit_scale=True, disable=not progress,
                   file=sys.stderr, desc="convert")
   try:
-    with open(os.path.join(stage, staging.JOURNAL), "a", encoding="utf-8") as journal:
+    with open(os.path.join(stage, staging.JOURNAL), "a", encoding="utf-8") as journal, \
+        _interrupt_between_tensors() as interrupted:
       for i, info, decision in plan:
         if info.name in done:
           entries.append(done[info.name])
@@ -239,6 +243,7 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
         bar.update(math.prod(info.shape))
         if on_tensor is not None:
           on_tensor(len(entries) - len(done))
+        interrupted()
     bar.close()
     meta = {"format_version": writers.FORMAT_VERSION, "created_by": "itq3s convert",
             "source": {"path": os.path.abspath(src), "kind": source.kind,
@@ -280,6 +285,32 @@ def _match_calibration(plan, calibration: Mapping[str, Any]):
         "collect them from this checkpoint with `itq3s calibrate`.")
   return [(i, t, d if t.name not in missing else dataclasses.replace(
       d, reason=f"{d.reason}; no calibration statistics: nearest")) for i, t, d in plan]
+
+
+@contextlib.contextmanager
+def _interrupt_between_tensors():
+  """Defers Ctrl-C (SIGINT) to the end of the tensor being written; yields the check.
+
+  Orbax writes an item with threads of its own; an interrupt in the middle left them
+  scheduling work on a shut-down executor at exit (a traceback after our message). The
+  check raises KeyboardInterrupt once the tensor is journaled, so a resume finds every
+  finished tensor and nothing half-written. Outside the main thread signals cannot be
+  caught and the check does nothing.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: None
+    return
+  hits = []
+  previous = signal.signal(signal.SIGINT, lambda *_: hits.append(True))
+
+  def check():
+    if hits:
+      raise KeyboardInterrupt
+
+  try:
+    yield check
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def _stats_sha256(stats: Mapping[str, Any]) -> str:

@@ -83,26 +83,34 @@ def run(kills: int, workdir: str, seed: int = 0, log=print) -> KillReport:
       proc.kill()
       return KillReport(i + 1, midway, time.perf_counter() - start, False,
                         f"kill {i + 1}: the process did not exit after {sig.name}")
-    if proc.returncode == 0:  # finished before the signal: start over from scratch
-      os.rename(dst, dst + f".done{i}")
-      continue
     if "Traceback" in err:
       return KillReport(i + 1, midway, time.perf_counter() - start, False,
                         f"kill {i + 1} ({sig.name}): traceback on stderr:\n{err[-2000:]}")
     if os.path.exists(dst):
-      return KillReport(i + 1, midway, time.perf_counter() - start, False,
-                        f"kill {i + 1}: DST exists after an interrupted run")
+      # Finished (DST is renamed into place whole) before the signal, or killed after the
+      # rename: DST must then be the complete conversion. Start over from scratch.
+      bad = _differing(ref, dst)
+      if bad:
+        return KillReport(i + 1, midway, time.perf_counter() - start, False,
+                          f"kill {i + 1}: DST exists but differs from the reference: {bad}")
+      os.rename(dst, dst + f".done{i}")
+      continue
     log(f"kill {i + 1}/{kills} ({sig.name}): journal {before} -> {_lines(journal)} tensors")
   if _cli(src, dst, resume=True).wait() != 0:
     return KillReport(kills, midway, time.perf_counter() - start, False, "final resume failed")
+  diff = _differing(ref, dst)
+  return KillReport(kills, midway, time.perf_counter() - start, not diff,
+                    f"tensors differing from the uninterrupted conversion: {diff}")
+
+
+def _differing(ref: str, dst: str) -> list[str]:
+  """Names (at most 5) whose tensors differ between two checkpoints, or that one lacks."""
   want, got = checkpoint.load(ref), checkpoint.load(dst)
-  diff = [k for k in want if not _same(want[k], got.get(k))]
-  return KillReport(kills, midway, time.perf_counter() - start, not diff and set(want) == set(got),
-                    f"tensors differing from the uninterrupted conversion: {diff[:5]}")
+  return [k for k in sorted(set(want) | set(got)) if not _same(want.get(k), got.get(k))][:5]
 
 
 def _same(a, b) -> bool:
-  if b is None:
+  if a is None or b is None:
     return False
   a = np.asarray(getattr(a, "data", a))
   b = np.asarray(getattr(b, "data", b))
