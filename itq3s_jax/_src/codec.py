@@ -8,6 +8,7 @@ an array, so a new seed reuses the compiled code.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from itq3s_jax._src.core import bitpack
 from itq3s_jax._src.core import blocks
 from itq3s_jax._src.core import fwht as fwht_lib
 from itq3s_jax._src.core import qtensor
@@ -27,6 +29,7 @@ FLOATS = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 # chunk's transform stages, search and packing then stay in cache, where one pass per
 # butterfly stage over the whole tensor is memory-bound (measured ~2.5x faster on CPU).
 _CHUNK_WEIGHTS = 1 << 16
+_DECODE_CHUNK = 1 << 30
 _ONES = np.ones(blocks.QK, np.float32)
 
 
@@ -66,15 +69,17 @@ def segment_bytes(data: jax.Array, seg: blocks.Segment) -> jax.Array:
   return b.reshape(*data.shape[:-1], seg.count, seg.nbytes)
 
 
-def _chunked(fn, *xs: jax.Array):
+def _chunked(fn, *xs: jax.Array, width: int | None = None, weights: int = _CHUNK_WEIGHTS):
   """Applies a row-wise ``fn`` ((C, a), (C, b)...) -> pytree of (C, c) to (..., a) inputs.
 
-  Rows are independent, so chunking changes no bits of the result.
+  Chunks hold about ``weights`` weights of ``width`` per row (default: the
+  first input's last axis). Rows are independent, so chunking changes no bits
+  of the result.
   """
   lead = xs[0].shape[:-1]
   rows = math.prod(lead)
   flat = [x.reshape(rows, x.shape[-1]) for x in xs]
-  chunk = max(1, _CHUNK_WEIGHTS // xs[0].shape[-1])
+  chunk = max(1, weights // max(1, width or xs[0].shape[-1]))
   if rows <= chunk:
     out = fn(*flat)
   else:
@@ -174,17 +179,56 @@ def raise_if_unrepresentable(format: str, peak, finite, w=None, what: str = "wei
                      "in float.")
 
 
-def decoded_segments(data: jax.Array, sig: jax.Array, format: str, k: int,
+def decoded_segments(data: jax.Array, sig: jax.Array | None, format: str, k: int,
                      inverse: bool = False):
   """Yields (segment, values (..., count, n)): coding-domain, or weights if ``inverse``.
 
-  Unlike encoding, decoding is not chunked: its few fused passes stream well, and
-  lax.map over chunks measured up to 10x slower (IQ3_S grid lookups).
+  The row-major form (bounds.py reads it); dequantize and the matmul use
+  :func:`decode_columns`.
   """
   fmt = registry.get_format(format)
   for seg in qtensor.segments(format, k):
     z = fmt.decode(segment_bytes(data, seg), seg.n)
     yield seg, (transform(z, fmt, sig, inverse=True) if inverse else z)
+
+
+def column_bytes(data: jax.Array, seg: blocks.Segment) -> jax.Array:
+  """uint8 (..., row_nbytes) -> (nbytes, count, R): a segment's blocks, byte axis first.
+
+  R = prod(lead) rows, kept minor: the decoders vectorise across rows and
+  blocks (bitpack's column-major form).
+  """
+  b = segment_bytes(data.reshape(-1, data.shape[-1]), seg)  # (R, count, nbytes)
+  return jnp.transpose(b, (2, 1, 0))
+
+
+def decode_columns(data: jax.Array, sig: jax.Array | None, format: str, k: int,
+                   inverse: bool = False):
+  """Yields (segment, values float32 (n, count, R)): coding domain, or weights if ``inverse``.
+
+  Column-major: value i of block c of row r is ``values[i, c, r]`` (R =
+  prod(data.shape[:-1])). The codec's row-major ``decode`` wraps a
+  column-major one (bitpack), so the transposes around it cancel in XLA and
+  only the (small) byte transpose remains; the inverse transform then runs
+  along the leading axis, where its butterflies are contiguous slabs.
+  """
+  fmt = registry.get_format(format)
+  for seg in qtensor.segments(format, k):
+    bt = column_bytes(data, seg)
+    z = bitpack.columns(fmt.decode(bitpack.rows(bt), seg.n))
+    if inverse and fmt.transform != "none":
+      s = sig[:seg.n] if fmt.transform == "rht" else None
+      z = fwht_lib.ifwht(z, axis=0, signs=s)
+    yield seg, z
+
+
+def _row_major(parts, lead: tuple[int, ...], dtype) -> jax.Array:
+  """Per-segment column-major (n, count, R) values [cut to ``valid`` columns] -> (*lead, K)."""
+  out = []
+  for seg, z in parts:
+    z = jnp.transpose(z, (2, 1, 0)).reshape(-1, seg.count * seg.n)[:, :seg.valid]
+    out.append(z.reshape(*lead, seg.valid))
+  return concat(out, lead, dtype)
 
 
 def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
@@ -208,10 +252,9 @@ def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("format", "k", "dtype"))
 def _dequantize(data, sig, *, format, k, dtype):
-  parts = []
-  for seg, x in decoded_segments(data, sig, format, k, inverse=True):
-    parts.append(x.reshape(*x.shape[:-2], seg.count * seg.n)[..., :seg.valid])
-  return concat(parts, data.shape[:-1], jnp.float32).astype(dtype)
+  def rows(d):
+    return _row_major(decode_columns(d, sig, format, k, inverse=True), d.shape[:-1], jnp.float32)
+  return _chunked(rows, data, width=k, weights=_DECODE_CHUNK).astype(dtype)
 
 
 def decode_rotated(qt: QuantizedTensor) -> jax.Array:
@@ -226,9 +269,11 @@ def decode_rotated(qt: QuantizedTensor) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("format", "k"))
 def _decode_rotated(data, *, format, k):
-  parts = [z.reshape(*z.shape[:-2], seg.count * seg.n)
-           for seg, z in decoded_segments(data, None, format, k)]
-  return concat(parts, data.shape[:-1], jnp.float32)
+  def rows(d):
+    parts = [(dataclasses.replace(seg, valid=seg.count * seg.n), z)
+             for seg, z in decode_columns(d, None, format, k)]
+    return _row_major(parts, d.shape[:-1], jnp.float32)
+  return _chunked(rows, data, width=k, weights=_DECODE_CHUNK)
 
 
 def rotate_activations(x: ArrayLike, format: str, seed: int = 0) -> jax.Array:

@@ -35,24 +35,31 @@ def _check_length(n: int) -> int:
   return n.bit_length() - 1
 
 
-def hadamard_unnormalized(x: jax.Array) -> jax.Array:
-  """Applies the Sylvester Hadamard matrix H (entries +-1) along the last axis.
+def hadamard_unnormalized(x: jax.Array, axis: int = -1) -> jax.Array:
+  """Applies the Sylvester Hadamard matrix H (entries +-1) along ``axis``.
 
   Args:
-    x: float array (..., n), n a power of two.
+    x: float array with x.shape[axis] = n a power of two.
+    axis: the transformed axis.
 
   Returns:
-    H @ x along the last axis, same shape and dtype, by the butterfly order
-    documented in the module docstring.
+    H @ x along ``axis``, same shape and dtype, by the butterfly order
+    documented in the module docstring. Every element sees the same additions
+    in the same order whichever axis is transformed, so the result is bit for
+    bit the one of ``moveaxis(hadamard_unnormalized(moveaxis(x, axis, -1)), -1, axis)``.
+    Transforming a leading axis (column-major blocks, ``codec.decode_columns``)
+    keeps each stage's operands contiguous, which XLA:CPU vectorises.
   """
-  n = x.shape[-1]
+  axis = axis % x.ndim
+  n = x.shape[axis]
   stages = _check_length(n)
-  lead = x.shape[:-1]
+  lead, rest = x.shape[:axis], x.shape[axis + 1:]
   for s in range(stages):
     h = 1 << s
-    y = x.reshape(*lead, n // (2 * h), 2, h)
-    a, b = y[..., 0, :], y[..., 1, :]
-    x = jnp.stack([a + b, a - b], axis=-2).reshape(*lead, n)
+    y = x.reshape(*lead, n // (2 * h), 2, h, *rest)
+    a = jax.lax.index_in_dim(y, 0, len(lead) + 1, keepdims=False)
+    b = jax.lax.index_in_dim(y, 1, len(lead) + 1, keepdims=False)
+    x = jnp.stack([a + b, a - b], axis=len(lead) + 1).reshape(x.shape)
   return x
 
 
@@ -82,16 +89,11 @@ def fwht(x: ArrayLike, axis: int = -1, signs: ArrayLike | None = None) -> jax.Ar
   x = jnp.asarray(x)
   if x.dtype not in _FLOAT_DTYPES:
     raise TypeError(f"fwht needs a float array, got dtype {x.dtype}; cast it first.")
-  x = jnp.moveaxis(x, axis, -1)
-  n = x.shape[-1]
+  n = x.shape[axis]
   _check_length(n)
   if signs is not None:
-    signs = jnp.asarray(signs, x.dtype)
-    if signs.shape != (n,):
-      raise ValueError(f"signs has shape {signs.shape}, expected ({n},).")
-    x = x * signs
-  y = hadamard_unnormalized(x) * jnp.asarray(1.0 / math.sqrt(n), x.dtype)
-  return jnp.moveaxis(y, -1, axis)
+    x = x * _along(_check_signs(signs, n, x.dtype), axis, x.ndim)
+  return hadamard_unnormalized(x, axis) * jnp.asarray(1.0 / math.sqrt(n), x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames="axis")
@@ -109,11 +111,19 @@ def ifwht(z: ArrayLike, axis: int = -1, signs: ArrayLike | None = None) -> jax.A
   y = fwht(z, axis=axis)
   if signs is None:
     return y
-  y = jnp.moveaxis(y, axis, -1)
-  signs = jnp.asarray(signs, y.dtype)
-  if signs.shape != (y.shape[-1],):
-    raise ValueError(f"signs has shape {signs.shape}, expected ({y.shape[-1]},).")
-  return jnp.moveaxis(y * signs, -1, axis)
+  return y * _along(_check_signs(signs, y.shape[axis], y.dtype), axis, y.ndim)
+
+
+def _check_signs(signs: ArrayLike, n: int, dtype) -> jax.Array:
+  signs = jnp.asarray(signs, dtype)
+  if signs.shape != (n,):
+    raise ValueError(f"signs has shape {signs.shape}, expected ({n},).")
+  return signs
+
+
+def _along(v: jax.Array, axis: int, ndim: int) -> jax.Array:
+  """A vector (n,) shaped to broadcast along ``axis`` of an ndim-array."""
+  return v.reshape((-1,) + (1,) * (ndim - 1 - axis % ndim))
 
 
 def sign_vector(seed: int, n: int = 256) -> np.ndarray:

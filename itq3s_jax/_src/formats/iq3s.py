@@ -41,6 +41,8 @@ gets d = 0 and decodes to exact zeros.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,17 +81,36 @@ def _bits(x: jax.Array, nbits: int) -> jax.Array:
 
 @jax.jit
 def _decode(b: jax.Array) -> jax.Array:
-  lead = b.shape[:-1]
-  d_b, qs, qh, signs, scales = _split(b)
-  d = bitpack.fp16_from_bytes(d_b).astype(jnp.float32)  # (...,)
-  s = jnp.stack([scales & 15, scales >> 4], axis=-1).reshape(*lead, 8)
-  db = d[..., None] * (1 + 2 * s.astype(jnp.int32)).astype(jnp.float32)  # (..., 8)
-  idx = qs.astype(jnp.int32).reshape(*lead, 8, 8) | (
-      _bits(qh, 8).astype(jnp.int32) << 8)  # (..., 8 sub-blocks, 8 groups)
-  g = jnp.asarray(iq3s_grid.grid())[idx].reshape(*lead, 8, 32)
-  neg = _bits(signs, 8).reshape(*lead, 8, 32)
-  y = db[..., None] * g
-  return jnp.where(neg == 1, -y, y).reshape(*lead, QK)
+  return bitpack.rows(decode_columns(bitpack.columns(b), QK))
+
+
+def decode_columns(bt: jax.Array, n: int) -> jax.Array:
+  """uint8 (110, ...) -> float32 (256, ...): :func:`decode` with the byte axis leading.
+
+  Column-major (bitpack) with one grid gather per 4-group: the group's four
+  magnitudes come packed in one int32 (``_grid_words``) and are split by
+  shifts. The float32 products are the decoder's, in its order (bit-exact).
+  """
+  block_nbytes(n)
+  rest = bt.shape[1:]
+  ax = lambda v: bitpack.along_rows(v, bt.ndim)  # noqa: E731
+  sub, grp, val = np.arange(8), np.arange(64), np.arange(QK)
+  d = bitpack.fp16_from_rows(bt[0], bt[1]).astype(jnp.float32)  # (...)
+  s = (bitpack.take_rows(bt, 106 + sub // 2) >> ax(4 * (sub % 2))) & 15  # (8, ...)
+  db = d * (1 + 2 * s).astype(jnp.float32)
+  qh = (bitpack.take_rows(bt, 66 + grp // 8) >> ax(grp % 8)) & 1
+  word = jnp.asarray(_grid_words())[bitpack.take_rows(bt, 2 + grp) | (qh << 8)]  # (64, ...)
+  g = (word[:, None] >> ax(8 * np.arange(4))[None]) & 255  # (64, 4, ...)
+  y = db[:, None] * g.astype(jnp.float32).reshape(8, 32, *rest)
+  neg = (bitpack.take_rows(bt, 74 + val // 8) >> ax(val % 8)) & 1
+  return jnp.where(neg.reshape(8, 32, *rest) == 1, -y, y).reshape(QK, *rest)
+
+
+@functools.lru_cache(maxsize=None)
+def _grid_words() -> np.ndarray:
+  """int32 (512,): the four magnitudes of grid entry i as bytes 0..3 of one word."""
+  g = iq3s_grid.grid().astype(np.int64)
+  return (g << (8 * np.arange(4))).sum(-1).astype(np.int32)
 
 
 def decode(b: jax.Array, n: int) -> jax.Array:

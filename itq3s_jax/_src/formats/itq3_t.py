@@ -22,6 +22,8 @@ sub-block's step (the 2 smallest admissible codes) for the least squared error.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,11 +73,38 @@ def steps(b: jax.Array, n: int) -> jax.Array:
 
 def decode(b: jax.Array, n: int) -> jax.Array:
   """uint8 (..., nbytes(n)) -> float32 (..., n) rotated-domain values z_hat."""
-  _, _, tbytes, ns = _split(b, n)
-  t = bitpack.unpack_trits(tbytes, 2 * n).reshape(*b.shape[:-1], n, 2)
-  q = (3 * t[..., 1] + t[..., 0]).astype(jnp.float32)
-  delta = steps(b, n)
-  return (q.reshape(*q.shape[:-1], ns, SUB) * delta[..., None]).reshape(q.shape)
+  return bitpack.rows(decode_columns(bitpack.columns(b), n))
+
+
+def decode_columns(bt: jax.Array, n: int) -> jax.Array:
+  """uint8 (nbytes(n), ...) -> float32 (n, ...): :func:`decode` with the byte axis leading.
+
+  The same products as :func:`steps` and the kernel decoder (fp32(D * MULT[s])
+  times the digit), bit for bit; column-major so XLA vectorises it (bitpack).
+  """
+  ns = n // SUB
+  rest = bt.shape[1:]
+  t = _column_tables(n)
+  ax = lambda v: bitpack.along_rows(v, bt.ndim)  # noqa: E731
+  s = kernel_codec.bit_field(bitpack.take_rows(bt, t["s_lo"]), bitpack.take_rows(bt, t["s_hi"]),
+                             ax(t["s_shift"]), 3)  # (ns, ...)
+  delta = jnp.asarray(SUPER)[bt[0].astype(jnp.int32)] * jnp.asarray(MULT)[s]
+  t0 = bitpack.trit(bitpack.take_rows(bt, t["t0_col"]), ax(t["t0_pow"]))
+  t1 = bitpack.trit(bitpack.take_rows(bt, t["t1_col"]), ax(t["t1_pow"]))
+  q = (3 * t1 + t0).astype(jnp.float32).reshape(ns, SUB, *rest)
+  return (q * delta[:, None]).reshape(n, *rest)
+
+
+@functools.lru_cache(maxsize=None)
+def _column_tables(n: int) -> dict[str, np.ndarray]:
+  """Per sub-block step-field and per coefficient trit positions of a block of n."""
+  ns = n // SUB
+  f = kernel_codec.field_tables(1, ns, 3, 1, nbytes(n))
+  tbyte = 1 + -(-3 * ns // 8)
+  j = 2 * np.arange(n)  # trit index of t0_i; t1_i follows
+  return dict(s_lo=f["lo"], s_hi=f["hi"], s_shift=f["shift"],
+              t0_col=tbyte + j // 5, t0_pow=3 ** (j % 5),
+              t1_col=tbyte + (j + 1) // 5, t1_pow=3 ** ((j + 1) % 5))
 
 
 def bound(b: jax.Array, n: int) -> jax.Array:

@@ -34,8 +34,16 @@ def _scale(b: jax.Array) -> jax.Array:
 
 def decode(b: jax.Array, n: int) -> jax.Array:
   """uint8 (..., nbytes(n)) -> float32 (..., n)."""
-  c = bitpack.unpack_bits(b[..., 2:], 3, n)
-  return (c - 4).astype(jnp.float32) * _scale(b)[..., None]
+  return bitpack.rows(decode_columns(bitpack.columns(b), n))
+
+
+def decode_columns(bt: jax.Array, n: int) -> jax.Array:
+  """uint8 (nbytes(n), ...) -> float32 (n, ...): :func:`decode` with the byte axis leading."""
+  f = kernel_codec.field_tables(2, n, 3, 1, nbytes(n))
+  c = kernel_codec.bit_field(bitpack.take_rows(bt, f["lo"]), bitpack.take_rows(bt, f["hi"]),
+                             bitpack.along_rows(f["shift"], bt.ndim), 3)
+  d = bitpack.fp16_from_rows(bt[0], bt[1]).astype(jnp.float32)
+  return (c - 4).astype(jnp.float32) * d
 
 
 def bound(b: jax.Array, n: int) -> jax.Array:
