@@ -8,7 +8,6 @@ an array, so a new seed reuses the compiled code.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -29,7 +28,11 @@ FLOATS = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 # chunk's transform stages, search and packing then stay in cache, where one pass per
 # butterfly stage over the whole tensor is memory-bound (measured ~2.5x faster on CPU).
 _CHUNK_WEIGHTS = 1 << 16
-_DECODE_CHUNK = 1 << 30
+# Decoding runs on tiles of about this many values (2^18 float32 = 1 MiB, in a
+# core's L2): each tile's decode, inverse transform and dot stay in cache, where
+# one pass per step over a tensor-sized buffer is memory-bound and pages in a
+# fresh allocation on every call.
+DECODE_TILE = 1 << 18
 _ONES = np.ones(blocks.QK, np.float32)
 
 
@@ -69,17 +72,15 @@ def segment_bytes(data: jax.Array, seg: blocks.Segment) -> jax.Array:
   return b.reshape(*data.shape[:-1], seg.count, seg.nbytes)
 
 
-def _chunked(fn, *xs: jax.Array, width: int | None = None, weights: int = _CHUNK_WEIGHTS):
+def _chunked(fn, *xs: jax.Array):
   """Applies a row-wise ``fn`` ((C, a), (C, b)...) -> pytree of (C, c) to (..., a) inputs.
 
-  Chunks hold about ``weights`` weights of ``width`` per row (default: the
-  first input's last axis). Rows are independent, so chunking changes no bits
-  of the result.
+  Rows are independent, so chunking changes no bits of the result.
   """
   lead = xs[0].shape[:-1]
   rows = math.prod(lead)
   flat = [x.reshape(rows, x.shape[-1]) for x in xs]
-  chunk = max(1, weights // max(1, width or xs[0].shape[-1]))
+  chunk = max(1, _CHUNK_WEIGHTS // xs[0].shape[-1])
   if rows <= chunk:
     out = fn(*flat)
   else:
@@ -192,43 +193,76 @@ def decoded_segments(data: jax.Array, sig: jax.Array | None, format: str, k: int
     yield seg, (transform(z, fmt, sig, inverse=True) if inverse else z)
 
 
-def column_bytes(data: jax.Array, seg: blocks.Segment) -> jax.Array:
-  """uint8 (..., row_nbytes) -> (nbytes, count, R): a segment's blocks, byte axis first.
+def tile_rows(n_rows: int, width: int, weights: int | None = None) -> int:
+  """Rows per decode tile: about ``weights`` (DECODE_TILE) values, a multiple of 8, or all rows."""
+  rows = max(8, (weights or DECODE_TILE) // max(width, 1) // 8 * 8)
+  return n_rows if rows * 2 > n_rows else rows
 
-  R = prod(lead) rows, kept minor: the decoders vectorise across rows and
-  blocks (bitpack's column-major form).
+
+def column_tiles(data: jax.Array, format: str, k: int, rows: int) -> list[jax.Array]:
+  """uint8 (R, row_nbytes) -> per segment uint8 (tiles, nbytes, count, rows).
+
+  The coded rows cut into tiles of ``rows`` rows (zero rows pad the last
+  tile; they decode to finite values and are cut off by the caller), each
+  segment's blocks byte axis first and rows minor: bitpack's column-major form,
+  which the decoders vectorise across rows. Transposed here, once, outside the
+  per-tile loop, so XLA writes these small arrays rather than fusing a strided
+  transpose into every decoder read.
   """
-  b = segment_bytes(data.reshape(-1, data.shape[-1]), seg)  # (R, count, nbytes)
-  return jnp.transpose(b, (2, 1, 0))
+  r = data.shape[0]
+  tiles = -(-r // rows)
+  if tiles * rows != r:
+    data = jnp.pad(data, ((0, tiles * rows - r), (0, 0)))
+  data = data.reshape(tiles, rows, data.shape[-1])
+  out = []
+  for seg in qtensor.segments(format, k):
+    b = data[..., seg.byte_start:seg.byte_stop].reshape(tiles, rows, seg.count, seg.nbytes)
+    out.append(jnp.transpose(b, (0, 3, 2, 1)))
+  return out
 
 
-def decode_columns(data: jax.Array, sig: jax.Array | None, format: str, k: int,
-                   inverse: bool = False):
-  """Yields (segment, values float32 (n, count, R)): coding domain, or weights if ``inverse``.
+def decode_tile(bt: jax.Array, seg: blocks.Segment, format: str, sig: jax.Array | None = None,
+                inverse: bool = False) -> jax.Array:
+  """uint8 (nbytes, count, rows) -> float32 (n, count, rows): coding domain, or weights if ``inverse``.
 
-  Column-major: value i of block c of row r is ``values[i, c, r]`` (R =
-  prod(data.shape[:-1])). The codec's row-major ``decode`` wraps a
-  column-major one (bitpack), so the transposes around it cancel in XLA and
-  only the (small) byte transpose remains; the inverse transform then runs
-  along the leading axis, where its butterflies are contiguous slabs.
+  Column-major: value i of block c of row r is ``[i, c, r]``. The codec's
+  row-major ``decode`` wraps a column-major one (bitpack), so the transposes
+  around it cancel in XLA; the inverse transform runs along the leading axis,
+  where its butterflies are contiguous slabs (the same butterfly, bit for bit).
   """
   fmt = registry.get_format(format)
-  for seg in qtensor.segments(format, k):
-    bt = column_bytes(data, seg)
-    z = bitpack.columns(fmt.decode(bitpack.rows(bt), seg.n))
-    if inverse and fmt.transform != "none":
-      s = sig[:seg.n] if fmt.transform == "rht" else None
-      z = fwht_lib.ifwht(z, axis=0, signs=s)
-    yield seg, z
+  z = bitpack.columns(fmt.decode(bitpack.rows(bt), seg.n))
+  if inverse and fmt.transform != "none":
+    z = fwht_lib.ifwht(z, axis=0, signs=sig[:seg.n] if fmt.transform == "rht" else None)
+  return z
 
 
-def _row_major(parts, lead: tuple[int, ...], dtype) -> jax.Array:
-  """Per-segment column-major (n, count, R) values [cut to ``valid`` columns] -> (*lead, K)."""
-  out = []
-  for seg, z in parts:
-    z = jnp.transpose(z, (2, 1, 0)).reshape(-1, seg.count * seg.n)[:, :seg.valid]
-    out.append(z.reshape(*lead, seg.valid))
-  return concat(out, lead, dtype)
+def map_tiles(fn, tiles: list[jax.Array]) -> jax.Array:
+  """Stacks ``fn(per-segment tile bytes)`` over the tiles (lax.map when there are several)."""
+  if tiles and tiles[0].shape[0] > 1:
+    return jax.lax.map(lambda bts: fn(list(bts)), tuple(tiles))
+  return fn([t[0] for t in tiles])[None]
+
+
+def _decode_rows(data, sig, format, k, inverse, valid_only):
+  """(..., row_nbytes) -> float32 (..., K or Kp) row-major, decoded in column-major tiles."""
+  lead = data.shape[:-1]
+  r = math.prod(lead)
+  segs = qtensor.segments(format, k)
+  width = blocks.coded_length(segs)
+  rows = tile_rows(r, width)
+
+  def tile(bts):  # -> (rows, K)
+    parts = []
+    for seg, bt in zip(segs, bts):
+      z = decode_tile(bt, seg, format, sig, inverse)
+      z = jnp.transpose(z, (2, 1, 0)).reshape(rows, seg.count * seg.n)
+      parts.append(z[:, :seg.valid] if valid_only else z)
+    return concat(parts, (rows,), jnp.float32)
+
+  out = map_tiles(tile, column_tiles(data.reshape(r, data.shape[-1]), format, k, rows))
+  out = out.reshape(-1, out.shape[-1])[:r]
+  return out.reshape(*lead, out.shape[-1])
 
 
 def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
@@ -252,9 +286,7 @@ def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("format", "k", "dtype"))
 def _dequantize(data, sig, *, format, k, dtype):
-  def rows(d):
-    return _row_major(decode_columns(d, sig, format, k, inverse=True), d.shape[:-1], jnp.float32)
-  return _chunked(rows, data, width=k, weights=_DECODE_CHUNK).astype(dtype)
+  return _decode_rows(data, sig, format, k, inverse=True, valid_only=True).astype(dtype)
 
 
 def decode_rotated(qt: QuantizedTensor) -> jax.Array:
@@ -269,11 +301,7 @@ def decode_rotated(qt: QuantizedTensor) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("format", "k"))
 def _decode_rotated(data, *, format, k):
-  def rows(d):
-    parts = [(dataclasses.replace(seg, valid=seg.count * seg.n), z)
-             for seg, z in decode_columns(d, None, format, k)]
-    return _row_major(parts, d.shape[:-1], jnp.float32)
-  return _chunked(rows, data, width=k, weights=_DECODE_CHUNK)
+  return _decode_rows(data, None, format, k, inverse=False, valid_only=False)
 
 
 def rotate_activations(x: ArrayLike, format: str, seed: int = 0) -> jax.Array:

@@ -87,23 +87,33 @@ def _decode(b: jax.Array) -> jax.Array:
 def decode_columns(bt: jax.Array, n: int) -> jax.Array:
   """uint8 (110, ...) -> float32 (256, ...): :func:`decode` with the byte axis leading.
 
-  Column-major (bitpack) with one grid gather per 4-group: the group's four
-  magnitudes come packed in one int32 (``_grid_words``) and are split by
-  shifts. The float32 products are the decoder's, in its order (bit-exact).
+  Column-major (bitpack): for each value the byte rows it reads (scale nibble,
+  qs, qh, sign) are gathered as whole rows, then one elementwise pass with row
+  constants; its grid entry comes from one table of the four magnitudes packed
+  in an int32 (``_grid_words``), d through the fp16 table. The float32
+  products are the decoder's, in its order: (d * (1 + 2 s)) * grid, signed.
   """
   block_nbytes(n)
-  rest = bt.shape[1:]
+  t = _column_tables()
   ax = lambda v: bitpack.along_rows(v, bt.ndim)  # noqa: E731
-  sub, grp, val = np.arange(8), np.arange(64), np.arange(QK)
-  d = bitpack.fp16_from_rows(bt[0], bt[1]).astype(jnp.float32)  # (...)
-  s = (bitpack.take_rows(bt, 106 + sub // 2) >> ax(4 * (sub % 2))) & 15  # (8, ...)
-  db = d * (1 + 2 * s).astype(jnp.float32)
-  qh = (bitpack.take_rows(bt, 66 + grp // 8) >> ax(grp % 8)) & 1
-  word = jnp.asarray(_grid_words())[bitpack.take_rows(bt, 2 + grp) | (qh << 8)]  # (64, ...)
-  g = (word[:, None] >> ax(8 * np.arange(4))[None]) & 255  # (64, 4, ...)
-  y = db[:, None] * g.astype(jnp.float32).reshape(8, 32, *rest)
-  neg = (bitpack.take_rows(bt, 74 + val // 8) >> ax(val % 8)) & 1
-  return jnp.where(neg.reshape(8, 32, *rest) == 1, -y, y).reshape(QK, *rest)
+  rows = lambda name: bitpack.take_rows(bt, t[name])  # noqa: E731
+  s = (rows("scale") >> ax(t["scale_shift"])) & 15
+  db = bitpack.fp16_rows_to_f32(bt[0], bt[1]) * (1 + 2 * s).astype(jnp.float32)
+  idx = rows("qs") | (((rows("qh") >> ax(t["qh_shift"])) & 1) << 8)
+  g = (jnp.asarray(_grid_words())[idx] >> ax(t["coord_shift"])) & 255
+  y = db * g.astype(jnp.float32)
+  neg = (rows("sign") >> ax(t["sign_shift"])) & 1
+  return jnp.where(neg == 1, -y, y)
+
+
+@functools.lru_cache(maxsize=None)
+def _column_tables() -> dict[str, np.ndarray]:
+  """Per value e of a block: the byte and bit of each field it reads (docstring layout)."""
+  e = np.arange(QK)
+  sub, grp = e // 32, e // 4
+  return dict(scale=106 + sub // 2, scale_shift=4 * (sub % 2), qs=2 + grp,
+              qh=66 + sub, qh_shift=grp % 8, coord_shift=8 * (e % 4),
+              sign=74 + e // 8, sign_shift=e % 8)
 
 
 @functools.lru_cache(maxsize=None)

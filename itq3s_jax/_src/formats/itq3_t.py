@@ -80,7 +80,11 @@ def decode_columns(bt: jax.Array, n: int) -> jax.Array:
   """uint8 (nbytes(n), ...) -> float32 (n, ...): :func:`decode` with the byte axis leading.
 
   The same products as :func:`steps` and the kernel decoder (fp32(D * MULT[s])
-  times the digit), bit for bit; column-major so XLA vectorises it (bitpack).
+  times the digit), bit for bit. Column-major (bitpack): the byte rows each
+  coefficient reads are gathered first (whole-row copies), so the arithmetic is
+  one elementwise pass with row constants (measured 2.5x faster in the matmul
+  than unpacking the trit stream by reshapes, whose index arithmetic XLA keeps
+  per element).
   """
   ns = n // SUB
   rest = bt.shape[1:]

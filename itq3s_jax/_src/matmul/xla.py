@@ -27,12 +27,6 @@ from itq3s_jax._src import codec
 from itq3s_jax._src.core import blocks
 from itq3s_jax._src.core import qtensor
 
-# Weights decoded per tile: 2^18 float32 values = 1 MiB, within a core's L2, so
-# the dot reads the tile from cache rather than a tensor-sized buffer that
-# every call would page in afresh (measured: benchmarks/speed.py).
-TILE_WEIGHTS = 1 << 18
-
-
 def dequantize_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
   """float32 (..., N): dequantize the whole weight, then one float32 dot at full precision."""
   w = codec.dequantize(qt, jnp.float32)
@@ -57,34 +51,22 @@ def act_rotate_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
   xr = codec.rotate(x2, sig, qt.format)  # (M, Kp) float32
   segs = qtensor.segments(qt.format, k)
   xs = [_columns_order(xr, seg) for seg in segs]
+  rows = codec.tile_rows(n_out, blocks.coded_length(segs))
 
-  def tile(d):  # uint8 (T, row_nbytes) -> float32 (M, T)
-    y = None
-    for xp, (seg, z) in zip(xs, codec.decode_columns(d, None, qt.format, k)):
-      part = jnp.dot(xp, z.reshape(seg.n * seg.count, d.shape[0]),
-                     precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-      y = part if y is None else y + part
-    return y if y is not None else jnp.zeros((x2.shape[0], d.shape[0]), jnp.float32)
+  def tile(bts):  # per segment uint8 (nbytes, count, rows) -> float32 (M, rows)
+    y = jnp.zeros((x2.shape[0], rows), jnp.float32)
+    for xp, seg, bt in zip(xs, segs, bts):
+      z = codec.decode_tile(bt, seg, qt.format)  # (n, count, rows): a (K, N) operand
+      y = y + jnp.dot(xp, z.reshape(seg.n * seg.count, rows),
+                      precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return y
 
-  rows = tile_rows(n_out, blocks.coded_length(segs))
-  if rows >= n_out:
-    y = tile(qt.data)
-  else:
-    tiles = -(-n_out // rows)
-    data = jnp.pad(qt.data, ((0, tiles * rows - n_out), (0, 0)))
-    y = lax.map(tile, data.reshape(tiles, rows, data.shape[-1]))  # (tiles, M, rows)
-    y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], tiles * rows)[:, :n_out]
+  y = codec.map_tiles(tile, codec.column_tiles(qt.data, qt.format, k, rows))  # (tiles, M, rows)
+  y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], -1)[:, :n_out]
   return y.reshape(*lead, n_out)
-
-
-def tile_rows(n_out: int, kp: int) -> int:
-  """Weight rows decoded per tile: about TILE_WEIGHTS values, a multiple of 8 (or all rows)."""
-  rows = max(8, TILE_WEIGHTS // max(kp, 1) // 8 * 8)
-  return n_out if rows * 2 > n_out else rows
 
 
 def _columns_order(xr: jax.Array, seg) -> jax.Array:
   """(M, Kp) rotated activations -> (M, n * count): the segment's values in (i, c) order."""
   part = xr[:, seg.coded_start:seg.coded_stop].reshape(xr.shape[0], seg.count, seg.n)
   return jnp.swapaxes(part, 1, 2).reshape(xr.shape[0], seg.n * seg.count)
-
