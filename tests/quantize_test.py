@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
 
 import itq3s_jax
+from itq3s_jax._src import codec
+from itq3s_jax._src.core import bitpack
 
 FORMATS = itq3s_jax.formats()
 
@@ -115,3 +118,27 @@ def test_has_bound_matches_the_registry():
     assert itq3s_jax.has_bound(fmt) == (itq3s_jax.get_format(fmt).bound is not None)
   with pytest.raises(ValueError, match="unknown format"):
     itq3s_jax.has_bound("nope")
+
+
+def test_decode_tiles_change_no_bits(monkeypatch):
+  """dequantize over several column-major tiles (the last one padded) equals the one-tile
+  result bit for bit: rows are independent (decode_rotated runs the same tiles)."""
+  k = 256 + 128 + 64 + 32  # formats_test.SHAPE
+  qt = itq3s_jax.quantize(np.random.default_rng(2).standard_normal((2, 11, k)).astype(
+      np.float32), "itq3_t")
+  sig = jnp.asarray(codec.signs("itq3_t", 0))
+  whole = np.asarray(itq3s_jax.dequantize(qt))
+  monkeypatch.setattr(codec, "DECODE_TILE", 8 * k)  # 8 rows a tile: 3 tiles, 2 pad rows
+  assert codec.tile_rows(22, k) == 8
+  tiled = jax.jit(lambda d: codec._decode_rows(d, sig, "itq3_t", k, True, True))(qt.data)
+  np.testing.assert_array_equal(np.asarray(tiled).view(np.uint32), whole.view(np.uint32))
+
+
+def test_fp16_table_is_the_conversion_for_every_code():
+  """The decoders' fp16 scales come from a 65536-entry table: it equals astype, code by code."""
+  codes = np.arange(1 << 16, dtype=np.uint16)
+  got = np.asarray(bitpack.fp16_rows_to_f32(jnp.asarray(codes & 0xFF), jnp.asarray(codes >> 8)))
+  want = codes.view(np.float16).astype(np.float32)
+  nan = np.isnan(want)
+  np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+  assert np.isnan(got[nan]).all()
