@@ -17,6 +17,7 @@ import scipy.linalg
 import itq3s_jax
 from itq3s_jax._src import codec
 from itq3s_jax._src.core import bitpack
+from itq3s_jax._src.formats import itq3_t
 
 FORMATS = itq3s_jax.formats()
 
@@ -142,3 +143,15 @@ def test_fp16_table_is_the_conversion_for_every_code():
   nan = np.isnan(want)
   np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
   assert np.isnan(got[nan]).all()
+
+
+def test_itq3_t_digit_packing_is_pack_trits_for_every_digit_group():
+  """itq3_t's division-free packer equals bitpack.pack_trits of the interleaved trit stream
+  on all 9^5 groups of 5 digits (= 2 bytes, every byte value), and on a ragged tail."""
+  q = np.stack(np.meshgrid(*[np.arange(-4, 5)] * 5, indexing="ij"), -1).reshape(-1, 5)
+  q = np.concatenate([q, q[::-1, :1]], axis=-1)  # 6 digits: 2 full bytes + a 1-byte tail
+  t0 = (q + 1) % 3 - 1
+  t1 = (q - t0) // 3
+  stream = np.stack([t0, t1], -1).reshape(len(q), -1)
+  want = np.asarray(bitpack.pack_trits(jnp.asarray(stream)))
+  np.testing.assert_array_equal(np.asarray(itq3_t._pack_digits(jnp.asarray(q))), want)
