@@ -116,6 +116,14 @@ def test_act_rotate_tiles_rows_and_pads_the_last_tile(monkeypatch):
   np.testing.assert_array_equal(tiled, whole)
 
 
+@pytest.mark.parametrize("n,k,m", [(0, 256, 2), (4, 0, 2), (4, 256, 0)])
+def test_act_rotate_empty_shapes(n, k, m):
+  qt = itq3s_jax.quantize(np.ones((n, k), np.float32), "itq3_t")
+  y = itq3s_jax.matmul(np.ones((m, k), np.float32), qt, method="xla_act_rotate")
+  assert y.shape == (m, n) and y.dtype == jnp.float32
+  np.testing.assert_array_equal(y, np.zeros((m, n), np.float32))
+
+
 def test_auto_is_xla_act_rotate_off_gpu():
   qt = itq3s_jax.quantize(_weights(8, 256), "itq3_t")
   x = jax.ShapeDtypeStruct((4, 256), jnp.float32)

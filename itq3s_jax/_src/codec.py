@@ -184,8 +184,8 @@ def decoded_segments(data: jax.Array, sig: jax.Array | None, format: str, k: int
                      inverse: bool = False):
   """Yields (segment, values (..., count, n)): coding-domain, or weights if ``inverse``.
 
-  The row-major form (bounds.py reads it); dequantize and the matmul use
-  :func:`decode_columns`.
+  The row-major form (bounds.py reads it); dequantize, decode_rotated and the
+  matmul decode column-major tiles (:func:`decode_tile`).
   """
   fmt = registry.get_format(format)
   for seg in qtensor.segments(format, k):
@@ -250,6 +250,8 @@ def _decode_rows(data, sig, format, k, inverse, valid_only):
   r = math.prod(lead)
   segs = qtensor.segments(format, k)
   width = blocks.coded_length(segs)
+  if r == 0 or not segs:
+    return jnp.zeros((*lead, k if valid_only else width), jnp.float32)
   rows = tile_rows(r, width)
 
   def tile(bts):  # -> (rows, K)

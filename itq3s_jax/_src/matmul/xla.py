@@ -19,6 +19,8 @@ tolerance is derived in tests/matmul_test.py).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -46,10 +48,12 @@ def act_rotate_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
   """
   n_out, k = qt.shape
   lead = x.shape[:-1]
-  x2 = x.reshape(-1, k)
+  segs = qtensor.segments(qt.format, k)
+  if n_out == 0 or not segs or not math.prod(lead):
+    return jnp.zeros((*lead, n_out), jnp.float32)
+  x2 = x.reshape(math.prod(lead), k)
   sig = jnp.asarray(codec.signs(qt.format, qt.seed))
   xr = codec.rotate(x2, sig, qt.format)  # (M, Kp) float32
-  segs = qtensor.segments(qt.format, k)
   xs = [_columns_order(xr, seg) for seg in segs]
   rows = codec.tile_rows(n_out, blocks.coded_length(segs))
 
