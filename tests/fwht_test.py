@@ -136,6 +136,15 @@ def test_axis_argument_moves_the_transformed_axis(axis):
                              * math.sqrt(16))
 
 
+def test_leading_axis_butterfly_is_bit_identical():
+  """Column-major blocks (codec.decode_tile) transform axis 0: the same additions, same bits."""
+  x = np.random.default_rng(8).standard_normal((256, 3, 5)).astype(np.float32)
+  s = itq3s_jax.sign_vector(2, 256)
+  got = np.asarray(itq3s_jax.ifwht(x, axis=0, signs=s))
+  want = np.moveaxis(np.asarray(itq3s_jax.ifwht(np.moveaxis(x, 0, -1), signs=s)), -1, 0)
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_jit_and_vmap_are_bit_identical_to_eager():
   x = jnp.asarray(np.random.default_rng(6).standard_normal((6, 256)), jnp.float32)
   s = itq3s_jax.sign_vector(1, 256)

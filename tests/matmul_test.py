@@ -1,11 +1,17 @@
-"""``itq3s_jax.matmul``: the XLA reference vs a float64 oracle, dispatch, jit, shard_map.
+"""``itq3s_jax.matmul``: both XLA methods vs a float64 oracle, dispatch, jit, shard_map.
 
 Oracle: the coding-domain values (decode_rotated: exact float32 numbers) are
 inverse-transformed in float64 with scipy's Hadamard matrix, so it shares no
-transform code with the library. Tolerance (Cauchy-Schwarz as in
-pallas_kernels_test.py): float32 dequantize (8 butterfly stages, <= 8 u per
-element relative to the block norm, i.e. <= 128 u ||x|| ||w|| in the dot) plus
-K float32 accumulations: 1.25 (K + 128) u ||x_m|| ||w_n||.
+transform code with the library. Tolerances (Cauchy-Schwarz as in
+pallas_kernels_test.py, u = 2^-24):
+  * "xla" (dequantize, dot): float32 dequantize (8 butterfly stages, <= 8 u per
+    element relative to the block norm, i.e. <= 128 u ||x|| ||w|| in the dot)
+    plus K float32 accumulations: 1.25 (K + 128) u ||x_m|| ||w_n||;
+  * "xla_act_rotate" (rotate x, dot with z_hat; proofs T6): the rotation errs by
+    <= phi(n) ||x_b|| per block (T1; phi <= 9 u for n <= 256, odd log2 n
+    included), the decoded z_hat is exact, and the Kp-term float32 dot adds
+    <= Kp u sum |z_hat| |x_rot| <= Kp u (1 + phi) ||z_hat|| ||x||; with
+    ||z_hat_n|| = ||w_n|| (orthonormal): 1.25 (Kp + 9) u ||x_m|| ||w_n||.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import scipy.linalg
 from jax.sharding import PartitionSpec as P
 
 import itq3s_jax
+from itq3s_jax._src import codec
 from itq3s_jax._src.core import kernel_codec
 from itq3s_jax._src.core import registry
 from itq3s_jax._src.matmul import api as matmul_lib
+from itq3s_jax._src.matmul import xla as xla_matmul
 
 _U32 = 2.0**-24
-METHODS = ("xla", "weight_ifwht", "act_rotate")
+METHODS = ("xla", "xla_act_rotate", "weight_ifwht", "act_rotate")
 
 
 def _oracle_weights(qt) -> np.ndarray:
@@ -47,6 +55,22 @@ def _oracle_weights(qt) -> np.ndarray:
   return np.concatenate(out, axis=-1)
 
 
+def _oracle_weights_any(qt) -> np.ndarray:
+  """float64 (N, K) for any format: pad256 blocks are transformed whole, then cut."""
+  z = np.asarray(itq3s_jax.decode_rotated(qt), np.float64)
+  fmt = itq3s_jax.get_format(qt.format)
+  out, start = [], 0
+  for lo, hi in itq3s_jax.block_columns(qt.format, qt.shape[-1]):
+    n = 256 if fmt.tail == "pad256" else hi - lo
+    zb = z[:, start:start + n]
+    start += n
+    if fmt.transform != "none":
+      sig = itq3s_jax.sign_vector(qt.seed, n) if fmt.transform == "rht" else np.ones(n)
+      zb = sig * (zb @ scipy.linalg.hadamard(n).T / np.sqrt(n))
+    out.append(zb[:, :hi - lo])
+  return np.concatenate(out, axis=-1)
+
+
 def _weights(n, k, seed=0):
   return np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
 
@@ -64,14 +88,50 @@ def test_xla_matches_float64_oracle(fmt, k):
   assert (np.abs(y - x64 @ w64.T) <= tol).all()
 
 
-def test_auto_is_xla_on_cpu():
+@pytest.mark.parametrize("fmt", itq3s_jax.formats())
+def test_act_rotate_matches_float64_oracle_on_every_format(fmt):
+  """Tails (pow2: 256 + 64 + 32; pad256: a zero-padded last block), M = 1 and batched x."""
+  k = 352
+  qt = itq3s_jax.quantize(_weights(12, k), fmt, seed=7)
+  kp = -(-k // 256) * 256 if itq3s_jax.get_format(fmt).tail == "pad256" else k
+  w64 = _oracle_weights_any(qt)
+  for x in (np.random.default_rng(1).standard_normal((1, k)),
+            np.random.default_rng(2).standard_normal((2, 3, k))):
+    x = x.astype(np.float32)
+    y = np.asarray(itq3s_jax.matmul(x, qt, method="xla_act_rotate")).reshape(-1, 12)
+    x64 = x.reshape(-1, k).astype(np.float64)
+    tol = 1.25 * (kp + 9) * _U32 * np.outer(np.linalg.norm(x64, axis=-1),
+                                            np.linalg.norm(w64, axis=-1))
+    assert (np.abs(y - x64 @ w64.T) <= tol).all()
+
+
+def test_act_rotate_tiles_rows_and_pads_the_last_tile(monkeypatch):
+  """Several decode tiles (the last one zero-padded) give the one-tile result bit for bit."""
+  qt = itq3s_jax.quantize(_weights(44, 288, seed=3), "itq3_t", seed=1)
+  x = np.random.default_rng(4).standard_normal((3, 288)).astype(np.float32)
+  whole = np.asarray(jax.jit(xla_matmul.act_rotate_dot)(x, qt))
+  monkeypatch.setattr(codec, "DECODE_TILE", 16 * 288)  # 16 rows a tile: 3 tiles, 4 pad rows
+  assert codec.tile_rows(44, 288) == 16
+  tiled = np.asarray(jax.jit(xla_matmul.act_rotate_dot)(x, qt))
+  np.testing.assert_array_equal(tiled, whole)
+
+
+@pytest.mark.parametrize("n,k,m", [(0, 256, 2), (4, 0, 2), (4, 256, 0)])
+def test_act_rotate_empty_shapes(n, k, m):
+  qt = itq3s_jax.quantize(np.ones((n, k), np.float32), "itq3_t")
+  y = itq3s_jax.matmul(np.ones((m, k), np.float32), qt, method="xla_act_rotate")
+  assert y.shape == (m, n) and y.dtype == jnp.float32
+  np.testing.assert_array_equal(y, np.zeros((m, n), np.float32))
+
+
+def test_auto_is_xla_act_rotate_off_gpu():
   qt = itq3s_jax.quantize(_weights(8, 256), "itq3_t")
   x = jax.ShapeDtypeStruct((4, 256), jnp.float32)
-  assert matmul_lib.choose(x, qt) == "xla"
-  assert matmul_lib.choose(x, qt, backend="tpu") == "xla"
+  assert matmul_lib.choose(x, qt) == "xla_act_rotate"
+  assert matmul_lib.choose(x, qt, backend="tpu") == "xla_act_rotate"
   y = itq3s_jax.matmul(np.ones((4, 256), np.float32), qt)
   np.testing.assert_array_equal(y, itq3s_jax.matmul(np.ones((4, 256), np.float32), qt,
-                                                    method="xla"))
+                                                    method="xla_act_rotate"))
 
 
 def test_auto_on_gpu_picks_act_rotate_and_falls_back(monkeypatch):
@@ -125,7 +185,8 @@ def test_methods_agree_under_jit_without_recompiling(method):
   w64 = np.asarray(itq3s_jax.dequantize(qt), np.float64)
   for x in (x1, x2):
     x64 = x.astype(np.float64)
-    # Pallas methods: tolerance of pallas_kernels_test.py (K + 256) u; xla: (K + 128) u.
+    # Pallas methods: tolerance of pallas_kernels_test.py (K + 256) u; xla: (K + 128) u;
+    # xla_act_rotate: (Kp + 9) u (module docstring), all within the first.
     tol = 1.25 * (320 + 256) * _U32 * np.outer(np.linalg.norm(x64, axis=-1),
                                                 np.linalg.norm(w64, axis=-1))
     assert (np.abs(np.asarray(f(x, qt)) - x64 @ w64.T) <= tol).all()

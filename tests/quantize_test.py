@@ -9,11 +9,15 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
 
 import itq3s_jax
+from itq3s_jax._src import codec
+from itq3s_jax._src.core import bitpack
+from itq3s_jax._src.formats import itq3_t
 
 FORMATS = itq3s_jax.formats()
 
@@ -115,3 +119,39 @@ def test_has_bound_matches_the_registry():
     assert itq3s_jax.has_bound(fmt) == (itq3s_jax.get_format(fmt).bound is not None)
   with pytest.raises(ValueError, match="unknown format"):
     itq3s_jax.has_bound("nope")
+
+
+def test_decode_tiles_change_no_bits(monkeypatch):
+  """dequantize over several column-major tiles (the last one padded) equals the one-tile
+  result bit for bit: rows are independent (decode_rotated runs the same tiles)."""
+  k = 256 + 128 + 64 + 32  # formats_test.SHAPE
+  qt = itq3s_jax.quantize(np.random.default_rng(2).standard_normal((2, 11, k)).astype(
+      np.float32), "itq3_t")
+  sig = jnp.asarray(codec.signs("itq3_t", 0))
+  whole = np.asarray(itq3s_jax.dequantize(qt))
+  monkeypatch.setattr(codec, "DECODE_TILE", 8 * k)  # 8 rows a tile: 3 tiles, 2 pad rows
+  assert codec.tile_rows(22, k) == 8
+  tiled = jax.jit(lambda d: codec._decode_rows(d, sig, "itq3_t", k, True, True))(qt.data)
+  np.testing.assert_array_equal(np.asarray(tiled).view(np.uint32), whole.view(np.uint32))
+
+
+def test_fp16_table_is_the_conversion_for_every_code():
+  """The decoders' fp16 scales come from a 65536-entry table: it equals astype, code by code."""
+  codes = np.arange(1 << 16, dtype=np.uint16)
+  got = np.asarray(bitpack.fp16_rows_to_f32(jnp.asarray(codes & 0xFF), jnp.asarray(codes >> 8)))
+  want = codes.view(np.float16).astype(np.float32)
+  nan = np.isnan(want)
+  np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+  assert np.isnan(got[nan]).all()
+
+
+def test_itq3_t_digit_packing_is_pack_trits_for_every_digit_group():
+  """itq3_t's division-free packer equals bitpack.pack_trits of the interleaved trit stream
+  on all 9^5 groups of 5 digits (= 2 bytes, every byte value), and on a ragged tail."""
+  q = np.stack(np.meshgrid(*[np.arange(-4, 5)] * 5, indexing="ij"), -1).reshape(-1, 5)
+  q = np.concatenate([q, q[::-1, :1]], axis=-1)  # 6 digits: 2 full bytes + a 1-byte tail
+  t0 = (q + 1) % 3 - 1
+  t1 = (q - t0) // 3
+  stream = np.stack([t0, t1], -1).reshape(len(q), -1)
+  want = np.asarray(bitpack.pack_trits(jnp.asarray(stream)))
+  np.testing.assert_array_equal(np.asarray(itq3_t._pack_digits(jnp.asarray(q))), want)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from itq3s_jax._src.core import bitpack
 from itq3s_jax._src.core import blocks
 from itq3s_jax._src.core import fwht as fwht_lib
 from itq3s_jax._src.core import qtensor
@@ -27,6 +28,11 @@ FLOATS = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
 # chunk's transform stages, search and packing then stay in cache, where one pass per
 # butterfly stage over the whole tensor is memory-bound (measured ~2.5x faster on CPU).
 _CHUNK_WEIGHTS = 1 << 16
+# Decoding runs on tiles of about this many values (2^18 float32 = 1 MiB, in a
+# core's L2): each tile's decode, inverse transform and dot stay in cache, where
+# one pass per step over a tensor-sized buffer is memory-bound and pages in a
+# fresh allocation on every call.
+DECODE_TILE = 1 << 18
 _ONES = np.ones(blocks.QK, np.float32)
 
 
@@ -174,17 +180,91 @@ def raise_if_unrepresentable(format: str, peak, finite, w=None, what: str = "wei
                      "in float.")
 
 
-def decoded_segments(data: jax.Array, sig: jax.Array, format: str, k: int,
+def decoded_segments(data: jax.Array, sig: jax.Array | None, format: str, k: int,
                      inverse: bool = False):
   """Yields (segment, values (..., count, n)): coding-domain, or weights if ``inverse``.
 
-  Unlike encoding, decoding is not chunked: its few fused passes stream well, and
-  lax.map over chunks measured up to 10x slower (IQ3_S grid lookups).
+  The row-major form (bounds.py reads it); dequantize, decode_rotated and the
+  matmul decode column-major tiles (:func:`decode_tile`).
   """
   fmt = registry.get_format(format)
   for seg in qtensor.segments(format, k):
     z = fmt.decode(segment_bytes(data, seg), seg.n)
     yield seg, (transform(z, fmt, sig, inverse=True) if inverse else z)
+
+
+def tile_rows(n_rows: int, width: int, weights: int | None = None) -> int:
+  """Rows per decode tile: about ``weights`` (DECODE_TILE) values, a multiple of 8, or all rows."""
+  rows = max(8, (weights or DECODE_TILE) // max(width, 1) // 8 * 8)
+  return n_rows if rows * 2 > n_rows else rows
+
+
+def column_tiles(data: jax.Array, format: str, k: int, rows: int) -> list[jax.Array]:
+  """uint8 (R, row_nbytes) -> per segment uint8 (tiles, nbytes, count, rows).
+
+  The coded rows cut into tiles of ``rows`` rows (zero rows pad the last
+  tile; they decode to finite values and are cut off by the caller), each
+  segment's blocks byte axis first and rows minor: bitpack's column-major form,
+  which the decoders vectorise across rows. Transposed here, once, outside the
+  per-tile loop, so XLA writes these small arrays rather than fusing a strided
+  transpose into every decoder read.
+  """
+  r = data.shape[0]
+  tiles = -(-r // rows)
+  if tiles * rows != r:
+    data = jnp.pad(data, ((0, tiles * rows - r), (0, 0)))
+  data = data.reshape(tiles, rows, data.shape[-1])
+  out = []
+  for seg in qtensor.segments(format, k):
+    b = data[..., seg.byte_start:seg.byte_stop].reshape(tiles, rows, seg.count, seg.nbytes)
+    out.append(jnp.transpose(b, (0, 3, 2, 1)))
+  return out
+
+
+def decode_tile(bt: jax.Array, seg: blocks.Segment, format: str, sig: jax.Array | None = None,
+                inverse: bool = False) -> jax.Array:
+  """uint8 (nbytes, count, rows) -> float32 (n, count, rows): coding domain, or weights if ``inverse``.
+
+  Column-major: value i of block c of row r is ``[i, c, r]``. The codec's
+  row-major ``decode`` wraps a column-major one (bitpack), so the transposes
+  around it cancel in XLA; the inverse transform runs along the leading axis,
+  where its butterflies are contiguous slabs (the same butterfly, bit for bit).
+  """
+  fmt = registry.get_format(format)
+  z = bitpack.columns(fmt.decode(bitpack.rows(bt), seg.n))
+  if inverse and fmt.transform != "none":
+    z = fwht_lib.ifwht(z, axis=0, signs=sig[:seg.n] if fmt.transform == "rht" else None)
+  return z
+
+
+def map_tiles(fn, tiles: list[jax.Array]) -> jax.Array:
+  """Stacks ``fn(per-segment tile bytes)`` over the tiles (lax.map when there are several)."""
+  if tiles and tiles[0].shape[0] > 1:
+    return jax.lax.map(lambda bts: fn(list(bts)), tuple(tiles))
+  return fn([t[0] for t in tiles])[None]
+
+
+def _decode_rows(data, sig, format, k, inverse, valid_only):
+  """(..., row_nbytes) -> float32 (..., K or Kp) row-major, decoded in column-major tiles."""
+  lead = data.shape[:-1]
+  r = math.prod(lead)
+  segs = qtensor.segments(format, k)
+  width = blocks.coded_length(segs)
+  if r == 0 or not segs:
+    return jnp.zeros((*lead, k if valid_only else width), jnp.float32)
+  rows = tile_rows(r, width)
+
+  def tile(bts):  # -> (rows, K)
+    parts = []
+    for seg, bt in zip(segs, bts):
+      z = decode_tile(bt, seg, format, sig, inverse)
+      z = jnp.transpose(z, (2, 1, 0)).reshape(rows, seg.count * seg.n)
+      parts.append(z[:, :seg.valid] if valid_only else z)
+    return concat(parts, (rows,), jnp.float32)
+
+  out = map_tiles(tile, column_tiles(data.reshape(r, data.shape[-1]), format, k, rows))
+  out = out.reshape(-1, out.shape[-1])[:r]
+  return out.reshape(*lead, out.shape[-1])
 
 
 def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
@@ -208,10 +288,7 @@ def dequantize(qt: QuantizedTensor, dtype=jnp.float32) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("format", "k", "dtype"))
 def _dequantize(data, sig, *, format, k, dtype):
-  parts = []
-  for seg, x in decoded_segments(data, sig, format, k, inverse=True):
-    parts.append(x.reshape(*x.shape[:-2], seg.count * seg.n)[..., :seg.valid])
-  return concat(parts, data.shape[:-1], jnp.float32).astype(dtype)
+  return _decode_rows(data, sig, format, k, inverse=True, valid_only=True).astype(dtype)
 
 
 def decode_rotated(qt: QuantizedTensor) -> jax.Array:
@@ -226,9 +303,7 @@ def decode_rotated(qt: QuantizedTensor) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("format", "k"))
 def _decode_rotated(data, *, format, k):
-  parts = [z.reshape(*z.shape[:-2], seg.count * seg.n)
-           for seg, z in decoded_segments(data, None, format, k)]
-  return concat(parts, data.shape[:-1], jnp.float32)
+  return _decode_rows(data, None, format, k, inverse=False, valid_only=False)
 
 
 def rotate_activations(x: ArrayLike, format: str, seed: int = 0) -> jax.Array:

@@ -22,6 +22,8 @@ sub-block's step (the 2 smallest admissible codes) for the least squared error.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,11 +73,42 @@ def steps(b: jax.Array, n: int) -> jax.Array:
 
 def decode(b: jax.Array, n: int) -> jax.Array:
   """uint8 (..., nbytes(n)) -> float32 (..., n) rotated-domain values z_hat."""
-  _, _, tbytes, ns = _split(b, n)
-  t = bitpack.unpack_trits(tbytes, 2 * n).reshape(*b.shape[:-1], n, 2)
-  q = (3 * t[..., 1] + t[..., 0]).astype(jnp.float32)
-  delta = steps(b, n)
-  return (q.reshape(*q.shape[:-1], ns, SUB) * delta[..., None]).reshape(q.shape)
+  return bitpack.rows(decode_columns(bitpack.columns(b), n))
+
+
+def decode_columns(bt: jax.Array, n: int) -> jax.Array:
+  """uint8 (nbytes(n), ...) -> float32 (n, ...): :func:`decode` with the byte axis leading.
+
+  The same products as :func:`steps` and the kernel decoder (fp32(D * MULT[s])
+  times the digit), bit for bit. Column-major (bitpack): the byte rows each
+  coefficient reads are gathered first (whole-row copies), so the arithmetic is
+  one elementwise pass with row constants (measured 2.5x faster in the matmul
+  than unpacking the trit stream by reshapes, whose index arithmetic XLA keeps
+  per element).
+  """
+  ns = n // SUB
+  rest = bt.shape[1:]
+  t = _column_tables(n)
+  ax = lambda v: bitpack.along_rows(v, bt.ndim)  # noqa: E731
+  s = kernel_codec.bit_field(bitpack.take_rows(bt, t["s_lo"]), bitpack.take_rows(bt, t["s_hi"]),
+                             ax(t["s_shift"]), 3)  # (ns, ...)
+  delta = jnp.asarray(SUPER)[bt[0].astype(jnp.int32)] * jnp.asarray(MULT)[s]
+  t0 = bitpack.trit(bitpack.take_rows(bt, t["t0_col"]), ax(t["t0_pow"]))
+  t1 = bitpack.trit(bitpack.take_rows(bt, t["t1_col"]), ax(t["t1_pow"]))
+  q = (3 * t1 + t0).astype(jnp.float32).reshape(ns, SUB, *rest)
+  return (q * delta[:, None]).reshape(n, *rest)
+
+
+@functools.lru_cache(maxsize=None)
+def _column_tables(n: int) -> dict[str, np.ndarray]:
+  """Per sub-block step-field and per coefficient trit positions of a block of n."""
+  ns = n // SUB
+  f = kernel_codec.field_tables(1, ns, 3, 1, nbytes(n))
+  tbyte = 1 + -(-3 * ns // 8)
+  j = 2 * np.arange(n)  # trit index of t0_i; t1_i follows
+  return dict(s_lo=f["lo"], s_hi=f["hi"], s_shift=f["shift"],
+              t0_col=tbyte + j // 5, t0_pow=3 ** (j % 5),
+              t1_col=tbyte + (j + 1) // 5, t1_pow=3 ** ((j + 1) % 5))
 
 
 def bound(b: jax.Array, n: int) -> jax.Array:
@@ -151,11 +184,28 @@ def repack(b: jax.Array, q: jax.Array, n: int) -> jax.Array:
 
 
 def _pack_digits(q: jax.Array) -> jax.Array:
-  """int (..., n) digits in -4..4 -> the interleaved trit stream bytes (..., ceil(2n/5))."""
-  q = q.astype(jnp.int32)
-  t0 = (q + 1) % 3 - 1  # balanced ternary: q = 3 t1 + t0
-  t1 = (q - t0) // 3
-  return bitpack.pack_trits(jnp.stack([t0, t1], axis=-1).reshape(*q.shape[:-1], 2 * q.shape[-1]))
+  """int (..., n) digits in -4..4 -> the interleaved trit stream bytes (..., ceil(2n/5)).
+
+  ``bitpack.pack_trits`` of the stream t0_0, t1_0, t0_1, ... (q = 3 t1 + t0),
+  computed per 5 coefficients = 2 bytes without divisions or a reduction over
+  digits: with w = q + 4 = 3 u1 + u0 (u = t + 1), u1 = (11 w) >> 5 for w <= 8,
+  v = 3 u0 + u1 is a coefficient's two digits in stream order, and
+    even byte = 27 v_0 + 3 v_1 + u0_2,  odd byte = 81 u1_2 + 9 v_3 + v_4,
+  each then coded ceil(256 q / 243) = q + floor(270 (13 q + 242) / 2^16)
+  (exact for 0 <= q <= 242; tests/quantize_test.py checks every digit group).
+  """
+  n = q.shape[-1]
+  lead = q.shape[:-1]
+  pairs = -(-n // 5)
+  w = jnp.pad(q.astype(jnp.int32) + 4, [(0, 0)] * len(lead) + [(0, 5 * pairs - n)],
+              constant_values=4).reshape(*lead, pairs, 5)  # padding digits are trits 0
+  u1 = (w * 11) >> 5
+  u0 = w - 3 * u1
+  v = 3 * w - 8 * u1
+  even = v[..., 0] * 27 + v[..., 1] * 3 + u0[..., 2]
+  odd = u1[..., 2] * 81 + v[..., 3] * 9 + v[..., 4]
+  code = jnp.stack([even, odd], axis=-1).reshape(*lead, 2 * pairs)[..., :-(-2 * n // 5)]
+  return (code + (((code * 13 + 242) * 270) >> 16)).astype(jnp.uint8)
 
 
 def kernel_decoder(n: int) -> kernel_codec.Codec:

@@ -1,8 +1,11 @@
 """``matmul(x, qt)``: x @ dequantize(qt).T with one dispatch entry point.
 
 Methods (the implementations table :data:`METHODS`):
-  ``"xla"``: dequantize, then ``jnp.dot`` in float32; the reference and the
-    fallback, any backend, any format (``xla.py``).
+  ``"xla"``: dequantize, then ``jnp.dot`` in float32; the reference, any
+    backend, any format (``xla.py``).
+  ``"xla_act_rotate"``: the act_rotate algebra in XLA: rotate x once per
+    block, decode the codes to the coding domain (no weight transform), dot;
+    any backend, any format (``xla.py``). The default off GPU.
   ``"weight_ifwht"``: Pallas kernel (``itq3s_jax/pallas_kernels/weight_ifwht.py``)
     that decodes 256-wide weight tiles, inverse-transforms them and dots.
   ``"act_rotate"``: Pallas kernel (``itq3s_jax/pallas_kernels/act_rotate.py``) that
@@ -38,7 +41,7 @@ AUTO_MAX_ROWS = 256
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
 
-METHODS = {"xla": xla.dequantize_dot}
+METHODS = {"xla": xla.dequantize_dot, "xla_act_rotate": xla.act_rotate_dot}
 if pallas_kernels is not None:
   METHODS.update(weight_ifwht=pallas_kernels.weight_ifwht.weight_ifwht,
                  act_rotate=pallas_kernels.act_rotate.act_rotate)
@@ -48,13 +51,16 @@ def choose(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor,
            backend: str | None = None) -> str:
   """The method ``"auto"`` runs for this x (..., K), weight and backend.
 
-  CPU/TPU: ``"xla"`` (the kernels are Triton; interpret mode is for tests). GPU:
-  ``"act_rotate"`` (no weight-side transform per call) when the kernel
+  CPU/TPU: ``"xla_act_rotate"`` (the kernels are Triton; interpret mode is
+  for tests): no weight-side transform per call, and its column-major decode
+  is the form XLA:CPU vectorises. GPU: ``"act_rotate"`` when the kernel
   supports the format and shape and x has at most AUTO_MAX_ROWS rows, else
   ``"xla"``.
   """
   backend = backend or jax.default_backend()
-  if backend not in _GPU_BACKENDS or pallas_kernels is None:
+  if backend not in _GPU_BACKENDS:
+    return "xla_act_rotate"
+  if pallas_kernels is None:
     return "xla"
   rows = 1
   for d in x.shape[:-1]:
@@ -71,8 +77,8 @@ def matmul(x: ArrayLike, qt: qtensor.QuantizedTensor, *, method: str = "auto") -
   Args:
     x: float activations (..., K).
     qt: a 2-D quantized weight of shape (N, K).
-    method: ``"auto"`` (:func:`choose`) or one of ``"xla"``, ``"weight_ifwht"``,
-      ``"act_rotate"``.
+    method: ``"auto"`` (:func:`choose`) or one of ``"xla"``, ``"xla_act_rotate"``,
+      ``"weight_ifwht"``, ``"act_rotate"``.
 
   Returns:
     float32 (..., N).

@@ -1,17 +1,76 @@
-"""The XLA implementation of ``x @ dequantize(qt).T``: any backend, any format (the reference)."""
+"""``x @ dequantize(qt).T`` in XLA, any backend, any format: two methods.
+
+``dequantize_dot`` (method ``"xla"``, the reference): dequantize the whole
+weight (codes -> inverse transform -> float32), then one float32 dot.
+
+``act_rotate_dot`` (method ``"xla_act_rotate"``, the default off GPU): the
+act_rotate kernel's algebra in plain XLA. The transform R of a block is
+orthonormal, so x . w_hat = (R x) . (R w_hat) = (R x) . z_hat: the activations
+are rotated once per block (O(M K log 256)) and the codes are decoded straight
+to the coding domain, so no weight is inverse-transformed. The decode runs
+column-major (``codec.decode_columns``: value i of block c of weight row r at
+[i, c, r]), in tiles of weight rows that stay in cache, and each tile meets
+the rotated activations permuted to the same (i, c) order in one dot whose
+weight operand is already (K, N): no transpose of decoded values anywhere.
+Tail blocks (128/64/32, or the zero-padded last 256-block) are segments like
+any other. Equal to ``dequantize_dot`` up to float rounding (proofs T6; the
+tolerance is derived in tests/matmul_test.py).
+"""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from itq3s_jax._src import codec
+from itq3s_jax._src.core import blocks
 from itq3s_jax._src.core import qtensor
-
 
 def dequantize_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
   """float32 (..., N): dequantize the whole weight, then one float32 dot at full precision."""
   w = codec.dequantize(qt, jnp.float32)
   return jnp.dot(x.astype(jnp.float32), w.T, precision=lax.Precision.HIGHEST,
                  preferred_element_type=jnp.float32)
+
+
+def act_rotate_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
+  """float32 (..., N): rotated activations . coding-domain weights, decoded in row tiles.
+
+  Args:
+    x: float (..., K) activations.
+    qt: 2-D quantized weight (N, K).
+
+  Returns:
+    float32 (..., N), equal to ``x @ dequantize(qt).T`` up to rounding.
+  """
+  n_out, k = qt.shape
+  lead = x.shape[:-1]
+  segs = qtensor.segments(qt.format, k)
+  if n_out == 0 or not segs or not math.prod(lead):
+    return jnp.zeros((*lead, n_out), jnp.float32)
+  x2 = x.reshape(math.prod(lead), k)
+  sig = jnp.asarray(codec.signs(qt.format, qt.seed))
+  xr = codec.rotate(x2, sig, qt.format)  # (M, Kp) float32
+  xs = [_columns_order(xr, seg) for seg in segs]
+  rows = codec.tile_rows(n_out, blocks.coded_length(segs))
+
+  def tile(bts):  # per segment uint8 (nbytes, count, rows) -> float32 (M, rows)
+    y = jnp.zeros((x2.shape[0], rows), jnp.float32)
+    for xp, seg, bt in zip(xs, segs, bts):
+      z = codec.decode_tile(bt, seg, qt.format)  # (n, count, rows): a (K, N) operand
+      y = y + jnp.dot(xp, z.reshape(seg.n * seg.count, rows),
+                      precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return y
+
+  y = codec.map_tiles(tile, codec.column_tiles(qt.data, qt.format, k, rows))  # (tiles, M, rows)
+  y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], -1)[:, :n_out]
+  return y.reshape(*lead, n_out)
+
+
+def _columns_order(xr: jax.Array, seg) -> jax.Array:
+  """(M, Kp) rotated activations -> (M, n * count): the segment's values in (i, c) order."""
+  part = xr[:, seg.coded_start:seg.coded_stop].reshape(xr.shape[0], seg.count, seg.n)
+  return jnp.swapaxes(part, 1, 2).reshape(xr.shape[0], seg.n * seg.count)

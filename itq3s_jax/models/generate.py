@@ -1,0 +1,148 @@
+"""Greedy generation with a KV cache for the LLaMA decoder (``models.llama.Llama``).
+
+``Llama.__call__`` re-runs the whole sequence per token (no cache). This module
+drives the same submodules — ``embed``, each layer's ``input_norm``,
+``attn.{q,k,v,o}_proj``, ``post_attn_norm``, ``mlp``, then ``norm`` and the
+head — one new token at a time against a cache of the keys and values already
+computed, under ``jax.jit``: a prefill program for the prompt and one decode
+program for every following token. The projections may be ``nnx.Linear`` or
+``itq3s_jax.flax.QuantizedLinear`` (after ``quantize_model``); either way
+every matmul of a decode step has one activation row (M = 1).
+
+The cache holds ``max_len`` positions; the queries of a call at positions
+start .. start + T - 1 attend to cached positions p <= their own (the causal
+mask of ``Llama``), so the logits equal the uncached forward's up to float
+summation order (tests/generate_test.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from itq3s_jax.models import llama
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of every layer: float32 (layers, B, max_len, n_kv_heads, head_dim) each."""
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: llama.LlamaConfig, batch: int, max_len: int) -> "KVCache":
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.hd)
+    return cls(jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+
+
+def forward(model: llama.Llama, tokens: jax.Array, cache: KVCache,
+            start: jax.Array) -> tuple[jax.Array, KVCache]:
+  """Logits of ``tokens`` at positions start.. given the cache, and the updated cache.
+
+  Args:
+    model: a :class:`llama.Llama` (float or quantized projections).
+    tokens: int (B, T) token ids at positions start .. start + T - 1.
+    cache: the keys and values of positions < start (later slots are ignored).
+    start: int32 scalar, the position of ``tokens[:, 0]`` (traced: one program
+      serves every step).
+
+  Returns:
+    (float32 logits (B, T, vocab), the cache with positions start.. written).
+  """
+  b, t = tokens.shape
+  pos = start + jnp.arange(t, dtype=jnp.int32)
+  visible = jnp.arange(cache.k.shape[2])[None, :] <= pos[:, None]  # (T, max_len)
+  x = model.embed(tokens).astype(jnp.float32)
+  ks, vs = [], []
+  for i, layer in enumerate(model.layers):
+    attn = layer.attn
+    h = layer.input_norm(x)
+    q = llama.rope(attn.q_proj(h).reshape(b, t, attn.n_heads, attn.hd), pos, attn.rope_base)
+    k = llama.rope(attn.k_proj(h).reshape(b, t, attn.n_kv_heads, attn.hd), pos, attn.rope_base)
+    v = attn.v_proj(h).reshape(b, t, attn.n_kv_heads, attn.hd)
+    k_all = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k.astype(jnp.float32), start, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v.astype(jnp.float32), start, axis=1)
+    ks.append(k_all)
+    vs.append(v_all)
+    o = jax.nn.dot_product_attention(q, k_all, v_all, mask=visible[None, None],
+                                     implementation="xla")
+    x = x + attn.o_proj(o.reshape(b, t, attn.n_heads * attn.hd))
+    x = x + layer.mlp(layer.post_attn_norm(x))
+  x = model.norm(x)
+  logits = model.embed.attend(x) if model.lm_head is None else x @ model.lm_head[...]
+  return logits.astype(jnp.float32), KVCache(jnp.stack(ks), jnp.stack(vs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """Result of :func:`greedy`: new token ids and the wall time of each phase.
+
+  ``prefill_s`` covers the prompt and the first new token; ``decode_s`` the
+  other ``len(tokens) - 1`` tokens (each one decode step). Both include
+  compilation on the first call of a shape.
+  """
+  tokens: list[int]
+  prefill_s: float
+  decode_s: float
+
+  @property
+  def decode_tokens_per_s(self) -> float:
+    n = len(self.tokens) - 1
+    return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
+
+
+class Generator:
+  """Jitted prefill and decode programs for one model and cache length.
+
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> from itq3s_jax.models import llama, generate
+  >>> cfg = llama.LlamaConfig(vocab_size=50, d_model=64, n_layers=1, n_heads=4,
+  ...                         n_kv_heads=2, ffn_dim=96)
+  >>> gen = generate.Generator(llama.Llama(cfg, rngs=nnx.Rngs(0)), max_len=16)
+  >>> len(gen.greedy([1, 2, 3], 4).tokens)
+  4
+  """
+
+  def __init__(self, model: llama.Llama, max_len: int):
+    self.config = model.config
+    self.max_len = int(max_len)
+    graphdef, state = nnx.split(model)
+    self._state = state
+
+    def step(state, cache, tokens, start):
+      logits, cache = forward(nnx.merge(graphdef, state), tokens, cache, start)
+      return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+    self._step = jax.jit(step, donate_argnums=1)
+
+  def greedy(self, prompt: list[int], n_new: int, *, eos: int | None = None,
+             clock: Callable[[], float] = time.perf_counter) -> Generation:
+    """Greedy continuation of ``prompt`` (token ids) by up to ``n_new`` tokens.
+
+    Raises:
+      ValueError: an empty prompt, n_new < 1, or prompt + n_new beyond max_len.
+    """
+    if not prompt or n_new < 1:
+      raise ValueError(f"need a non-empty prompt and n_new >= 1, got {len(prompt)=}, {n_new=}.")
+    if len(prompt) + n_new > self.max_len:
+      raise ValueError(f"prompt ({len(prompt)}) + n_new ({n_new}) exceeds max_len="
+                       f"{self.max_len}; build the Generator with a larger max_len.")
+    cache = KVCache.zeros(self.config, 1, self.max_len)
+    t0 = clock()
+    tok, cache = self._step(self._state, cache, jnp.asarray([prompt], jnp.int32),
+                            jnp.int32(0))
+    out = [int(tok[0])]
+    t1 = clock()
+    pos = len(prompt)
+    while len(out) < n_new and (eos is None or out[-1] != eos):
+      tok, cache = self._step(self._state, cache, tok[:, None], jnp.int32(pos))
+      out.append(int(tok[0]))
+      pos += 1
+    return Generation(out, t1 - t0, clock() - t1)
