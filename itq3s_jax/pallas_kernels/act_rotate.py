@@ -31,10 +31,11 @@ def act_rotate(x: ArrayLike, qt: qtensor.QuantizedTensor, *, config: Config | No
   """Fused x @ dequantize(qt)^T computed as rotate(x) @ decode_rotated(qt)^T.
 
   Args:
-    x: float activations (..., K). bf16/f16: the rotated activations are
-      scaled per row by a power of two and rounded to float16 for a float16
-      tensor-core dot (decoded terms are exact or rounded once to float16);
-      float32: 3xTF32 dot when compiled, exact in interpret mode.
+    x: float activations (..., K). The rotated activations are scaled per
+      row by a power of two and dotted in float16 on tensor cores with the
+      decoded terms (exact, or rounded once to float16). bf16/f16: one float16
+      plane; float32: two (hi and a residual), and the residual of inexact
+      terms, for float32 accuracy (``driver.py``).
     qt: weight (N, K) in a format with a term decoder (``pallas_kernels/terms.py``).
     config: tiling; None: :func:`heuristic`.
     interpret: None: chosen by the platform lowered for (interpreter on CPU,

@@ -15,11 +15,16 @@ XLA adds). Per block:
   inverse randomized Hadamard transform to the tile (``kernel_codec.hadamard``)
   and dots it with the plain activations.
 
-Operands of the dot: float16 for bf16/f16 activations in ``act_rotate`` (each
-activation row scaled by a power of two so its largest |value| is in
-[0.5, 1); decoded terms are exact small integers or rounded once), the
-activation dtype in ``weight_ifwht``, float32 otherwise (3xTF32 tensor-core
-dot when compiled, exact float32 in interpret mode).
+Operands of the dot. ``act_rotate``: float16 always. Each activation row is
+scaled by a power of two so its largest |value| is in [0.5, 1); decoded terms
+are exact small integers or rounded once. For float32 activations the row is
+split into two float16 planes, hi = f16(x) and lo = f16((x - hi) 2^11), dotted
+together (one dot of twice the width; 22 significant bits of x), and a format
+whose terms are not exact in float16 adds a dot of its residual terms
+(``Terms.residual``) with hi: float32 accuracy from float16 tensor cores, with
+no per-element splitting in the kernel. ``weight_ifwht``: the activation dtype
+for bf16/f16, float32 otherwise (3xTF32 dot when compiled, exact float32 in
+interpret mode).
 
 Written for the Triton lowering of ``pl.pallas_call`` (jax 0.10-0.12): no
 scratch, no in-register slicing or gather (bytes are fetched from the ref, at
@@ -58,6 +63,7 @@ QK = blocks.QK
 Config = tiling.Config
 heuristic = tiling.heuristic
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_LO = 2.0**-11  # weight of the low float16 plane of float32 activations
 _GPU = ("gpu", "cuda", "rocm")
 
 
@@ -151,7 +157,7 @@ def _dot(a, b, exact):
 
 
 def _kernel(xt_ref, data_ref, sig_ref, *refs, dec, names, lut_names, n_rows, p, cfg,
-            rotate, transform, exact):
+            rotate, transform, split, exact):
   tables = {k: r[...] for k, r in zip(names, refs)}
   lut_refs = dict(zip(lut_names, refs[len(names):]))
   o_ref = refs[-1]
@@ -163,12 +169,19 @@ def _kernel(xt_ref, data_ref, sig_ref, *refs, dec, names, lut_names, n_rows, p, 
 
   def body(b, acc):
     src = _RefSource(data_ref, r0, bn, n_rows, b * p.nbytes, tables, lut_refs)
-    blk = jnp.zeros(acc.shape, jnp.float32)
     if rotate:  # decoded terms . the matching slices of the expanded activations
+      blk = None
       for t in range(dec.terms):
-        v = dec.decode(src, np.array([t]), xt_ref.dtype).reshape(bn, dec.slots)
-        xs = xt_ref[pl.ds(b * width + t * dec.slots, dec.slots), :]
-        blk = blk + _dot(v, xs, exact)
+        rows = pl.ds(b * width + t * dec.slots, dec.slots)
+        v = dec.decode(src, np.array([t]), jnp.dtype(jnp.float16)).reshape(bn, dec.slots)
+        d = _dot(v, xt_ref[rows, :], exact)
+        if split:  # columns: [hi | lo * 2^11] of the same activation rows
+          hi, lo = jnp.split(d, 2, axis=1)
+          d = hi + lo * _LO
+          if dec.residual is not None:
+            r = dec.residual(src, np.array([t])).reshape(bn, dec.slots)
+            d = d + _dot(r, xt_ref[rows, pl.ds(0, cfg.block_m)], exact)
+        blk = d if blk is None else blk + d
     else:  # inverse RHT of the natural-order tile: sigma * H z / 16 (sig_ref holds sigma / 16)
       if isinstance(dec, kernel_codec.Terms):
         z = dec.decode(src, np.arange(dec.terms), jnp.dtype(jnp.float32)).reshape(bn, QK)
@@ -200,14 +213,18 @@ def out_shape(m: int, n: int, cfg: Config) -> tuple[int, int, int]:
   return (cfg.split_k, -(-n // cfg.block_n) * cfg.block_n, -(-m // cfg.block_m) * cfg.block_m)
 
 
-@functools.partial(jax.jit, static_argnames=("format", "n", "rotate", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("format", "n", "rotate", "split", "config",
+                                             "interpret"))
 def fused(xt: jax.Array, data: jax.Array, sig: jax.Array, out_init: jax.Array | None, *,
-          format: str, n: int, rotate: bool, config: Config, interpret: bool) -> jax.Array:
+          format: str, n: int, rotate: bool, split: bool, config: Config,
+          interpret: bool) -> jax.Array:
   """The kernel on the 256-block part: float32 (split_k, Np, Mp) transposed partial products.
 
   Args:
     xt: (width * n_blocks, Mp) activations, transposed and in the kernel's column
-      order (expanded slots for ``rotate``), in the dot's operand dtype.
+      order (expanded slots for ``rotate``), in the dot's operand dtype; with
+      ``split``, (width * n_blocks, 2 Mp): per tile of block_m columns the hi
+      plane, then the lo plane (:func:`_operand`).
     data: uint8 (n, row_nbytes) coded rows.
     sig: float32 (256,) sign vector of the weight (``codec.signs``).
     out_init: None, or a float32 buffer of :func:`out_shape` aliased to the
@@ -215,13 +232,14 @@ def fused(xt: jax.Array, data: jax.Array, sig: jax.Array, out_init: jax.Array | 
     format: the weight's format.
     n: weight rows N.
     rotate: ``act_rotate`` (terms) rather than ``weight_ifwht`` (transform tiles).
+    split: float16 hi/lo planes of float32 activations (``rotate`` only).
     config: tiling.
     interpret: run the Pallas interpreter (CPU).
   """
   dec = decoder(format, rotate)
   k = (xt.shape[0] // (dec.terms * dec.slots)) * QK if rotate else xt.shape[0]
   p = plan(format, k)
-  shape = out_shape(xt.shape[1], n, config)
+  shape = out_shape(xt.shape[1] // (2 if split else 1), n, config)
   legacy = not isinstance(dec, kernel_codec.Terms)
   names = sorted(dec.tables) if legacy else []
   luts = dec.luts if not legacy else {k: np.asarray(v) for k, v in dec.luts.items()}
@@ -231,13 +249,15 @@ def fused(xt: jax.Array, data: jax.Array, sig: jax.Array, out_init: jax.Array | 
   whole = lambda a: pl.BlockSpec(a.shape, lambda i, j, s, nd=a.ndim: (0,) * nd)
   # sigma / 16 finishes the inverse transform (1/16 = 1/sqrt(256) exactly).
   args = [xt, data, (sig.astype(jnp.float32) / 16.0)[None, :], *consts]
-  in_specs = ([pl.BlockSpec((xt.shape[0], config.block_m), lambda i, j, s: (0, i))]
+  xcols = xt.shape[1] // shape[2] * config.block_m  # block_m, or 2 block_m: hi and lo planes
+  in_specs = ([pl.BlockSpec((xt.shape[0], xcols), lambda i, j, s: (0, i))]
               + [whole(a) for a in args[1:]])
   out_spec = pl.BlockSpec((None, config.block_n, config.block_m), lambda i, j, s: (s, j, i))
   aliases = {}
   kernel = functools.partial(
       _kernel, dec=dec, names=names, lut_names=lut_names, n_rows=n, p=p, cfg=config,
-      rotate=rotate, transform=registry.get_format(format).transform != "none", exact=interpret)
+      rotate=rotate, transform=registry.get_format(format).transform != "none", split=split,
+      exact=interpret)
   if out_init is not None:  # the poisoned buffer is written only through the output ref
     if out_init.shape != shape:
       raise ValueError(f"out_init has shape {out_init.shape}, expected {shape}.")
@@ -278,18 +298,25 @@ def tail_matmul(x: jax.Array, qt: qtensor.QuantizedTensor, p: Plan) -> jax.Array
                  precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _operand(xk: jax.Array, dtype, rotate: bool):
-  """(M, Kc) float32 -> (operand (M, Kc), per-row float32 scale to divide y by, or None)."""
-  if dtype not in _HALF:
-    return xk.astype(jnp.float32), None
+def _operand(xk: jax.Array, dtype, rotate: bool, bm: int):
+  """(M, Kc) float32 activations -> (operand (Mp or 2 Mp, Kc), per-row float32 scale to
+  divide y by or None, split)."""
+  m = xk.shape[0]
+  mp = -(-m // bm) * bm
+  xk = jnp.pad(xk, ((0, mp - m), (0, 0)))
   if not rotate:
-    return xk.astype(dtype), None
-  # float16 keeps 11 significant bits (bf16: 8); a power-of-two row scale puts the
-  # largest |x| in [0.5, 1), so nothing overflows and what underflows errs by
-  # <= 2^-25 max|x| (tests/pallas_kernels_test.py, error model).
+    return (xk.astype(dtype) if dtype in _HALF else xk), None, False
+  # A power-of-two row scale puts max |x| in [0.5, 1): nothing overflows float16, and
+  # what underflows errs by <= 2^-24 max |x| (tests/pallas_kernels_test.py, error model).
   _, e = jnp.frexp(jnp.max(jnp.abs(xk), axis=-1, keepdims=True))
   scale = jnp.ldexp(jnp.ones_like(e, jnp.float32), -e)
-  return (xk * scale).astype(jnp.float16), scale
+  xs = xk * scale
+  hi = xs.astype(jnp.float16)
+  if dtype in _HALF:
+    return hi, scale, False
+  lo = ((xs - hi.astype(jnp.float32)) / _LO).astype(jnp.float16)  # exact difference, rounded
+  planes = jnp.stack([hi.reshape(mp // bm, bm, -1), lo.reshape(mp // bm, bm, -1)], axis=1)
+  return planes.reshape(2 * mp, -1), scale, True
 
 
 def run(x, qt, *, rotate: bool, config: Config | None, interpret: bool | None,
@@ -301,7 +328,8 @@ def run(x, qt, *, rotate: bool, config: Config | None, interpret: bool | None,
   lead = x.shape[:-1]
   x2 = x.reshape(-1, k)
   m = x2.shape[0]
-  config = config or heuristic(m, n, k, rotate=rotate, half=x.dtype in _HALF)
+  config = config or heuristic(m, n, k, rotate=rotate, half=x.dtype in _HALF,
+                               format=qt.format)
   p = plan(qt.format, k)
   sig = jnp.asarray(codec.signs(qt.format, qt.seed))
   xk = x2[:, :p.k_cols].astype(jnp.float32)
@@ -309,21 +337,20 @@ def run(x, qt, *, rotate: bool, config: Config | None, interpret: bool | None,
     xk = kernel_codec.expand(codec.rotate(xk, sig, qt.format), terms_lib.get(qt.format))
   else:
     xk = jnp.pad(xk, ((0, 0), (0, p.n_blocks * QK - p.k_cols)))
-  xo, xscale = _operand(xk, x.dtype, rotate)
-  mp = out_shape(m, n, config)[2]
-  xt = jnp.pad(xo, ((0, mp - m), (0, 0))).T
-  call = functools.partial(fused, format=qt.format, n=n, rotate=rotate, config=config)
+  xo, xscale, split = _operand(xk, x.dtype, rotate, config.block_m)
+  call = functools.partial(fused, format=qt.format, n=n, rotate=rotate, split=split,
+                           config=config)
   if interpret is None:
     check_backend()
     out = lax.platform_dependent(
-        xt, qt.data, sig, out_init, cpu=functools.partial(call, interpret=True),
-        cuda=functools.partial(call, interpret=False),
-        rocm=functools.partial(call, interpret=False))
+        xo.T, qt.data, sig, cpu=lambda *a: call(*a, out_init, interpret=True),
+        cuda=lambda *a: call(*a, out_init, interpret=False),
+        rocm=lambda *a: call(*a, out_init, interpret=False))
   else:
-    out = call(xt, qt.data, sig, out_init, interpret=interpret)
+    out = call(xo.T, qt.data, sig, out_init, interpret=interpret)
   y = jnp.sum(out, axis=0)[:n, :m].T
   if xscale is not None:
-    y = y / xscale
+    y = y / xscale[:m]
   tail = tail_matmul(x2, qt, p)
   if tail is not None:
     y = y + tail

@@ -5,18 +5,21 @@ do, beside their codec). ``itq3_t`` and ``uniform3*`` predate the term form;
 their term decoders live here until they move beside their codecs. Each is
 tested bit for bit against ``Format.decode`` (tests/pallas_kernels_test.py).
 
-``itq3_t`` (16 terms of 32 slots). Trits are stored 5 per byte, weight i is
+``itq3_t`` (4 terms of 128 slots). Trits are stored 5 per byte, weight i is
 trits (2i, 2i+1) and its 16-weight sub-block shares one step, so neither
-weights nor sub-blocks align with bytes. A term is one sub-block: the 8 bytes
-that hold its 32 trits, each looked up whole in a 256 x 2 x 4 table that
-gives the byte's whole weights and its split-weight halves as 4 slots (which
-slots a byte has depends on whether its first trit is even). The activations
-are expanded to match (a split weight's halves take x and 3x) and zeroed for
-slots of a neighbouring sub-block. Slot values times the sub-block's step
-multiplier are the term; the super-scale is the block scale.
+weights nor sub-blocks align with bytes. Each sub-block is read as the 8
+bytes that hold its 32 trits (a window; neighbouring windows overlap), each
+byte looked up whole in a table that gives the byte's whole weights and its
+split-weight halves as 4 slots (which slots a byte has depends on whether its
+first trit is even), times the sub-block's step multiplier (float16 table:
+8 steps x 256 bytes x 2 x 4 = 32 KB; float32: multiplied after the lookup,
+exactly). The activations are expanded to match (a split weight's halves
+take x and 3x) and zeroed for slots of a neighbouring sub-block. A term is 4
+sub-blocks; the super-scale is the block scale.
 
-``uniform3`` (8 terms of 32 codes, natural order). Each 8 codes are 3 bytes;
-a 4-byte window per group, one byte early so no window passes the block end.
+``uniform3`` (2 terms of 128 codes, natural order). Each 8 codes are 3 bytes,
+gathered into one word; a code is then a shift and a mask, and its float16 is
+(1024 + code) - 1028 from the bits, with no int-to-float conversion.
 """
 
 from __future__ import annotations
@@ -63,12 +66,15 @@ def _itq3t_luts() -> dict[str, np.ndarray]:
   even = np.stack([t[:, 0] + 3 * t[:, 1], t[:, 2] + 3 * t[:, 3], t[:, 4], 0 * t[:, 0]], -1)
   odd = np.stack([t[:, 0], t[:, 1] + 3 * t[:, 2], t[:, 3] + 3 * t[:, 4], 0 * t[:, 0]], -1)
   slots = np.stack([even, odd], axis=1).reshape(-1)  # [v, parity, slot]
-  return dict(slots16=slots.astype(np.float16), slots32=slots.astype(np.float32),
-              mult16=itq3_t.MULT.astype(np.float16), mult32=itq3_t.MULT,
-              super=itq3_t.SUPER)
+  # float16: the step multiplier folded in, [s, v, parity, slot] (32 KB), rounded once;
+  # the residual (q * MULT has <= 14 significant bits, so it is exact in float16).
+  exact = itq3_t.MULT[:, None].astype(np.float64) * slots[None, :]
+  scaled = exact.astype(np.float16)
+  return dict(slots16=scaled.reshape(-1), res16=(exact - scaled).astype(np.float16).reshape(-1),
+              slots32=slots.astype(np.float32), mult32=itq3_t.MULT, super=itq3_t.SUPER)
 
 
-def _itq3t_decode(src, t, dtype):
+def _itq3t_decode(src, t, dtype, table=None):
   t = np.asarray(t).reshape(-1)
   per = 16 // ITQ3T_TERMS
   n = t.size * per  # sub-blocks u0..u0+n-1
@@ -77,13 +83,19 @@ def _itq3t_decode(src, t, dtype):
   v = src.gather(_T_FIRST + w + lax.broadcasted_iota(jnp.int32, (1, 1, _WIN), 2))
   k = lax.broadcasted_iota(jnp.int32, (1, 1, _WIN, 1), 2)
   i = lax.broadcasted_iota(jnp.int32, (1, 1, 1, 4), 3)
-  half = dtype == jnp.float16
-  vals = src.lut("slots16" if half else "slots32", v[..., None] * 8 + ((w[..., None] + k) & 1) * 4 + i)
   lo = 1 + (3 * u >> 3)  # the 3-bit step code straddles at most two bytes
-  s = ((src.gather(lo) | (src.gather(lo + 1) << 8)) >> (3 * u & 7)) & 7
-  mult = src.lut("mult16" if half else "mult32", s)[..., None]  # (R, n, 1, 1)
+  s = ((src.gather(lo) | (src.gather(lo + 1) << 8)) >> (3 * u & 7)) & 7  # (R, n, 1)
+  idx = v[..., None] * 8 + ((w[..., None] + k) & 1) * 4 + i  # (R, n, 8, 4)
   r = v.shape[0]
-  return (vals * mult).reshape(r, t.size, per * 4 * _WIN).astype(dtype)
+  if dtype == jnp.float16:
+    vals = src.lut(table or "slots16", idx + s[..., None] * 2048)
+  else:
+    vals = src.lut("slots32", idx) * src.lut("mult32", s)[..., None]
+  return vals.reshape(r, t.size, per * 4 * _WIN).astype(dtype)
+
+
+def _itq3t_residual(src, t):
+  return _itq3t_decode(src, t, jnp.dtype(jnp.float16), table="res16")
 
 
 def _itq3t_scale(src):
@@ -97,7 +109,8 @@ def _itq3t_terms() -> kernel_codec.Terms:
                             columns=columns.reshape(ITQ3T_TERMS, -1),
                             coef=coef.reshape(ITQ3T_TERMS, -1),
                             luts=kernel_codec.pad_luts(_itq3t_luts()),
-                            decode=_itq3t_decode, scale=_itq3t_scale)
+                            decode=_itq3t_decode, scale=_itq3t_scale,
+                            residual=_itq3t_residual)
 
 
 # ------------------------------------------------------------------ uniform3

@@ -174,6 +174,9 @@ class Terms:
       call it with one term; ``weight_ifwht`` with all of a natural-order
       decoder's terms.
     scale: (Source) -> float32 (R, 1) the block scale.
+    residual: None when every float16 term value is exact; else (Source, t) ->
+      float16 (R, n, S), the float32 value minus its float16 rounding (exact in
+      float16), for float32 accuracy from float16 dots.
   """
 
   terms: int
@@ -183,6 +186,7 @@ class Terms:
   luts: dict[str, np.ndarray]
   decode: Callable[[Source, int, jnp.dtype], jax.Array]
   scale: Callable[[Source], jax.Array]
+  residual: Callable[[Source, np.ndarray], jax.Array] | None = None
 
   @property
   def natural(self) -> bool:
