@@ -430,10 +430,17 @@ def main(argv=None) -> int:
   print(table(rs))
   print(f"\n{len(rs)} rows in {time.time() - t0:.0f} s", file=sys.stderr)
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(jax=jax.__version__, gpus=[dataclasses.asdict(g) for g in GPUS], rows=rs),
-                f, indent=1)
+    write_json(args.json, rs, triton.__version__)
   return 0
+
+
+def write_json(path: str, rs, triton_version: str) -> None:
+  """The rows, one per line (benchmarks/gpu_check.py reads the H100/H200 predictions)."""
+  head = dict(jax=jax.__version__, triton=triton_version, gpus=[dataclasses.asdict(g) for g in GPUS])
+  with open(path, "w") as f:
+    f.write(json.dumps(head)[:-1] + ', "rows": [\n')
+    f.write(",\n".join(json.dumps(r, separators=(",", ":")) for r in rs))
+    f.write("\n]}\n")
 
 
 if __name__ == "__main__":

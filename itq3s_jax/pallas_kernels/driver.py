@@ -56,6 +56,7 @@ from itq3s_jax._src.core import blocks
 from itq3s_jax._src.core import kernel_codec
 from itq3s_jax._src.core import qtensor
 from itq3s_jax._src.core import registry
+from itq3s_jax.pallas_kernels import source
 from itq3s_jax.pallas_kernels import terms as terms_lib
 from itq3s_jax.pallas_kernels import tiling
 
@@ -115,39 +116,6 @@ def check_supported(x: jax.Array, qt: qtensor.QuantizedTensor) -> None:
         f"K={qt.shape[-1]} has no 256-block for the kernel; use method='xla'.")
 
 
-class _RefSource:
-  """kernel_codec.Source over the coded-rows ref, block at byte ``base`` of rows r0..r0+bn."""
-
-  def __init__(self, data_ref, r0, bn, n_rows, base, tables, lut_refs):
-    self._data, self._r0, self._bn, self._n, self._base = data_ref, r0, bn, n_rows, base
-    self._tables, self._luts = tables, lut_refs
-
-  def _rows(self, ndim):
-    rows = self._r0 + lax.broadcasted_iota(jnp.int32, (self._bn,) + (1,) * (ndim - 1), 0)
-    return rows, rows < self._n
-
-  def load(self, start, width):
-    _, valid = self._rows(2)
-    ref = self._data.at[pl.ds(self._r0, self._bn), pl.ds(self._base + start, width)]
-    v = plt.load(ref, mask=jnp.broadcast_to(valid, (self._bn, width)), other=0)
-    return v.astype(jnp.int32)
-
-  def gather(self, cols):
-    shape = (self._bn,) + cols.shape[1:]
-    rows, valid = self._rows(len(shape))
-    idx = (jnp.broadcast_to(rows, shape), jnp.broadcast_to(cols + self._base, shape))
-    return plt.load(self._data.at[idx], mask=jnp.broadcast_to(valid, shape),
-                    other=0).astype(jnp.int32)
-
-  def byte(self, cols):  # legacy natural-order decoders: (1, c) column tables
-    return self.gather(cols)
-  def table(self, name):
-    return self._tables[name]
-
-  def lut(self, name, idx):
-    return self._luts[name][idx]
-
-
 def _dot(a, b, exact):
   """a (p, q) . b (q, r) in float32; float32 operands: 3xTF32 compiled, exact interpreted."""
   if a.dtype != jnp.float32:
@@ -168,7 +136,7 @@ def _kernel(xt_ref, data_ref, sig_ref, *refs, dec, names, lut_names, n_rows, p, 
   width = dec.terms * dec.slots if rotate else QK
 
   def body(b, acc):
-    src = _RefSource(data_ref, r0, bn, n_rows, b * p.nbytes, tables, lut_refs)
+    src = source.RefSource(data_ref, r0, bn, n_rows, b * p.nbytes, tables, lut_refs)
     if rotate:  # decoded terms . the matching slices of the expanded activations
       blk = None
       for t in range(dec.terms):
@@ -176,8 +144,8 @@ def _kernel(xt_ref, data_ref, sig_ref, *refs, dec, names, lut_names, n_rows, p, 
         v = dec.decode(src, np.array([t]), jnp.dtype(jnp.float16)).reshape(bn, dec.slots)
         d = _dot(v, xt_ref[rows, :], exact)
         if split:  # columns: [hi | lo * 2^11] of the same activation rows
-          hi, lo = jnp.split(d, 2, axis=1)
-          d = hi + lo * _LO
+          d_hi, d_lo = jnp.split(d, 2, axis=1)
+          d = d_hi + d_lo * _LO
           if dec.residual is not None:
             r = dec.residual(src, np.array([t])).reshape(bn, dec.slots)
             d = d + _dot(r, xt_ref[rows, pl.ds(0, cfg.block_m)], exact)
