@@ -4,20 +4,27 @@ Run through benchmarks/gpu_check.sh on a machine with a GPU (no network needed).
 1. Correctness: each kernel (compiled, bf16 and f32 activations) against a
    float64 numpy reference, with the error model of tests/pallas_kernels_test.py,
    on shapes with tail blocks and N not a multiple of the tile.
-2. Timings, M in {1, 16, 256} x (N, K) in {4096^2, 8192^2, 8192x28672}, bf16
-   activations: bf16 jnp.dot, XLA dequantize(bf16)+dot, an int4 per-group
-   (g=128, bf16 scales) Pallas kernel (the "4-bit alternative"), weight_ifwht,
-   act_rotate. Each timing runs the op ``--reps`` times inside one jitted
+2. Timings, M in {1, 16, 256} x (N, K) in {4096^2, 8192^2, 8192x28672,
+   28672x8192}, bf16 activations: bf16 jnp.dot, XLA dequantize(bf16)+dot, an
+   int4 per-group (g=128, bf16 scales) Pallas kernel (the "4-bit alternative"),
+   weight_ifwht and act_rotate on itq3_t, act_rotate on itq3_s (the published
+   ITQ3_S bytes). Each timing runs the op ``--reps`` times inside one jitted
    fori_loop whose iterations depend on each other (x += 0 * y[0, 0]), so the
    device time per call is measured without Python dispatch; the median of
    ``--trials`` such device-synchronised loops is reported. Prints the
    memory-bound floor of each shape and a table last.
+3. Measured beside predicted: each kernel timing next to the static roofline
+   prediction of benchmarks/kernel_report.py for this card (H100 or H200 rows
+   of ``--predicted``, the JSON that ``kernel_report.py --json`` writes), so the
+   model behind the tilings can be checked (benchmarks/KERNELS.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
+import os
 import statistics
 import sys
 import time
@@ -35,7 +42,7 @@ from itq3s_jax.pallas_kernels import driver as _driver
 from itq3s_jax.pallas_kernels import act_rotate
 from itq3s_jax.pallas_kernels import weight_ifwht
 
-SHAPES_NK = ((4096, 4096), (8192, 8192), (8192, 28672))
+SHAPES_NK = ((4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192))
 ROWS = (1, 16, 256)
 KERNELS = {"weight_ifwht": weight_ifwht.weight_ifwht, "act_rotate": act_rotate.act_rotate}
 # Achievable HBM bandwidth, bytes/s (about 90% of spec); unknown cards use 3.0e12.
@@ -107,7 +114,8 @@ def int4_dense(q, s) -> np.ndarray:
 def check(rng) -> bool:
   ok = True
   cases = [(1, 1000, 1088, "itq3_t"), (16, 520, 4096 + 96, "itq3_t"),
-           (256, 300, 768, "itq3_t"), (3, 264, 576, "uniform3_rot")]
+           (256, 300, 768, "itq3_t"), (3, 264, 576, "uniform3_rot"), (1, 1000, 1088, "itq3_s"),
+           (16, 264, 800, "iq3_s")]
   for m, n, k, fmt in cases:
     w = rng.standard_normal((n, k)).astype(np.float32)
     qt = itq3s_jax.quantize(w, fmt, seed=1)
@@ -169,9 +177,12 @@ def bench(args, kind: str) -> list[tuple]:
   rows = []
   key = jax.random.key(0)
   for n, k in SHAPES_NK:
-    # Timing data: random bytes (trit bytes < 243 are valid; any step codes are finite).
+    # Timing data: random bytes (trit bytes < 243 are valid; any step codes are finite;
+    # IQ3_S: bits 2 and 7 of byte 1 cleared keep the fp16 d finite).
     qdata = jax.random.randint(key, (n, qtensor.row_nbytes("itq3_t", k)), 0, 243, jnp.int32)
     qt = itq3s_jax.QuantizedTensor(data=qdata.astype(jnp.uint8), format="itq3_t", k=k, seed=0)
+    sdata = qdata.astype(jnp.uint8).reshape(n, -1, 110).at[:, :, 1].set(0x3B).reshape(n, -1)
+    qs = itq3s_jax.QuantizedTensor(data=sdata, format="itq3_s", k=k, seed=0)
     q4 = jax.random.randint(key, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
     s4 = jnp.ones((k // _INT4_GROUP, n), jnp.bfloat16)
     w_bf16 = jax.random.normal(key, (n, k), jnp.bfloat16)
@@ -189,6 +200,8 @@ def bench(args, kind: str) -> list[tuple]:
           "int4_pallas": (int4_matmul, (x, q4, s4)),
           "weight_ifwht": (functools.partial(weight_ifwht.weight_ifwht, interpret=False), (x, qt)),
           "act_rotate": (functools.partial(act_rotate.act_rotate, interpret=False), (x, qt)),
+          "act_rotate_itq3_s": (functools.partial(act_rotate.act_rotate, interpret=False),
+                                (x, qs)),
       }
       res = {}
       for name, (fn, fargs) in ops.items():
@@ -206,12 +219,41 @@ def bench(args, kind: str) -> list[tuple]:
   return rows
 
 
+_MEASURED = {"weight_ifwht": ("weight_ifwht", "itq3_t"), "act_rotate": ("act_rotate", "itq3_t"),
+             "act_rotate_itq3_s": ("act_rotate", "itq3_s")}
+
+
+def compare(rows, kind: str, path: str) -> None:
+  """Measured kernel times beside kernel_report.py's roofline predictions for this card."""
+  if not os.path.exists(path):
+    print(f"\n(no predictions: {path} missing; run benchmarks/kernel_report.py --json {path})")
+    return
+  gpu = "H200" if "H200" in kind else "H100"
+  with open(path) as f:
+    pred = {(r["kernel"], r["format"], r["m"], r["n"], r["k"]): r[gpu]
+            for r in json.load(f)["rows"] if r["dtype"] == "bf16"}
+  print(f"\n## measured vs predicted ({gpu} rows of {path}); us\n")
+  print("| kernel | format | M | N | K | measured | predicted (mem / issue) | measured / predicted |")
+  print("|---|---|---|---|---|---|---|---|")
+  for m, n, k, _, res in rows:
+    for op, (kernel, fmt) in _MEASURED.items():
+      p = pred.get((kernel, fmt, m, n, k))
+      t = res.get(op, float("nan")) * 1e6
+      if p is None:
+        continue
+      print(f"| {kernel} | {fmt} | {m} | {n} | {k} | {t:.1f} | {p['pred_us']:.1f} "
+            f"({p['mem_us']:.1f} / {p['issue_us']:.1f}) | {t / p['pred_us']:.2f} |")
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--reps", type=int, default=50, help="calls per timed loop")
-  p.add_argument("--trials", type=int, default=15, help="timed loops per op (median)")
+  p.add_argument("--trials", type=int, default=10, help="timed loops per op (median)")
   p.add_argument("--only", nargs="*", help="time only these ops")
   p.add_argument("--skip-check", action="store_true")
+  p.add_argument("--predicted", default=os.path.join(os.path.dirname(__file__), "results",
+                                                     "kernel_report.json"),
+                 help="kernel_report.py --json output to compare the timings with")
   args = p.parse_args(argv)
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", str(dev))
@@ -223,7 +265,8 @@ def main(argv=None) -> int:
   ok = True if args.skip_check else check(np.random.default_rng(0))
   print(f"correctness: {'ALL PASS' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)", flush=True)
   rows = bench(args, kind)
-  names = ["bf16_dot", "xla_dequant_dot", "int4_pallas", "weight_ifwht", "act_rotate"]
+  names = ["bf16_dot", "xla_dequant_dot", "int4_pallas", "weight_ifwht", "act_rotate",
+           "act_rotate_itq3_s"]
   print(f"\n## {kind}, jax {jax.__version__}; times in us (median of {args.trials} loops of "
         f"{args.reps}); floor = itq3_t bytes / {_bandwidth(kind)/1e12:.1f} TB/s\n")
   print("| M | N | K | floor itq3_t | " + " | ".join(names) + " | bf16/act_rotate | int4/act_rotate |")
@@ -233,6 +276,7 @@ def main(argv=None) -> int:
     ar = res.get("act_rotate", float("nan"))
     print(f"| {m} | {n} | {k} | {floors['itq3_t']*1e6:.1f} | {cells} | "
           f"{res.get('bf16_dot', float('nan'))/ar:.2f} | {res.get('int4_pallas', float('nan'))/ar:.2f} |")
+  compare(rows, kind, args.predicted)
   print(f"\ntotal {time.time() - t0:.0f} s")
   return 0 if ok else 1
 

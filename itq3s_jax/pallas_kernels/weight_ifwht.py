@@ -4,8 +4,9 @@ The paper's fused kernel done right: sub-block steps are applied to the codes
 *before* the transform (the transform mixes sub-blocks), in float32, with no
 shared-memory traffic between threads of a tile. y = x @ dequantize(qt)^T.
 Cost: 8 add/sub per weight for the butterfly (kernel_codec.hadamard) on top
-of the decode, which dominates at small M; ``act_rotate``
-avoids it. The kernel body is shared with ``act_rotate`` (``driver.py``).
+of the decode, and the decode must be in natural column order (the
+butterfly mixes columns); ``act_rotate`` avoids both. The kernel body is
+shared with ``act_rotate`` (``driver.py``).
 """
 
 from __future__ import annotations
@@ -29,17 +30,19 @@ def weight_ifwht(x: ArrayLike, qt: qtensor.QuantizedTensor, *, config: Config | 
 
   Args:
     x: float activations (..., K); bf16/f16 run a bf16/f16 tensor-core dot
-      (tiles rounded to that dtype), others a float32 dot.
+      (tiles rounded to that dtype), float32 a 3xTF32 dot when compiled, exact
+      in interpret mode.
     qt: weight (N, K) in a format with a kernel decoder (``Format.kernel_codec``).
     config: tiling; None: :func:`heuristic`.
-    interpret: None: interpret mode on CPU, compiled on GPU.
+    interpret: None: chosen by the platform lowered for (interpreter on CPU,
+      Triton on CUDA/ROCm); True/False force it.
     out_init: testing hook, see ``driver.fused``.
 
   Returns:
     float32 (..., N).
 
   Raises:
-    NotImplementedError: format without a kernel decoder, K < 256, non-GPU backend.
+    NotImplementedError: format without a kernel decoder, K < 256, a default
+      backend other than CPU/GPU.
   """
-  return driver.run(x, qt, rotate_x=False, config=config, interpret=interpret,
-                     out_init=out_init)
+  return driver.run(x, qt, rotate=False, config=config, interpret=interpret, out_init=out_init)

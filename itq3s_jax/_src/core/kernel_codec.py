@@ -16,6 +16,15 @@ decoder runs
 Each format declares its decoder (``Format.kernel_codec``, written beside its
 codec); a format without one makes :func:`get` raise NotImplementedError so
 the matmul dispatcher falls back to XLA.
+
+Two forms. :class:`Codec` (``decode``) yields a block in natural column order,
+one gathered byte per field per coefficient: what ``weight_ifwht`` needs (its
+butterfly mixes columns). :class:`Terms` yields a block as ``T`` dot operands
+of ``S`` slots in whatever order the bytes are cheapest to read (whole
+contiguous fields, byte lookup tables), with a per-block scale factored out;
+the activations are expanded to the same slot order once, in XLA
+(:func:`expand`). ``act_rotate`` runs this form: it is what makes its K loop
+short (benchmarks/KERNELS.md).
 """
 
 from __future__ import annotations
@@ -41,7 +50,16 @@ class Source(Protocol):
     """An int32 (1, n) column table of the codec."""
 
   def lut(self, name: str, idx: jax.Array) -> jax.Array:
-    """float32 lookup of the codec's LUT ``name`` at int32 ``idx`` (any shape)."""
+    """Lookup of the codec's LUT ``name`` at int32 ``idx`` (any shape), in the LUT's dtype."""
+
+  def load(self, start: int, width: int) -> jax.Array:
+    """int32 (R, width): bytes start..start+width-1 of the block (one vector load)."""
+
+  def gather(self, cols: jax.Array) -> jax.Array:
+    """int32 (1, ...) byte offsets in the block, computed from iotas -> int32 (R, ...).
+
+    One load per element in a kernel (cached, but each needs its address).
+    """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +70,13 @@ class Codec:
     tables: int32 (n,) per-column constants, by name.
     luts: float32 1-D value tables whose length is a power of two, by name.
     decode: (Source) -> float32 (R, n) coding-domain values z_hat.
+    terms: the same decoder as :class:`Terms` (n = 256 only), or None.
   """
 
   tables: dict[str, np.ndarray]
   luts: dict[str, np.ndarray]
   decode: Callable[[Source], jax.Array]
+  terms: "Terms | None" = None
 
 
 trit = bitpack.trit  # the one TQ1_0 trit formula, shared with the core codecs
@@ -92,8 +112,7 @@ def get(format: str, n: int) -> Codec:
         f"format {format!r} has no kernel decoder (formats with one: {formats()}); "
         "use matmul(..., method='xla').")
   codec = make(n)
-  return dataclasses.replace(codec, luts={k: _pad_pow2(np.asarray(v, np.float32))
-                                          for k, v in codec.luts.items()})
+  return dataclasses.replace(codec, luts=pad_luts(codec.luts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +131,13 @@ class ArraySource:
   def lut(self, name, idx):
     return jnp.asarray(self.codec.luts[name])[idx]
 
+  def load(self, start, width):
+    return self.data[:, start:start + width].astype(jnp.int32)
+
+  def gather(self, cols):
+    out = jnp.take(self.data, cols[0].reshape(-1), axis=-1).astype(jnp.int32)
+    return out.reshape(self.data.shape[0], *cols.shape[1:])
+
 
 def decode_blocks(b: jax.Array, format: str, n: int) -> jax.Array:
   """uint8 (..., nbytes) -> float32 (..., n): the kernel decoder run by XLA.
@@ -121,6 +147,87 @@ def decode_blocks(b: jax.Array, format: str, n: int) -> jax.Array:
   codec = get(format, n)
   flat = b.reshape(-1, b.shape[-1])
   return codec.decode(ArraySource(flat, codec)).reshape(*b.shape[:-1], n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Terms:
+  """A block of 256 coefficients as ``terms`` dot operands of ``slots`` values each.
+
+  Coefficient ``c`` of the block (coding domain) is
+
+    z_hat[c] = scale * sum over (t, s) with columns[t, s] == c of coef[t, s] * V_t[s]
+
+  where ``V_t = decode(src, t, dtype)`` and ``scale = scale(src)``. So
+  ``x . z_hat = scale * sum_t V_t . xe_t`` with ``xe_t[s] = coef[t, s] *
+  x[columns[t, s]]`` (:func:`expand`): a kernel dots each decoded term with a
+  slice of the expanded activations and multiplies by the block scale once.
+
+  Attributes:
+    terms: T, operands per block.
+    slots: S, values per operand (a power of two >= 16: Triton's dot minimum).
+    columns: int32 (T, S) block column each slot contributes to, -1 for none.
+    coef: float32 (T, S) its multiplier (0 where ``columns`` is -1).
+    luts: lookup tables the decoder reads (``Source.lut``), any dtype, length a
+      power of two.
+    decode: (Source, t: int array (n,), dtype) -> (R, n, S) values of terms t
+      in ``dtype`` (float32: exact; float16: each value rounded once). Kernels
+      call it with one term; ``weight_ifwht`` with all of a natural-order
+      decoder's terms.
+    scale: (Source) -> float32 (R, 1) the block scale.
+    residual: None when every float16 term value is exact; else (Source, t) ->
+      float16 (R, n, S), the float32 value minus its float16 rounding (exact in
+      float16), for float32 accuracy from float16 dots.
+  """
+
+  terms: int
+  slots: int
+  columns: np.ndarray
+  coef: np.ndarray
+  luts: dict[str, np.ndarray]
+  decode: Callable[[Source, int, jnp.dtype], jax.Array]
+  scale: Callable[[Source], jax.Array]
+  residual: Callable[[Source, np.ndarray], jax.Array] | None = None
+
+  @property
+  def natural(self) -> bool:
+    """Whether term t slot s is column t * S + s with coefficient 1 (no expansion)."""
+    return (self.terms * self.slots == 256
+            and np.array_equal(self.columns.reshape(-1), np.arange(256))
+            and np.all(self.coef == 1))
+
+
+def pad_luts(luts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """LUTs zero-padded to a power-of-two length (the kernels load them whole)."""
+  return {k: _pad_pow2(np.asarray(v)) for k, v in luts.items()}
+
+
+def expand(x: jax.Array, terms: Terms) -> jax.Array:
+  """(..., nb * 256) block-ordered activations -> (..., nb * T * S) in slot order."""
+  if terms.natural:
+    return x
+  nb = x.shape[-1] // 256
+  xb = x.reshape(*x.shape[:-1], nb, 256)
+  xb = jnp.concatenate([xb, jnp.zeros((*xb.shape[:-1], 1), xb.dtype)], axis=-1)
+  cols = np.where(terms.columns < 0, 256, terms.columns).reshape(-1)
+  xe = jnp.take(xb, jnp.asarray(cols), axis=-1) * jnp.asarray(terms.coef.reshape(-1), xb.dtype)
+  return xe.reshape(*x.shape[:-1], nb * terms.terms * terms.slots)
+
+
+def decode_terms(b: jax.Array, terms: Terms) -> jax.Array:
+  """uint8 (..., nbytes) -> float32 (..., 256): a term decoder run by XLA.
+
+  Sums the float32 terms into columns in slot order; for the formats here
+  every column is one slot or a trit pair whose parts add exactly, so this
+  equals ``Format.decode`` bit for bit (tested).
+  """
+  flat = b.reshape(-1, b.shape[-1])
+  src = ArraySource(flat, Codec({}, terms.luts, None))
+  z = jnp.zeros((flat.shape[0], 257), jnp.float32)
+  for t in range(terms.terms):
+    v = terms.decode(src, np.array([t]), jnp.dtype(jnp.float32))
+    v = v.reshape(flat.shape[0], terms.slots) * jnp.asarray(terms.coef[t])
+    z = z.at[:, np.where(terms.columns[t] < 0, 256, terms.columns[t])].add(v)
+  return (z[:, :256] * terms.scale(src)).reshape(*b.shape[:-1], 256)
 
 
 def hadamard(x: jax.Array) -> jax.Array:

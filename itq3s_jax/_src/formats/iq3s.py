@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from itq3s_jax._src.core import bitpack
+from itq3s_jax._src.core import kernel_codec
 from itq3s_jax._src.core import registry
 from itq3s_jax._src.formats import iq3s_grid
 
@@ -353,8 +354,94 @@ def repack(b: jax.Array, q: jax.Array, n: int) -> jax.Array:
   return _pack(d16, s, idx, q.reshape(-1, QK) < 0).reshape(*lead, NBYTES)
 
 
+# Kernel decoder (core/kernel_codec.py): the block as KERNEL_TERMS dot terms of whole
+# 32-value sub-blocks, in natural order, with the fp16 d factored out as the block scale.
+# float16 values are exact: +-(1 + 2 s) * grid <= 31 * 15 needs 9 bits. The grid is a
+# lookup table read in whole entries: uint32 pairs of float16 magnitudes, so the
+# signs of two values go in with one multiply and one xor (bit 15 and bit 31).
+
+
+def _grid_luts() -> dict[str, np.ndarray]:
+  g = iq3s_grid.grid()  # (512, 4) odd magnitudes
+  h = g.astype(np.float16).view(np.uint16).astype(np.uint32).reshape(512, 2, 2)
+  return dict(grid16=(h[..., 0] | (h[..., 1] << 16)).reshape(-1),
+              grid32=g.reshape(-1).astype(np.float32))
+
+
+KERNEL_TERMS = 2  # dot terms per block (4 sub-blocks each): benchmarks/KERNELS.md
+
+
+def _kernel_sub_blocks(src, u0: int, count: int, dtype):
+  """Values of sub-blocks u0..u0+count-1 (count a power of two) -> (R, count, 32)."""
+  g = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 8), 2)
+  u = jax.lax.broadcasted_iota(jnp.int32, (1, count, 1), 1) + u0
+  qs = src.load(2 + 8 * u0, 8 * count)
+  r = qs.shape[0]
+  qs = qs.reshape(r, count, 8)  # low index bits
+  qh = src.load(66 + u0, count).reshape(r, count, 1)  # ninth bits
+  idx = qs | (((qh >> g) & 1) << 8)
+  sg = src.load(74 + 4 * u0, 4 * count)  # 2 groups per byte
+  sg = jnp.broadcast_to(sg[..., None], (r, 4 * count, 2)).reshape(r, count, 8)
+  if count > 1:  # scale nibble u % 2 of byte 106 + u // 2
+    sc = src.load(106 + u0 // 2, count // 2)
+    sc = jnp.broadcast_to(sc[..., None], (r, count // 2, 2)).reshape(r, count, 1)
+  else:
+    sc = src.load(106 + u0 // 2, 1).reshape(r, 1, 1)
+  mul = 1 + 2 * ((sc >> ((u & 1) * 4)) & 15)  # (R, count, 1)
+  if dtype == jnp.float16:
+    p = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 8, 2), 3)
+    par = (jax.lax.broadcasted_iota(jnp.int32, (1, 1, 8, 1), 2) & 1) * 4
+    # sign bit 4 (g % 2) + 2 p of the group's byte to bit 15, the next bit to 31
+    sign = sg[..., None] * ((1 << (15 - 2 * p - par)) + (1 << (30 - 2 * p - par)))
+    words = src.lut("grid16", idx[..., None] * 2 + p) ^ (
+        sign.astype(jnp.uint32) & jnp.uint32(0x80008000))
+    lo = jax.lax.bitcast_convert_type((words & 0xFFFF).astype(jnp.uint16), jnp.float16)
+    hi = jax.lax.bitcast_convert_type((words >> 16).astype(jnp.uint16), jnp.float16)
+    # 1024 + (1 + 2s) as float16 bits, minus 1024: exact, and no int-to-float conversion
+    m = (jax.lax.bitcast_convert_type((mul | 0x6400).astype(jnp.uint16), jnp.float16)
+         - 1024)[..., None]
+    v = jnp.stack([lo * m, hi * m], axis=-1)
+  else:
+    j = jax.lax.broadcasted_iota(jnp.int32, (1, 1, 8, 4), 3)
+    mag = src.lut("grid32", idx[..., None] * 4 + j)
+    bit = (sg[..., None] >> ((g[..., None] & 1) * 4 + j)) & 1
+    v = jnp.where(bit == 1, -mag, mag) * mul.astype(jnp.float32)[..., None]
+  return v.reshape(r, count, 32).astype(dtype)
+
+
+def _kernel_terms(src, t, dtype):
+  """Values of consecutive terms t (int array (n,)) -> (R, n, 256 / KERNEL_TERMS)."""
+  t = np.asarray(t).reshape(-1)
+  per = 8 // KERNEL_TERMS
+  v = _kernel_sub_blocks(src, int(t[0]) * per, t.size * per, dtype)
+  return v.reshape(v.shape[0], t.size, 32 * per)
+
+
+def _kernel_scale(src):
+  bits = src.load(0, 1) | (src.load(1, 1) << 8)
+  return jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+
+
+def kernel_decoder(n: int):
+  """The decoder above for the Pallas kernels (``core/kernel_codec.py``), n = 256."""
+  block_nbytes(n)
+  terms = kernel_codec.Terms(
+      terms=KERNEL_TERMS, slots=QK // KERNEL_TERMS,
+      columns=np.arange(QK, dtype=np.int32).reshape(KERNEL_TERMS, -1),
+      coef=np.ones((KERNEL_TERMS, QK // KERNEL_TERMS), np.float32),
+      luts=kernel_codec.pad_luts(_grid_luts()),
+      decode=_kernel_terms, scale=_kernel_scale)
+
+  def decode(src):  # natural order: all sub-blocks, scaled
+    z = _kernel_sub_blocks(src, 0, 8, jnp.dtype(jnp.float32))
+    return z.reshape(z.shape[0], QK) * _kernel_scale(src)
+
+  return kernel_codec.Codec({}, terms.luts, decode, terms=terms)
+
+
 _COMMON = dict(tail="pad256", block_nbytes=block_nbytes, encode=encode, decode=decode,
-               bound=None, max_abs=MAX_ABS, levels=levels, repack=repack, group=4, snap=snap)
+               bound=None, max_abs=MAX_ABS, levels=levels, repack=repack, group=4, snap=snap,
+               kernel_codec=kernel_decoder)
 IQ3_S = registry.register(registry.Format(
     name="iq3_s", transform="none", gguf_type=21,
     description="llama.cpp IQ3_S: 512-point grid of 4-groups, 3.4375 bpw (GGML type 21)",
