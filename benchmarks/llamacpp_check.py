@@ -160,6 +160,10 @@ def main() -> int:
   p.add_argument("--work", required=True, help="directory for files (outside the repo)")
   p.add_argument("--threads", type=int, default=2)
   p.add_argument("--models", default="smollm2,smollm2-768")
+  p.add_argument("--itq3s-models", default="smollm2,smollm2-768",
+                 help="models whose files are also scored under the itq3s protocol (slow)")
+  p.add_argument("--gptq-models", default="smollm2,smollm2-768",
+                 help="models that get an itq3s --calibration file (calibrate + GPTQ: slow)")
   p.add_argument("--json", default="benchmarks/results/llamacpp_check.json")
   args = p.parse_args()
   work = os.path.join(args.work, "check")
@@ -178,8 +182,9 @@ def main() -> int:
       widen(smol, src)
     files = {"reference": src}
     stats = os.path.join(work, f"{model}.stats.npz")
-    if not os.path.exists(stats):
-      _run([*py, "calibrate", src, stats, "--text", calib_txt, "--quiet"],
+    gptq = model in args.gptq_models.split(",")
+    if gptq and not os.path.exists(stats):
+      _run([*py, "calibrate", src, stats, "--quiet"],  # default: the calibration tokens
            os.path.join(work, f"{model}.calibrate.log"))
     imat = os.path.join(work, f"{model}.imatrix.gguf")
     if not os.path.exists(imat):
@@ -200,7 +205,8 @@ def main() -> int:
               *(["--imatrix", im] if im else []), src, out, qtype, str(args.threads)],
              out + ".log")
       files[label] = out
-    for label, extra in (("itq3s iq3_s", []), ("itq3s iq3_s gptq", ["--calibration", stats])):
+    ours = [("itq3s iq3_s", [])] + [("itq3s iq3_s gptq", ["--calibration", stats])] * gptq
+    for label, extra in ours:
       out = os.path.join(work, f"{model}.itq3s{'.gptq' if extra else ''}.gguf")
       if not os.path.exists(out):
         _run([*py, "convert", src, out, "--format", "iq3_s", "--quiet", *extra], out + ".log")
@@ -211,13 +217,14 @@ def main() -> int:
       row = {"model": model, "file": label, **summary(path)}
       row["llama_ppl"], row["llama_ppl_err"] = llama_ppl(args.bin, path, eval_txt,
                                                          path + ".ppl.log", args.threads)
-      nl = itq3s_nlls(path, windows)
-      row["itq3s_ppl"] = evaluation.perplexity(nl)
-      if ref_nlls is None:
-        ref_nlls = nl
-      else:
-        d = evaluation.delta_ppl(ref_nlls, nl)
-        row["itq3s_delta"], row["itq3s_delta_se"] = d.delta, d.se
+      if model in args.itq3s_models.split(","):
+        nl = itq3s_nlls(path, windows)
+        row["itq3s_ppl"] = evaluation.perplexity(nl)
+        if ref_nlls is None:
+          ref_nlls = nl
+        else:
+          d = evaluation.delta_ppl(ref_nlls, nl)
+          row["itq3s_delta"], row["itq3s_delta_se"] = d.delta, d.se
       rows.append(row)
       print("   ", {k: v for k, v in row.items() if k not in ("model", "file")}, flush=True)
   os.makedirs(os.path.dirname(args.json), exist_ok=True)
@@ -234,12 +241,12 @@ def table(rows: list[dict]) -> str:
          "| llama-perplexity | llama Δppl |", "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     types = " + ".join(f"{n} {t}" for t, n in sorted(r["linear_types"].items()))
+    ppl = f"{r['itq3s_ppl']:.2f}" if "itq3s_ppl" in r else "-"
     delta = f"{r['itq3s_delta']:+.2f} ± {r['itq3s_delta_se']:.2f}" if "itq3s_delta" in r else "-"
-    ld = r["llama_ppl"] - refs[r["model"]]
+    ld = "-" if r["file"] == "reference" else f"{r['llama_ppl'] - refs[r['model']]:+.2f}"
     out.append(f"| {r['model']} | {r['file']} | {types} | {r['linear_bpw']:.3f} | "
-               f"{r['file_mb']:.1f} | {r['itq3s_ppl']:.2f} | {delta} | "
-               f"{r['llama_ppl']:.2f} ± {r['llama_ppl_err']:.2f} | "
-               f"{'-' if r['file'] == 'reference' else f'{ld:+.2f}'} |")
+               f"{r['file_mb']:.1f} | {ppl} | {delta} | "
+               f"{r['llama_ppl']:.2f} ± {r['llama_ppl_err']:.2f} | {ld} |")
   return "\n".join(out)
 
 

@@ -16,6 +16,7 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/itq3s-llamacpp}
 PY=${PYTHON:-python3}
 JOBS=${JOBS:-2}
+NICE=${NICE:-19}
 SDIST_VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 BIN="$WORK/build/bin"
 
@@ -27,11 +28,11 @@ build() {
   fi
   local src="$WORK/llama_cpp_python-$SDIST_VERSION/vendor/llama.cpp"
   [ -d "$src" ] || tar -C "$WORK" -xzf "$tarball"
-  nice -n 19 cmake -S "$src" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  nice -n "$NICE" cmake -S "$src" -B "$WORK/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_OPENMP=ON -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DBUILD_SHARED_LIBS=OFF
-  nice -n 19 cmake --build "$WORK/build" -j "$JOBS" \
+  nice -n "$NICE" cmake --build "$WORK/build" -j "$JOBS" \
     --target llama-perplexity llama-quantize llama-imatrix
   "$BIN/llama-quantize" --help >/dev/null 2>&1 || true
   echo "built: $(ls "$BIN")"
