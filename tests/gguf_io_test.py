@@ -5,7 +5,7 @@ import os
 import pathlib
 
 import gguf
-
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -98,7 +98,7 @@ def test_missing_and_non_gguf_files(tmp_path):
 
 
 def test_write_rejects_unknown_things(tmp_path):
-  with pytest.raises(TypeError, match="expected a QuantizedTensor or an array"):
+  with pytest.raises(TypeError, match="expected a QuantizedTensor, a RawTensor or an array"):
     gguf_io.write_gguf(tmp_path / "x.gguf", {"a": [1.0, 2.0]})
   with pytest.raises(ValueError, match="cast"):
     gguf_io.write_gguf(tmp_path / "x.gguf", {"a": np.zeros(4, np.uint16)})
@@ -107,52 +107,111 @@ def test_write_rejects_unknown_things(tmp_path):
 
 
 def _quantized(rng, fmt, shape):
-  import itq3s_jax  # noqa: PLC0415  (registers the formats)
   return itq3s_jax.quantize(rng.standard_normal(shape).astype(np.float32), fmt)
 
 
+# A Q8_0 tensor (3, 64) as llama.cpp stores one, from gguf's own (bit-exact) encoder.
+RAW_Q8_0 = gguf_io.RawTensor(
+    8, (3, 64), gguf.quants.quantize(np.random.default_rng(10).standard_normal((3, 64))
+                                     .astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    .reshape(-1))
+
+
 def test_quantized_round_trip_is_bit_exact(tmp_path):
-  import itq3s_jax  # noqa: PLC0415
   rng = np.random.default_rng(3)
   tensors = {
       "blk.0.ffn_down.weight": _quantized(rng, "iq3_s", (4, 512)),
       "blk.0.attn_q.weight": _quantized(rng, "itq3_s", (2, 768)),
-      "blk.0.ffn_up.weight": _quantized(rng, "itq3_s", (2, 320)),  # K = 320: padded
+      "blk.0.ffn_up.weight": _quantized(rng, "iq4_nl", (2, 320)),  # K = 320: 10 blocks of 32
       "blk.0.attn_norm.weight": rng.standard_normal(512).astype(np.float32),
+      "token_embd.weight": RAW_Q8_0,
+      "blk.0.attn_v.weight": rng.standard_normal((2, 64)).astype(ml_dtypes.bfloat16),
   }
   path = tmp_path / "q.gguf"
-  gguf_io.write_gguf(path, tensors, {"general.architecture": "llama"})
-  # what llama.cpp sees: types 21 / 41 and shapes in elements, K padded to 256
+  with pytest.warns(UserWarning, match="Q1_0"):
+    gguf_io.write_gguf(path, tensors, {"general.architecture": "llama"}, allow_type41=True)
+  # what llama.cpp sees: types 21 / 41 / 20 / 8 / 30 and shapes in elements, never padded
   # (gguf's own reader calls 41 Q1_0, with the wrong size, but the header is right)
   raw = {t.name: (int(t.tensor_type), [int(d) for d in t.shape])
          for t in gguf.GGUFReader(path).tensors}
   assert raw["blk.0.ffn_down.weight"] == (21, [512, 4])
   assert raw["blk.0.attn_q.weight"] == (41, [768, 2])
-  assert raw["blk.0.ffn_up.weight"] == (41, [512, 2])
+  assert raw["blk.0.ffn_up.weight"] == (20, [320, 2])
+  assert raw["token_embd.weight"] == (8, [64, 3])
+  assert raw["blk.0.attn_v.weight"] == (30, [64, 2])
+  assert gguf_io.read_metadata(path)[gguf_io.TYPE41_KEY] == "itq3_s"
   back = gguf_io.read_quantized(path)
+  f = gguf_io.TensorFile(path)
   for name, want in tensors.items():
     got = back[name]
-    if isinstance(want, np.ndarray):
-      np.testing.assert_array_equal(got, want)
-      continue
-    assert (got.format, got.shape) == (want.format, want.shape), name
-    np.testing.assert_array_equal(np.asarray(got.data), np.asarray(want.data))
+    if isinstance(want, gguf_io.RawTensor):
+      again = f.read_raw(name)
+      assert (again.ggml_type, again.shape) == (want.ggml_type, want.shape)
+      np.testing.assert_array_equal(again.data, want.data)
+      np.testing.assert_array_equal(got, gguf.quants.dequantize(want.data.reshape(3, -1), 8))
+    elif isinstance(want, np.ndarray):
+      np.testing.assert_array_equal(got, np.asarray(want, np.float32))
+    else:
+      assert (got.format, got.shape) == (want.format, want.shape), name
+      np.testing.assert_array_equal(np.asarray(got.data), np.asarray(want.data))
   floats = dict(gguf_io.read_tensors(path))
   for name, want in tensors.items():
-    if not isinstance(want, np.ndarray):
+    if isinstance(want, itq3s_jax.QuantizedTensor):
       np.testing.assert_array_equal(floats[name], np.asarray(itq3s_jax.dequantize(want)))
 
 
-def test_iq3s_tensor_decodes_like_gguf(tmp_path):
-  """The stored bytes are plain IQ3_S: gguf's own reader + dequantize agree."""
-  import itq3s_jax  # noqa: PLC0415
-  qt = _quantized(np.random.default_rng(4), "iq3_s", (2, 256))
+def test_padded_rows_and_type41_without_consent_are_refused(tmp_path):
+  rng = np.random.default_rng(9)
+  with pytest.raises(ValueError, match="K=576 is not a multiple of 256.*padded"):
+    gguf_io.write_gguf(tmp_path / "x.gguf", {"w": _quantized(rng, "iq3_s", (2, 576))})
+  with pytest.raises(ValueError, match="allow_type41"):
+    gguf_io.write_gguf(tmp_path / "x.gguf", {"w": _quantized(rng, "itq3_s", (2, 256))})
+
+
+@pytest.mark.parametrize("fmt", ["iq3_s", "iq4_nl"])
+def test_our_decode_is_bit_exact_vs_gguf(tmp_path, fmt):
+  """Every type the converter writes decodes in gguf (as llama.cpp) to our bits."""
+  qt = _quantized(np.random.default_rng(4), fmt, (2, 256))
   path = tmp_path / "q.gguf"
   gguf_io.write_gguf(path, {"w": qt})
   t = gguf.GGUFReader(path).tensors[0]
-  assert t.tensor_type == gguf.GGMLQuantizationType.IQ3_S
-  np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type),
-                                np.asarray(itq3s_jax.dequantize(qt)))
+  assert t.tensor_type == itq3s_jax.get_format(fmt).gguf_type
+  np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type).view(np.uint32),
+                                np.asarray(itq3s_jax.dequantize(qt)).view(np.uint32))
+
+
+def _type41_file(path, metadata):
+  """A file with one type-41 tensor of ITQ3_S size, written without write_gguf's key."""
+  qt = _quantized(np.random.default_rng(5), "itq3_s", (2, 256))
+  w = gguf.GGUFWriter(str(path), "llama")
+  for key, (value, vtype) in metadata.items():
+    w.add_key_value(key, value, vtype)
+  w.add_tensor("w", np.asarray(qt.data, np.uint8).view(np.int8), raw_shape=(2, 256),
+               raw_dtype=41)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return qt
+
+
+def test_type41_is_itq3s_only_where_the_metadata_says_so(tmp_path):
+  """Ours (itq3s_jax.* keys) and the fork's (file_type 40) read as ITQ3_S; a type-41
+  tensor in any other file is upstream's Q1_0: a clear error, or forced by the caller."""
+  u32 = gguf.GGUFValueType.UINT32
+  fork = tmp_path / "fork.gguf"
+  qt = _type41_file(fork, {"general.file_type": (40, u32)})
+  np.testing.assert_array_equal(np.asarray(gguf_io.read_quantized(fork)["w"].data),
+                                np.asarray(qt.data))
+  plain = tmp_path / "plain.gguf"
+  _type41_file(plain, {"general.file_type": (26, u32)})
+  with pytest.raises(NotImplementedError, match="upstream ggml calls Q1_0.*type41='itq3_s'"):
+    gguf_io.read_quantized(plain)
+  assert gguf_io.read_quantized(plain, type41="itq3_s")["w"].format == "itq3_s"
+  ours = tmp_path / "ours.gguf"
+  with pytest.warns(UserWarning):
+    gguf_io.write_gguf(ours, {"w": qt}, allow_type41=True)
+  assert gguf_io.read_quantized(ours)["w"].format == "itq3_s"
 
 
 def test_type41_can_be_forced_to_q1_0(tmp_path):
@@ -160,7 +219,8 @@ def test_type41_can_be_forced_to_q1_0(tmp_path):
   size test reads our file as ITQ3_S, forcing Q1_0 gives a clear error."""
   qt = _quantized(np.random.default_rng(5), "itq3_s", (2, 256))
   path = tmp_path / "q.gguf"
-  gguf_io.write_gguf(path, {"w": qt})
+  with pytest.warns(UserWarning):
+    gguf_io.write_gguf(path, {"w": qt}, allow_type41=True)
   assert gguf_io.read_quantized(path)["w"].format == "itq3_s"
   assert gguf_io.read_quantized(path, type41="itq3_s")["w"].format == "itq3_s"
   with pytest.raises(NotImplementedError, match="Q1_0"):
@@ -168,7 +228,6 @@ def test_type41_can_be_forced_to_q1_0(tmp_path):
 
 
 def test_wrong_sized_block_data_is_rejected(tmp_path):
-  import itq3s_jax  # noqa: PLC0415
   qt = _quantized(np.random.default_rng(6), "iq3_s", (2, 512))
   bad = itq3s_jax.QuantizedTensor(data=qt.data[:, :200], format="iq3_s", k=qt.shape[-1])
   with pytest.raises(ValueError, match="expected"):
@@ -185,13 +244,13 @@ def test_wrong_sized_block_data_is_rejected(tmp_path):
 
 
 def test_tensor_file_lists_shapes_and_reads_by_name(tmp_path):
-  qt = _quantized(np.random.default_rng(7), "itq3_s", (2, 320))
+  qt = _quantized(np.random.default_rng(7), "iq4_nl", (2, 320))
   path = tmp_path / "q.gguf"
   tensors, _ = _write_floats(tmp_path / "f.gguf", np.random.default_rng(8))
   gguf_io.write_gguf(path, {"q": qt, **tensors})
   f = gguf_io.TensorFile(path)
   assert f.names == ("q", *tensors)
-  assert f.shape("q") == (2, 320) and f.format("q") == "itq3_s"
+  assert f.shape("q") == (2, 320) and f.format("q") == "iq4_nl" and f.ggml_type("q") == 20
   assert f.shape("b.weight") == (2, 4, 32) and f.format("b.weight") is None
   np.testing.assert_array_equal(np.asarray(f.read_quantized("q").data), np.asarray(qt.data))
   np.testing.assert_array_equal(f.read("c.bias"), tensors["c.bias"])

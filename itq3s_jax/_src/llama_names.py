@@ -9,6 +9,8 @@ are dotted NNX state paths of ``itq3s_jax.models.llama.Llama``
 Hugging Face and GGUF store a linear weight as (out, in); the NNX kernel is
 (in, out). :func:`to_model` says which stored tensors are linear weights so a
 loader transposes float ones (quantized ones are already (out, in) rows).
+:func:`hf_to_gguf` names a Hugging Face tensor as llama.cpp does (the GGUF
+writer); q/k rows also differ in order between the two (``ROPE_PERMUTED``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ HF_GLOBALS = {"model.embed_tokens.weight": "embed.embedding", "model.norm.weight
               "lm_head.weight": "lm_head"}
 # Buffers some HF checkpoints carry that are recomputed, not loaded.
 HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+# GGUF q/k projections, whose rows llama.cpp stores in its RoPE order.
+ROPE_PERMUTED = re.compile(r"^blk\.\d+\.attn_(q|k)\.(weight|bias)$")
 
 _GGUF_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _HF_BLOCK = re.compile(r"^model\.layers\.(\d+)\.([a-z_.]+)\.(weight|bias)$")
@@ -86,4 +91,31 @@ def to_model(name: str) -> tuple[str, bool] | None:
       return ".".join(("layers", i, *linears[part], leaf)), kind == "weight"
     if part in norms and kind == "weight":
       return f"layers.{i}.{norms[part]}.weight", False
+  return None
+
+
+# HF block part -> GGUF block part, through the model path both tables name.
+_HF_TO_GGUF_PART = {
+    **{hf: g for hf, v in HF_LINEARS.items() for g, w in GGUF_LINEARS.items() if v == w},
+    **{hf: g for hf, v in HF_NORMS.items() for g, w in GGUF_NORMS.items() if v == w},
+}
+_HF_TO_GGUF_GLOBAL = {hf: g for hf, v in HF_GLOBALS.items() for g, w in GGUF_GLOBALS.items()
+                      if v == w}
+
+
+def hf_to_gguf(name: str) -> str | None:
+  """A Hugging Face LLaMA tensor name as llama.cpp's GGUF names it, else None.
+
+  ``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight``,
+  ``model.layers.3.post_attention_layernorm.weight`` -> ``blk.3.ffn_norm.weight``,
+  ``model.embed_tokens.weight`` -> ``token_embd.weight``, ``lm_head.weight`` ->
+  ``output.weight``. None for ``rotary_emb.inv_freq`` buffers and unknown names.
+  """
+  if name in _HF_TO_GGUF_GLOBAL:
+    return _HF_TO_GGUF_GLOBAL[name]
+  m = _HF_BLOCK.match(name)
+  if m and m.group(2) in _HF_TO_GGUF_PART:
+    if m.group(2) in HF_NORMS and m.group(3) != "weight":
+      return None
+    return f"blk.{m.group(1)}.{_HF_TO_GGUF_PART[m.group(2)]}.{m.group(3)}"
   return None

@@ -66,9 +66,9 @@ def _is_gguf(dst: str) -> bool:
   return dst.lower().endswith(".gguf")
 
 
-def _writer(dst: str, stage: str, source: sources.Source):
+def _writer(dst: str, stage: str, source: sources.Source, rule, allow_type41: bool):
   if _is_gguf(dst):
-    return gguf_writer.GgufWriter(stage, source.gguf_metadata)
+    return gguf_writer.GgufWriter(stage, source, rule, allow_type41)
   return writers.OrbaxWriter(stage)
 
 
@@ -161,7 +161,8 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
             resume: bool = False, overwrite: bool = False, progress: bool = False,
             calibration: Mapping[str, Any] | None = None,
             gptq: itq3s_jax.GptqConfig | None = None,
-            on_tensor: Callable[[int], None] | None = None) -> Summary:
+            on_tensor: Callable[[int], None] | None = None,
+            allow_type41: bool = False) -> Summary:
   """Converts the float checkpoint ``src`` into a quantized checkpoint ``dst``.
 
   Args:
@@ -178,6 +179,13 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
     gptq: options of that rounding (:class:`itq3s_jax.GptqConfig`).
     on_tensor: called with the count of tensors finished in this run, after
       each (tests use it to interrupt a conversion).
+    allow_type41: a GGUF destination may hold ``itq3_s`` tensors as GGML type
+      41 (which no CPU llama.cpp runs; ``gguf_io``); refused otherwise.
+
+  A GGUF destination is a file llama.cpp loads (``gguf_writer``): rows that the
+  format's blocks do not divide fall back per tensor as llama.cpp's do (IQ3_S
+  -> IQ4_NL), kept tensors keep their source type, a Hugging Face LLaMA
+  source gets llama.cpp's names, RoPE row order and tokenizer metadata.
 
   Returns:
     A :class:`Summary`.
@@ -192,7 +200,7 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
   if os.path.lexists(dst) and not overwrite:
     raise errors.CheckpointError(f"{dst} already exists; pass --overwrite to replace it.")
   if _is_gguf(dst):
-    gguf_writer.check_format(rule.format)
+    gguf_writer.check_format(rule.format, allow_type41)
   start = time.perf_counter()
   source = sources.open_source(src)
   if not source.tensors:
@@ -201,10 +209,15 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
           for i, t in enumerate(source.tensors)]
   if len({t.name for t in source.tensors}) != len(source.tensors):
     raise errors.CheckpointError(f"{src}: two tensors have the same name.")
+  rules = {}  # tensors coded in another format than rule.format (GGUF fallback)
+  if _is_gguf(dst):
+    plan, rules = gguf_writer.plan_formats(plan, rule)
   if calibration is not None:
     plan = _match_calibration(plan, calibration)
-  expected = {info.name: _entry(info, decision, rule, writers.item_name(i),
-                                _rounding(info, decision, rule, calibration, gptq))
+  expected = {info.name: _entry(info, decision, rules.get(info.name, rule),
+                                writers.item_name(i),
+                                _rounding(info, decision, rules.get(info.name, rule),
+                                          calibration, gptq))
               for i, info, decision in plan}
   src_hash = sources.sha256(source.files, source.path)
   job = {"source_sha256": src_hash, "source_kind": source.kind,
@@ -214,7 +227,7 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
     job["gptq"] = gptq.to_json()
   stage = writers.staging_path(dst)
   journal_entries = staging.prepare(stage, job, resume)
-  writer = _writer(dst, stage, source)
+  writer = _writer(dst, stage, source, rule, allow_type41)
   try:
     done = staging.reusable(stage, journal_entries, expected, writer)
   except errors.CheckpointError:
@@ -232,8 +245,8 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
           entries.append(done[info.name])
           bar.update(math.prod(info.shape))
           continue
-        entry = _convert_one(source, info, decision, rule, writer, expected[info.name],
-                             calibration, gptq)
+        entry = _convert_one(source, info, decision, rules.get(info.name, rule), writer,
+                             expected[info.name], calibration, gptq)
         journal.write(json.dumps(entry) + "\n")
         journal.flush()
         os.fsync(journal.fileno())

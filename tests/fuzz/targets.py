@@ -91,7 +91,7 @@ def build(root: str) -> dict:
   checkpoint.convert(b["st"], b["ckpt"], rule=RULE)
   b["ckpt_ref"] = checkpoint.load(b["ckpt"])
   b["gguf_out"] = os.path.join(root, "out.gguf")
-  checkpoint.convert(b["st"], b["gguf_out"], rule=itq3s_jax.QuantRule("itq3_s", min_size=1024))
+  checkpoint.convert(b["st"], b["gguf_out"], rule=itq3s_jax.QuantRule("iq3_s", min_size=1024))
   b["gguf_ref"] = gguf_io.read_quantized(b["gguf_out"])
   b["qt"] = {fmt: itq3s_jax.quantize(W[:4], fmt, seed=3).to_bytes()
              for fmt in itq3s_jax.formats()}

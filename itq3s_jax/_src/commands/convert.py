@@ -18,7 +18,7 @@ from itq3s_jax._src import stats as stats_lib
 
 NAME = "convert"
 HELP = ("Convert a safetensors/GGUF/orbax float checkpoint into an itq3s orbax "
-        "checkpoint (or a GGUF file when DST ends in .gguf).")
+        "checkpoint (or a GGUF file llama.cpp runs when DST ends in .gguf).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="input statistics (itq3s calibrate): tensors found there are GPTQ-"
                  "rounded in the coding domain, the others round to nearest")
   cli.add_rounding_argument(p, "with --calibration")
+  p.add_argument("--allow-type-41", action="store_true",
+                 help="with --format itq3_s and a .gguf DST: write GGML type 41 anyway "
+                 "(upstream llama.cpp reads 41 as Q1_0 and refuses the file; the ITQ3_S "
+                 "fork runs it on CUDA only)")
   p.add_argument("--resume", action="store_true",
                  help="continue an interrupted conversion of the same SRC and options")
   p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -57,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     summary = checkpoint.convert(args.src, args.dst, rule=rule, resume=args.resume,
                                  overwrite=args.overwrite, progress=not args.quiet,
                                  calibration=stats,
-                                 gptq=itq3s_jax.GptqConfig(rounding=args.rounding))
+                                 gptq=itq3s_jax.GptqConfig(rounding=args.rounding),
+                                 allow_type41=args.allow_type_41)
   except checkpoint.CheckpointError as exc:
     raise cli.CommandError(str(exc)) from None
   except ValueError as exc:  # bad options (regex, seed)
