@@ -24,6 +24,7 @@ from itq3s_jax._src.stats import nbytes
 from itq3s_jax._src.stats import protocol_tokens
 from itq3s_jax._src.stats import save
 from itq3s_jax.flax.calibrate import calibrate
+from itq3s_jax.flax.calibrate import calibrate_sequential
 from itq3s_jax.flax.calibrate import quantize_weights
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "GptqConfig",
     "ROUNDINGS",
     "calibrate",
+    "calibrate_sequential",
     "default_rounding",
     "gptq_quantize",
     "load",
