@@ -25,6 +25,8 @@ from itq3s_jax._src.stats import protocol_tokens
 from itq3s_jax._src.stats import save
 from itq3s_jax.flax.calibrate import calibrate
 from itq3s_jax.flax.calibrate import calibrate_sequential
+from itq3s_jax.flax.calibrate import kl_divergence
+from itq3s_jax.flax.calibrate import tune_unquantized
 from itq3s_jax.flax.calibrate import quantize_weights
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "calibrate_sequential",
     "default_rounding",
     "gptq_quantize",
+    "kl_divergence",
     "load",
     "nbytes",
     "output_error",
@@ -42,4 +45,5 @@ __all__ = [
     "quantize_weights",
     "rotate_hessian",
     "save",
+    "tune_unquantized",
 ]

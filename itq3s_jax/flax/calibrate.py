@@ -328,3 +328,66 @@ def calibrate_sequential(model: nnx.Module, tokens: ArrayLike, *, format: str = 
     bg, bs = nnx.split(block)
     inputs = [(_run(bg, bs, args)[0],) + tuple(args[1:]) for args in inputs]
   return stats, codes
+
+
+def _is_tunable(path, value) -> bool:
+  """1-D float parameters: norm gains and biases (of quantized layers too), never codes."""
+  return value.ndim == 1 and jnp.issubdtype(value.dtype, jnp.floating)
+
+
+def kl_divergence(ref_logits: jax.Array, logits: jax.Array) -> jax.Array:
+  """Mean over positions of KL(softmax(ref) || softmax(logits)) (float32 scalar)."""
+  lp = jax.nn.log_softmax(ref_logits.astype(jnp.float32), -1)
+  lq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1))
+
+
+def tune_unquantized(model: nnx.Module, qmodel: nnx.Module, tokens: ArrayLike, *,
+                     steps: int = 32, learning_rate: float = 1e-3, window: int = 512,
+                     batch_size: int = 1,
+                     forward: Callable[[nnx.Module, jax.Array], jax.Array] | None = None,
+                     loss: Callable[[jax.Array, jax.Array], jax.Array] = kl_divergence,
+                     progress: bool = False) -> list[float]:
+  """Fits the float 1-D parameters of ``qmodel`` (norm gains, biases) to the float model.
+
+  Adam (optax) on ``loss(model outputs, qmodel outputs)`` (default: KL of the
+  next-token distributions) over windows of calibration text, cycling through
+  them for ``steps`` steps. The coded weights are not touched, so every
+  certified bound stays what the bytes say.
+
+  Args:
+    model: the float reference (not modified).
+    qmodel: the quantized model (same structure outside its quantized layers);
+      its 1-D float parameters are updated in place.
+    tokens, window, batch_size, forward: as :func:`calibrate`.
+    steps, learning_rate: optimisation budget.
+    loss: ``(reference outputs, outputs) -> scalar``.
+    progress: tqdm bar over the steps (stderr).
+
+  Returns:
+    The loss of each step (before its update).
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  ids = _windows(tokens, window)
+  fwd = forward or (lambda m, t: m(t))
+  fdef, fstate = nnx.split(model)
+  qdef, tuned, rest = nnx.split(qmodel, nnx.All(nnx.Param, _is_tunable), ...)
+  opt = optax.adam(learning_rate)
+  opt_state = opt.init(tuned)
+
+  @jax.jit
+  def step(tuned, opt_state, toks):
+    ref = jax.lax.stop_gradient(fwd(nnx.merge(fdef, fstate), toks))
+    value, grads = jax.value_and_grad(
+        lambda p: loss(ref, fwd(nnx.merge(qdef, p, rest), toks)))(tuned)
+    updates, opt_state = opt.update(grads, opt_state, tuned)
+    return optax.apply_updates(tuned, updates), opt_state, value
+
+  history = []
+  starts = range(0, len(ids), batch_size)
+  for i in tqdm.tqdm(range(steps), desc="tune", unit="step", disable=not progress, leave=False):
+    b = starts[i % len(starts)]
+    tuned, opt_state, value = step(tuned, opt_state, jnp.asarray(ids[b:b + batch_size]))
+    history.append(float(value))
+  nnx.update(qmodel, tuned)
+  return history
