@@ -1,184 +1,184 @@
-"""Calibration-aware quantization of SmolLM2-135M: Δppl with and without GPTQ rounding.
+"""Calibration levers, one row each: Δppl ± paired SE, bits per weight, certified bound, time.
 
-Protocol: ``itq3s eval``'s (pydoc topics text, tokens [0, 8192) in 16 windows of
-512, no BOS, Δppl with a paired standard error over windows). Calibration uses
-tokens [16384, 24576) of the same stream, disjoint from the scored ones.
+Text slices of the ``itq3s eval`` protocol stream (pydoc topics, the model's tokens):
 
-For each format: round-to-nearest (the plain ``quantize_model``) and GPTQ with
-each requested rounding ("two_neighbour": certified bound; "unrestricted": none),
-plus the time to collect statistics and to quantize all 210 linear layers.
+  eval   [0, 8192)       the scored tokens of ``itq3s eval`` (never used for choices)
+  val    [8192, 12288)   validation: every hyper-parameter was chosen here
+  calib  [16384, 24576)  calibration: statistics and norm tuning
 
-  python benchmarks/calibration.py --formats itq3_t,uniform3_rot --json out.json
-  python benchmarks/calibration.py --stats /tmp/smollm2_stats.npz   # reuse statistics
+Rows (``--rows``; models: smollm2 and gemma score perplexity, minilm the mean
+cosine of ``itq3s eval``'s sentence embeddings):
+
+  rtn              round to nearest, no statistics
+  gptq             float-model statistics, GPTQ two-neighbour + act-order (the old default)
+  gptq+refit       lever 1: step codes re-fitted to the codes, re-rounded (GptqConfig(refit=2))
+  gptq+damp=X      lever 4: damping X
+  sequential       lever 2: statistics on the quantized prefix (the default of
+                   ``itq3s calibrate``; ``itq3s convert --calibration`` writes these codes)
+  sequential+tune  lever 3: + norm gains and biases tuned by KL(float || quantized) (optax)
+
+Columns: Δppl (or cosine), bpw over the quantized linear layers with every byte
+counted, the bound the bytes certify (two-neighbour eps_2 for GPTQ, eps_q for RTN)
+and the worst ||w - w_hat||_2 / bound over all blocks, seconds of statistics plus
+quantization (wall clock, and process CPU time, which a shared machine inflates less).
+
+  python benchmarks/calibration.py --model smollm2 --slice eval --rows gptq,sequential \\
+      --ref-nlls /tmp/ref.npy --json benchmarks/results/calibration.json
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import itq3s_jax
-from itq3s_jax._src import calibrate
+from itq3s_jax import calibration
 from itq3s_jax import evaluation
-from itq3s_jax._src import gptq
-from itq3s_jax.models import llama
+from itq3s_jax import flax as qflax
+from itq3s_jax.flax import state as state_lib
+
+SLICES = {"eval": (0, 8192), "val": (8192, 12288)}
+CALIB = (16384, 24576)
+MINILM_CALIB = 8192  # leading MiniLM tokens, windows of 128 (as itq3s eval)
 
 
-def _nlls(model, windows, batch):
-  return evaluation.nlls(model, windows, batch)
+def _load(name: str):
+  """(model, tokenizer, forward, window, batch) of a benchmark model."""
+  if name == "smollm2":
+    from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
+    m, tok, _ = llama.load_gguf()
+    return m, tok, None, 512, 2
+  if name == "gemma":
+    from itq3s_jax.models import gemma  # pylint: disable=g-import-not-at-top
+    m, tok, _ = gemma.load_gguf()
+    return m, tok, None, 512, 1
+  from itq3s_jax.models import bert  # pylint: disable=g-import-not-at-top
+  m, tok, _ = bert.load_minilm()
+  return m, tok, lambda mm, t: mm(t, jnp.ones_like(t)), 128, 16
 
 
-def _rtn_model(model, fmt, seed):
-  from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top
-  return qflax.quantize_model(nnx.clone(model), format=fmt, seed=seed)[0]
-
-
-def _bound_check(model, qmodel, stats) -> dict:
-  """Worst ratio ||w - w_hat||_b / two-neighbour bound over all blocks, and vs the RTN bound."""
-  worst, worst_rtn, blocks = 0.0, 0.0, 0
-  float_lin = dict((calibrate._dotted(p), m) for p, m in calibrate._linears(model))
+def bound_check(model: nnx.Module, qmodel: nnx.Module) -> dict:
+  """Worst ||w - w_hat||_2 / certified bound over every block of every quantized layer."""
+  floats = {state_lib.dotted(p): m for p, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)}
+  worst, blocks, kinds = 0.0, 0, set()
   for path, layer in nnx.iter_modules(qmodel):
-    name = calibrate._dotted(path)
-    if name not in stats or not hasattr(layer, "qt"):
+    if not hasattr(layer, "qt"):
       continue
     qt = layer.qt
-    w = np.asarray(float_lin[name].kernel[...]).T
-    d = np.asarray(itq3s_jax.dequantize(qt)) - w
-    cols = itq3s_jax.block_columns(qt.format, qt.shape[-1])
-    err = np.stack([np.linalg.norm(d[:, a:b], axis=-1) for a, b in cols], -1)
-    worst = max(worst, float((err / np.asarray(gptq.error_bound(qt))).max()))
-    # eps_q, the bound of nearest rounding, which a GPTQ-coded block may exceed
-    eps_q = itq3s_jax.error_bound(dataclasses.replace(qt, rounding="nearest"))
-    worst_rtn = max(worst_rtn, float((err / np.asarray(eps_q)).max()))
+    w = np.asarray(floats[state_lib.dotted(path)].kernel[...], np.float64).T
+    d = np.asarray(itq3s_jax.dequantize(qt), np.float64) - w
+    err = np.stack([np.linalg.norm(d[:, a:b], axis=-1)
+                    for a, b in itq3s_jax.block_columns(qt.format, qt.k)], -1)
+    worst = max(worst, float((err / np.asarray(itq3s_jax.error_bound(qt), np.float64)).max()))
     blocks += err.size
-  return {"blocks": blocks, "max_err_over_bound": worst, "max_err_over_rtn_bound": worst_rtn}
+    kinds.add({"nearest": "eps_q", "two_neighbour": "eps_2"}[qt.rounding])
+  return {"blocks": blocks, "bound": "/".join(sorted(kinds)), "worst_err_over_bound": worst}
 
 
-PROXY_LAYERS = ("layers.0.attn.q_proj", "layers.11.mlp.down_proj", "layers.20.mlp.gate_proj",
-                "layers.29.attn.o_proj")
+def quantized_row(row: str, model, tok, ids, forward, window, batch, args):
+  """(quantized model, wall seconds, process CPU seconds) for one row label."""
+  cal = ids[CALIB[0]:CALIB[1]] if args.model != "minilm" else ids[:MINILM_CALIB]
+  t0, c0 = time.perf_counter(), time.process_time()
+  kw = dict(window=window, batch_size=batch, forward=forward)
+  if row == "rtn":
+    q = qflax.quantize_model(nnx.clone(model))[0]
+  elif row.startswith("gptq"):
+    opts = {}
+    if row == "gptq+refit":
+      opts["refit"] = 2
+    elif row.startswith("gptq+damp="):
+      opts["damp"] = float(row.split("=")[1])
+    elif row != "gptq":
+      raise ValueError(f"unknown row {row!r}")
+    stats = calibration.calibrate(model, cal, **kw)
+    q = qflax.quantize_model(nnx.clone(model), hessians=stats,
+                             gptq=itq3s_jax.GptqConfig(**opts))[0]
+  elif row in ("sequential", "sequential+tune"):
+    stats, _ = calibration.calibrate_sequential(model, cal, **kw)
+    q = qflax.quantize_model(nnx.clone(model), hessians=stats)[0]
+    if row == "sequential+tune":
+      loss = calibration.kl_divergence if args.model != "minilm" else _token_cosine_distance
+      calibration.tune_unquantized(model, q, cal, steps=args.tune_steps,
+                                   learning_rate=args.tune_lr, loss=loss, window=window,
+                                   batch_size=1 if args.model != "minilm" else 8,
+                                   forward=forward)
+  else:
+    raise ValueError(f"unknown row {row!r}")
+  jax.block_until_ready(nnx.state(q))
+  return q, time.perf_counter() - t0, time.process_time() - c0
 
 
-def proxy_table(model, stats, fmt: str, seed: int) -> list[dict]:
-  """Relative output error tr(dW S dW^T)/tr(W S W^T) on a few layers, per GPTQ option."""
-  lin = dict((calibrate._dotted(p), m) for p, m in calibrate._linears(model))
-  variants = [("rtn", None)] + [
-      (f"gptq {r} scales={s}{' act_order' if a else ''}", dict(rounding=r, scales=s, act_order=a))
-      for r in gptq.ROUNDINGS for s in ("rtn", "weighted") for a in (False, True)
-      if r == "unrestricted" or itq3s_jax.has_bound(fmt)]
-  out = []
-  for name in PROXY_LAYERS:
-    w = np.asarray(lin[name].kernel[...]).T
-    h = stats[name]
-    for label, opts in variants:
-      t0 = time.perf_counter()
-      qt = (itq3s_jax.quantize(w, fmt, seed=seed) if opts is None
-            else gptq.quantize(w, fmt, h, seed=seed, **opts))
-      err = float(gptq.output_error(w, qt, h))
-      row = {"layer": name, "variant": label, "rel_output_err": err,
-             "seconds": time.perf_counter() - t0}
-      out.append(row)
-      print(json.dumps(row), flush=True)
-  return out
+def _token_cosine_distance(ref, out):
+  """Mean 1 - cos of per-token hidden states (MiniLM's tuning loss)."""
+  ref = ref / jnp.linalg.norm(ref, axis=-1, keepdims=True)
+  out = out / jnp.linalg.norm(out, axis=-1, keepdims=True)
+  return jnp.mean(1.0 - jnp.sum(ref * out, -1))
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--formats", default="itq3_t,uniform3_rot")
-  p.add_argument("--roundings", default="default,unrestricted",
-                 help="GPTQ roundings per format; 'default' is the format's own "
-                 "(two_neighbour where it has a bound); modes a format lacks are skipped")
-  p.add_argument("--scales", default="weighted")
-  p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
-                 help="GPTQ act-order (default: on, the library default)")
-  p.add_argument("--damp", type=float, default=0.01)
-  p.add_argument("--no-rtn", action="store_true", help="skip the round-to-nearest rows")
-  p.add_argument("--tokens", type=int, default=evaluation.N_TOKENS)
-  p.add_argument("--calib", default="16384:24576", help="calibration token range start:stop")
-  p.add_argument("--stats", help="npz of statistics: loaded if present, else written")
-  p.add_argument("--ref-nlls", help=".npy of the float model's per-window NLLs: loaded if present, "
-                 "else written (the reference costs as much as one format)")
-  p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--bound-check", action="store_true", help="check the certified bound on every block")
-  p.add_argument("--proxy-only", action="store_true",
-                 help="only the per-layer output-error table (needs --stats)")
-  p.add_argument("--json")
+  p.add_argument("--model", choices=("smollm2", "gemma", "minilm"), default="smollm2")
+  p.add_argument("--rows", default="rtn,gptq,gptq+refit,sequential,sequential+tune")
+  p.add_argument("--slice", choices=tuple(SLICES), default="eval")
+  p.add_argument("--tune-steps", type=int, default=32)
+  p.add_argument("--tune-lr", type=float, default=1e-3)
+  p.add_argument("--ref-nlls", help=".npy of the float model's window NLLs on the slice "
+                 "(read if present, else written)")
+  p.add_argument("--no-bound-check", action="store_true")
+  p.add_argument("--json", help="append the rows to this JSON file (created if absent)")
   a = p.parse_args()
-  if a.proxy_only:
-    model = llama.load_gguf()[0]
-    stats = calibrate.load(a.stats)
-    rows = [r for f in a.formats.split(",") for r in proxy_table(model, stats, f, a.seed)]
+  model, tok, forward, window, batch = _load(a.model)
+  text = evaluation.protocol_text()
+  ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, np.int32)
+  info = {"model": a.model, "python": platform.python_version(), "jax": jax.__version__,
+          "text_sha256": evaluation.text_sha256(text), "slice": a.slice, "rows": []}
+  if a.json and os.path.exists(a.json):
+    with open(a.json) as f:
+      info = json.load(f)
+  if a.model == "minilm":
+    from itq3s_jax.models import bert  # pylint: disable=g-import-not-at-top
+    ref = bert.embed(model, tok, evaluation.SENTENCES)
+    measure = lambda q: {"cosine": evaluation.mean_cosine(  # noqa: E731
+        bert.embed(q, tok, evaluation.SENTENCES), ref)}
+  else:
+    lo, hi = SLICES[a.slice]
+    windows = evaluation.make_windows(ids[lo:hi], hi - lo)
+    if a.ref_nlls and os.path.exists(a.ref_nlls):
+      ref = np.load(a.ref_nlls)
+    else:
+      ref = evaluation.nlls(model, windows, batch)
+      if a.ref_nlls:
+        np.save(a.ref_nlls, ref)
+    info["ref_ppl"] = evaluation.perplexity(ref)
+    print(f"{a.model} float ppl {info['ref_ppl']:.3f} on tokens [{lo}, {hi})", flush=True)
+
+    def measure(q):
+      d = evaluation.delta_ppl(ref, evaluation.nlls(q, windows, batch))
+      return {"delta_ppl": d.delta, "delta_se": d.se}
+  for row in a.rows.split(","):
+    q, secs, cpu = quantized_row(row, model, tok, ids, forward, window, batch, a)
+    coded = [m.qt for _, m in nnx.iter_modules(q) if hasattr(m, "qt")]
+    out = {"row": row, "slice": a.slice, "seconds": secs, "cpu_seconds": cpu,
+           "layers": len(coded),
+           "bpw": 8.0 * sum(t.data.size for t in coded) / sum(np.prod(t.shape) for t in coded),
+           **measure(q)}
+    if not a.no_bound_check:
+      out.update(bound_check(model, q))
+    if row.endswith("+tune"):
+      out.update(tune_steps=a.tune_steps, tune_lr=a.tune_lr)
+    info["rows"].append(out)
+    print(json.dumps(out), flush=True)
     if a.json:
       with open(a.json, "w") as f:
-        json.dump(rows, f, indent=1)
-    return
-
-  model, tok, _ = llama.load_gguf()
-  text = evaluation.protocol_text()
-  windows = evaluation.make_windows(tok.encode(text, add_special_tokens=False).ids, a.tokens)
-  info = {"python": platform.python_version(), "text_sha256": evaluation.text_sha256(text),
-          "windows": len(windows), "jax": jax.__version__, "calib": a.calib}
-  t0 = time.perf_counter()
-  if a.ref_nlls and os.path.exists(a.ref_nlls):
-    ref = np.load(a.ref_nlls)
-  else:
-    ref = _nlls(model, windows, a.batch)
-    if a.ref_nlls:
-      np.save(a.ref_nlls, ref)
-  info["ref_ppl"] = evaluation.perplexity(ref)
-  info["ref_seconds"] = time.perf_counter() - t0
-  print(f"ref ppl {info['ref_ppl']:.3f} ({info['ref_seconds']:.0f} s)", flush=True)
-
-  if a.stats and os.path.exists(a.stats):
-    t0 = time.perf_counter()
-    stats = calibrate.load(a.stats)
-    info["stats_loaded_seconds"] = time.perf_counter() - t0
-  else:
-    start, stop = (int(x) for x in a.calib.split(":"))
-    t0 = time.perf_counter()
-    stats = calibrate.calibrate(model, calibrate.protocol_tokens(tok, start, stop))
-    info["calibrate_seconds"] = time.perf_counter() - t0
-    info["stats_mb"] = calibrate.nbytes(stats) / 1e6
-    print(f"calibrated in {info['calibrate_seconds']:.0f} s, {info['stats_mb']:.0f} MB", flush=True)
-    if a.stats:
-      calibrate.save(a.stats, stats)
-
-  rows = []
-  for fmt in a.formats.split(","):
-    configs = [] if a.no_rtn else [("rtn", None)]
-    wanted = [gptq.default_rounding(fmt) if r == "default" else r for r in a.roundings.split(",")]
-    configs += [("gptq", r) for r in dict.fromkeys(wanted)
-                if r == "unrestricted" or itq3s_jax.has_bound(fmt)]
-    for kind, rounding in configs:
-      t0 = time.perf_counter()
-      if kind == "rtn":
-        qmodel = _rtn_model(model, fmt, a.seed)
-      else:
-        qmodel = calibrate.quantize_model(
-            nnx.clone(model), stats, format=fmt, seed=a.seed, rounding=rounding,
-            scales=a.scales, damp=a.damp, act_order=a.act_order)
-      jax.block_until_ready(nnx.state(qmodel))
-      qsec = time.perf_counter() - t0
-      q = _nlls(qmodel, windows, a.batch)
-      d = evaluation.delta_ppl(ref, q)
-      row = {"format": fmt, "method": kind, "rounding": rounding, "scales": a.scales,
-             "act_order": a.act_order, "ppl": evaluation.perplexity(q), "delta_ppl": d.delta,
-             "delta_se": d.se, "quantize_seconds": qsec}
-      if a.bound_check and kind == "gptq" and rounding == "two_neighbour":
-        row.update(_bound_check(model, qmodel, stats))
-      rows.append(row)
-      print(json.dumps(row), flush=True)
-  if a.json:
-    with open(a.json, "w") as f:
-      json.dump({**info, "rows": rows}, f, indent=1)
+        json.dump(info, f, indent=1)
 
 
 if __name__ == "__main__":

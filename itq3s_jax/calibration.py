@@ -24,6 +24,9 @@ from itq3s_jax._src.stats import nbytes
 from itq3s_jax._src.stats import protocol_tokens
 from itq3s_jax._src.stats import save
 from itq3s_jax.flax.calibrate import calibrate
+from itq3s_jax.flax.calibrate import calibrate_sequential
+from itq3s_jax.flax.calibrate import kl_divergence
+from itq3s_jax.flax.calibrate import tune_unquantized
 from itq3s_jax.flax.calibrate import quantize_weights
 
 __all__ = [
@@ -31,8 +34,10 @@ __all__ = [
     "GptqConfig",
     "ROUNDINGS",
     "calibrate",
+    "calibrate_sequential",
     "default_rounding",
     "gptq_quantize",
+    "kl_divergence",
     "load",
     "nbytes",
     "output_error",
@@ -40,4 +45,5 @@ __all__ = [
     "quantize_weights",
     "rotate_hessian",
     "save",
+    "tune_unquantized",
 ]

@@ -204,3 +204,61 @@ def test_converter_finds_statistics_under_every_naming(name, key):
   from itq3s_jax.checkpoint import converter  # pylint: disable=g-import-not-at-top
   stats = {"layers.0.mlp.up": 0, "layers.1.attn.q_proj": 1, "fc": 2}
   assert converter.hessian_key(name, stats) == key
+
+
+class _SeqBlock(nnx.Module):
+  """x + c(silu(a(x)) * b(x)): a and b share an input, c reads their product."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.a = nnx.Linear(D, F, use_bias=False, rngs=rngs)
+    self.b = nnx.Linear(D, F, rngs=rngs)
+    self.c = nnx.Linear(F, D, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.c(jax.nn.silu(self.a(x)) * self.b(x))
+
+
+class _Seq(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(V, D, rngs=rngs)
+    self.layers = nnx.List([_SeqBlock(rngs), _SeqBlock(rngs)])
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    for layer in self.layers:
+      x = layer(x)
+    return x
+
+
+def test_sequential_statistics_see_the_quantized_prefix():
+  """Every moment is X^T X / n of the layer's input recomputed in float64 with numpy on the
+  model whose earlier layers hold the returned codes (dequantized), and the codes are what
+  quantize_weights makes from those statistics (so convert --calibration reproduces them)."""
+  model = _Seq(nnx.Rngs(0))
+  before = jax.tree.map(np.asarray, nnx.state(model))
+  toks = _tokens(4)
+  stats, codes = calibrate.calibrate_sequential(model, toks, batch_size=2)
+  names = [f"layers.{i}.{n}" for i in range(2) for n in "abc"]
+  assert sorted(stats) == sorted(codes) == names
+  assert stats["layers.0.a"] is stats["layers.0.b"] and stats["layers.1.a"] is stats["layers.1.b"]
+  f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+  deq = {n: f64(itq3s_jax.dequantize(qt)).T for n, qt in codes.items()}
+  x = f64(model.embed.embedding[...])[toks].reshape(-1, D)
+  for i, blk in enumerate(model.layers):
+    p = f"layers.{i}."
+    a, b = x @ deq[p + "a"], x @ deq[p + "b"] + f64(blk.b.bias[...])
+    h = a / (1 + np.exp(-a)) * b
+    for name, inp in (("a", x), ("c", h)):
+      ref = inp.T @ inp / len(inp)
+      # float32 forward of <= 2 blocks (~ 64 u relative per entry of the inputs, K <= 96
+      # terms per dot product) and float32 X^T X sums: 1e-4 |x|^T|x| / n bounds both.
+      tol = 1e-4 * (np.abs(inp).T @ np.abs(inp)) / len(inp)
+      assert np.all(np.abs(stats[p + name] - ref) <= tol), p + name
+    x = x + h @ deq[p + "c"]
+  again = calibrate.quantize_weights(model, stats)
+  for n in names:
+    np.testing.assert_array_equal(np.asarray(again[n].data), np.asarray(codes[n].data))
+    assert codes[n].rounding == "two_neighbour"
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(model)))
+  with pytest.raises(ValueError, match="outside model.blocks"):
+    calibrate.calibrate_sequential(Tiny(nnx.Rngs(0)), toks, blocks="blocks")

@@ -83,11 +83,13 @@ def test_gptq_lowers_the_output_error(fmt, rounding):
   assert ours < rtn, (ours, rtn)
 
 
-@pytest.mark.parametrize("fmt", BOUNDED)
-def test_two_neighbour_codes_and_bound(fmt):
-  """Every coefficient is floor or ceil of its own z / step: the T10 bound then holds."""
+@pytest.mark.parametrize("fmt,refit", [(f, 0) for f in BOUNDED] + [("itq3_t", 2)])
+def test_two_neighbour_codes_and_bound(fmt, refit):
+  """Every coefficient is floor or ceil of its own z / step: the T10 bound then holds. With
+  refit the steps are re-chosen after rounding (smaller ones too, down to max|z| / 5), and the
+  codes re-rounded: the same property must hold for the stored steps."""
   w, h = _weights(), _hessian()
-  qt = gq(w, fmt, h, act_order=True)
+  qt = gq(w, fmt, h, act_order=True, refit=refit)
   z = np.asarray(itq3s_jax.rotate_activations(w, fmt), np.float64)
   zh = np.asarray(itq3s_jax.decode_rotated(qt), np.float64)
   eps = np.asarray(itq3s_jax.two_neighbour_bound(qt, include_rounding=False), np.float64)
@@ -196,6 +198,7 @@ def test_zero_rows_and_dead_inputs():
     (dict(rounding="stochastic"), "unknown rounding"),
     (dict(scales="joint"), "unknown scales"),
     (dict(damp=0.0), "damp=0.0 must be"),
+    (dict(refit=-1), "refit=-1 must be"),
 ])
 def test_bad_options_raise(kwargs, match):
   args = dict(hessian=np.eye(K, dtype=np.float32)) | kwargs
@@ -235,3 +238,15 @@ def test_huge_statistics_round_like_normal_ones_and_keep_the_certificate():
   err = np.stack([np.linalg.norm(diff[:, lo:hi], axis=-1)
                   for lo, hi in itq3s_jax.block_columns("itq3_t", K)], axis=-1)
   assert np.all(err <= np.asarray(itq3s_jax.error_bound(qt), np.float64))
+
+
+def test_refit_lowers_the_output_error_and_needs_itq3_t():
+  """Re-fitting the steps to the codes (coordinate descent, never increasing the loss for
+  fixed codes) then re-rounding must not lose to plain GPTQ on correlated inputs; it only
+  applies to itq3_t's step codes."""
+  w, h = _weights(), _hessian()
+  plain = calibration.output_error(w, gq(w, "itq3_t", h), h)
+  refit = calibration.output_error(w, gq(w, "itq3_t", h, refit=2), h)
+  assert float(refit) <= float(plain)
+  with pytest.raises(NotImplementedError, match="refit"):
+    gq(w, "uniform3_rot", h, refit=1)

@@ -154,6 +154,7 @@ class GptqConfig:
   scales: str = "weighted"  # "rtn": the format's plain encoder; "weighted": weighted by diag(Sigma_z)
   damp: float = 0.01  # diagonal damping relative to mean(diag Sigma_z); > 0
   act_order: bool = True  # round the columns of largest diag(Sigma_z) first
+  refit: int = 0  # itq3_t: rounds of re-fitting the step codes to the codes, then re-rounding
 
   def __post_init__(self):
     if self.rounding is not None and self.rounding not in GPTQ_ROUNDINGS:
@@ -164,6 +165,8 @@ class GptqConfig:
       raise ValueError(f"damp={self.damp!r} must be a finite number > 0 (e.g. 0.01).")
     if not isinstance(self.act_order, bool):
       raise TypeError(f"act_order must be a bool, got {type(self.act_order).__name__}.")
+    if blocks.as_index(self.refit, "refit") < 0:
+      raise ValueError(f"refit={self.refit} must be a non-negative int.")
 
   def resolve(self, format: str) -> "GptqConfig":
     """This config with ``rounding`` chosen for ``format``; ValueError if it cannot apply."""
@@ -172,6 +175,9 @@ class GptqConfig:
     if rounding == "two_neighbour" and fmt.snap is not None:
       raise ValueError(f"rounding='two_neighbour' needs a per-coefficient grid; {fmt.name!r} "
                        "codes groups on a codebook (and has no bound): use rounding='unrestricted'.")
+    if self.refit and fmt.name != "itq3_t":
+      raise NotImplementedError(f"refit re-fits itq3_t's step codes; {fmt.name!r} has other "
+                                "scales: use refit=0.")
     return dataclasses.replace(self, rounding=rounding, damp=float(self.damp))
 
   def to_json(self) -> dict:

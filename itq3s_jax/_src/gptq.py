@@ -38,13 +38,16 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from itq3s_jax._src import codec
 from itq3s_jax._src import config
+from itq3s_jax._src.core import bitpack
 from itq3s_jax._src.core import qtensor
 from itq3s_jax._src.core import registry
+from itq3s_jax._src.formats import itq3_t
 
 
 def _hooks(format: str) -> registry.Format:
@@ -176,6 +179,56 @@ def _round_columns(z, step, clo, chi, u, *, block, format):
   return q
 
 
+# A two-neighbour code errs by less than its step as long as |z| < (QMAX + 1) step: the
+# two levels around z / step, clipped to [-QMAX, QMAX], then still lie within one step.
+# The relative margin covers the float32 rounding of the product (as itq3_t's own test).
+_TWO_NEIGHBOUR_REACH = np.float32(1.0 / 5.0 * (1.0 + 2.0**-20))
+
+
+def _refit_itq3t_steps(z, q, hz, sup, s, need):
+  """Step codes re-fitted to fixed codes: coordinate descent on tr(dZ Sigma_z dZ^T).
+
+  Args:
+    z: float32 (M, Kp) targets; q: int32 (M, Kp) codes.
+    hz: float32 (Kp, Kp) rotated second moment.
+    sup: float32 (M, Kp/16) super-scale D of each sub-block's block (kept).
+    s: int32 (M, Kp/16) step codes; need: float32 (M, Kp/16) least admissible step.
+
+  Each sub-block in turn takes, among its 8 admissible steps D * MULT[s'], the one
+  that lowers the loss most with the others fixed (an exact quadratic update of the
+  gradient), so the loss never increases.
+
+  Returns:
+    int32 (M, Kp/16) step codes.
+  """
+  mult = jnp.asarray(itq3_t.MULT)
+  m, kp = z.shape
+  sub = itq3_t.SUB
+  qf = q.astype(jnp.float32)
+  step = jnp.repeat(sup * mult[s], sub, axis=-1)
+  grad = (z - qf * step) @ hz  # Sigma_z r per row
+
+  def body(b, carry):
+    s, grad = carry
+    v = jax.lax.dynamic_slice(qf, (0, b * sub), (m, sub))
+    rows = jax.lax.dynamic_slice(hz, (b * sub, 0), (sub, kp))
+    hb = jax.lax.dynamic_slice(rows, (0, b * sub), (sub, sub))
+    lin = jnp.sum(v * jax.lax.dynamic_slice(grad, (0, b * sub), (m, sub)), -1)
+    quad = jnp.sum((v @ hb) * v, -1)
+    d, cur = sup[:, b], s[:, b]
+    delta = d[:, None] * mult - (d * mult[cur])[:, None]  # (M, 8)
+    cost = -2.0 * delta * lin[:, None] + delta * delta * quad[:, None]
+    cost = jnp.where(d[:, None] * mult >= need[:, b, None], cost, jnp.inf)
+    cost = cost.at[jnp.arange(m), cur].set(0.0)  # staying is always allowed
+    best = jnp.argmin(cost, axis=-1).astype(jnp.int32)
+    dd = jnp.take_along_axis(delta, best[:, None], -1)
+    grad = grad - dd * (v @ rows)
+    return s.at[:, b].set(best), grad
+
+  s, _ = jax.lax.fori_loop(0, kp // sub, body, (s, grad))
+  return s
+
+
 @functools.partial(jax.jit, static_argnames=("format", "gptq"))
 def _quantize_rows(w, h, sig, *, format, gptq: config.GptqConfig):
   """float32 (M, K), (K, K) -> (uint8 (M, row_nbytes), peak, all finite, usable).
@@ -210,12 +263,8 @@ def _quantize_rows(w, h, sig, *, format, gptq: config.GptqConfig):
     step.append(s.reshape(m, -1))
     lo.append(l.reshape(m, -1))
     hi.append(u.reshape(m, -1))
-  step, lo, hi = (jnp.concatenate(a, axis=-1) for a in (step, lo, hi))
-  lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
-  if gptq.rounding == "two_neighbour":
-    r = z / jnp.where(step == 0, 1.0, step)
-    lo, hi = jnp.clip(jnp.floor(r), lo, hi), jnp.clip(jnp.ceil(r), lo, hi)
-  lo, hi = jnp.where(step == 0, 0.0, lo), jnp.where(step == 0, 0.0, hi)
+  step, lo0, hi0 = (jnp.concatenate(a, axis=-1) for a in (step, lo, hi))
+  lo0, hi0 = lo0.astype(jnp.float32), hi0.astype(jnp.float32)
   g = fmt.group
   if gptq.act_order:  # whole groups move, largest summed diag(Sigma_z) first
     order = jnp.argsort(-jnp.sum(jnp.diagonal(hz).reshape(-1, g), axis=-1))
@@ -225,8 +274,36 @@ def _quantize_rows(w, h, sig, *, format, gptq: config.GptqConfig):
   inv = jnp.argsort(perm)
   u = inverse_cholesky(hz[perm][:, perm], gptq.damp)
   usable = jnp.all(jnp.isfinite(hz)) & jnp.all(jnp.isfinite(u))
-  q = _round_columns(z[:, perm], step[:, perm], lo[:, perm], hi[:, perm], u,
-                     block=_col_block(z.shape[1]), format=fmt.name)[:, inv]
+
+  def round_with(step):
+    lo, hi = lo0, hi0
+    if gptq.rounding == "two_neighbour":
+      r = z / jnp.where(step == 0, 1.0, step)
+      lo, hi = jnp.clip(jnp.floor(r), lo, hi), jnp.clip(jnp.ceil(r), lo, hi)
+    lo, hi = jnp.where(step == 0, 0.0, lo), jnp.where(step == 0, 0.0, hi)
+    return _round_columns(z[:, perm], step[:, perm], lo[:, perm], hi[:, perm], u,
+                          block=_col_block(z.shape[1]), format=fmt.name)[:, inv]
+
+  q = round_with(step)
+  if gptq.refit:  # itq3_t (GptqConfig.resolve checks): alternate step re-fits and re-rounding
+    segs = qtensor.segments(fmt.name, k)
+    ns = lambda seg: seg.n // itq3_t.SUB  # noqa: E731
+    sup = jnp.concatenate([jnp.repeat(jnp.asarray(itq3_t.SUPER)[b[..., 0].astype(jnp.int32)],
+                                      ns(seg), axis=-1) for seg, b in zip(segs, rtn)], axis=-1)
+    codes = jnp.concatenate([bitpack.unpack_bits(b[..., 1:1 + -(-3 * ns(seg) // 8)], 3, ns(seg))
+                             .reshape(m, -1) for seg, b in zip(segs, rtn)], axis=-1)
+    zs = z.reshape(m, -1, itq3_t.SUB)
+    need = jnp.max(jnp.abs(zs), axis=-1) * _TWO_NEIGHBOUR_REACH
+    for _ in range(gptq.refit):
+      codes = _refit_itq3t_steps(z, q, hz, sup, codes.astype(jnp.int32), need)
+      q = round_with(jnp.repeat(sup * jnp.asarray(itq3_t.MULT)[codes], itq3_t.SUB, axis=-1))
+    off, new_rtn = 0, []
+    for seg, b in zip(segs, rtn):
+      c = codes[:, off:off + seg.count * ns(seg)].reshape(m, seg.count, ns(seg))
+      off += seg.count * ns(seg)
+      sb = -(-3 * ns(seg) // 8)
+      new_rtn.append(jnp.concatenate([b[..., :1], bitpack.pack_bits(c, 3), b[..., 1 + sb:]], -1))
+    rtn = new_rtn
   out = []
   for seg, b in zip(qtensor.segments(fmt.name, k), rtn):
     qb = q[:, seg.coded_start:seg.coded_stop].reshape(m, seg.count, seg.n)

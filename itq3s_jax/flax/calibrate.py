@@ -14,6 +14,14 @@ bitwise equal moments: they are detected on the first batch and accumulated
 once, and the returned dict maps each of their paths to the same array.
 Memory: one (K, K) accumulator per distinct layer input (:func:`nbytes`).
 
+:func:`calibrate_sequential` is the GPTQ paper's procedure: block by block
+(``model.layers``), each layer's moment is taken on the model whose earlier
+layers (earlier blocks, and earlier layers of its own block in call order) are
+already quantized, so later layers see, and correct for, the earlier errors.
+It returns the statistics and the codes; ``quantize(w, hessian=sigma)`` with
+the same format, seed and :class:`GptqConfig` reproduces those codes (what
+``itq3s calibrate --sequential`` then ``itq3s convert --calibration`` does).
+
 Calibration text must be disjoint from evaluation text: ``stats.protocol_tokens``
 gives tokens 16384..24575 of the perplexity protocol's stream by default, the
 protocol itself scoring tokens 0..8191.
@@ -21,6 +29,7 @@ protocol itself scoring tokens 0..8191.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Callable, Mapping
 
@@ -32,6 +41,7 @@ from flax import nnx
 from jax.typing import ArrayLike
 
 from itq3s_jax._src import api
+from itq3s_jax._src import codec
 from itq3s_jax._src import config
 from itq3s_jax._src.core import qtensor
 from itq3s_jax.flax import state as state_lib
@@ -52,6 +62,22 @@ class _Tap(nnx.Module):
     x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     self.moment.set_value(jnp.matmul(x2.T, x2, precision=jax.lax.Precision.HIGHEST))
     return self.linear(x)
+
+
+class _Args(nnx.Variable):
+  """The positional inputs of a block's last call (not a parameter)."""
+
+
+class _Capture(nnx.Module):
+  """Wraps a block: same output, and records its positional inputs."""
+
+  def __init__(self, block: nnx.Module):
+    self.block = block
+    self.args = _Args(())
+
+  def __call__(self, *args):
+    self.args.set_value(tuple(args))
+    return self.block(*args)
 
 
 def _linears(model: nnx.Module, include: Callable[[str], bool] | None = None):
@@ -173,3 +199,195 @@ def quantize_weights(model: nnx.Module, stats: Mapping[str, ArrayLike], *,
       out[name] = qt.replace(data=qt.data[row:row + lin.out_features])
       row += lin.out_features
   return out
+
+
+def _windows(tokens: ArrayLike, window: int) -> np.ndarray:
+  ids = np.asarray(tokens)
+  if ids.ndim == 1:
+    ids = ids[:len(ids) // window * window].reshape(-1, window)
+  if ids.ndim != 2 or ids.shape[0] == 0:
+    raise ValueError(f"tokens give no complete window of {window} (shape {np.shape(tokens)}).")
+  return ids
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run(gdef, state, args):
+  """One block forward: (outputs, the moments of its taps in iteration order)."""
+  m = nnx.merge(gdef, state)
+  out = m(*args)
+  return out, [t.moment[...] for _, t in nnx.iter_modules(m) if isinstance(t, _Tap)]
+
+
+def _call_groups(block: nnx.Module, args, paths: list[str]) -> list[list[str]]:
+  """The block's tapped linears grouped by shared input, in the order they are called.
+
+  Found by tracing the block once (no compute): layers called on the same traced
+  array (q/k/v, gate/up) share an input, so they form one group.
+  """
+  seen: dict[int, list[str]] = {}
+
+  class Order(nnx.Module):
+    def __init__(self, linear, name):
+      self.linear, self.name = linear, name
+
+    def __call__(self, x):
+      seen.setdefault(id(x), []).append(self.name)
+      return self.linear(x)
+
+  gdef, state = nnx.split(block)
+  copy = nnx.merge(gdef, state)
+  for name in paths:
+    path = tuple(int(k) if k.isdigit() else k for k in name.split("."))
+    state_lib.set_submodule(copy, path, Order(state_lib.get_submodule(copy, path), name))
+  jax.eval_shape(lambda a: copy(*a), args)
+  return list(seen.values())
+
+
+def calibrate_sequential(model: nnx.Module, tokens: ArrayLike, *, format: str = "itq3_t",
+                         seed: int = 0, gptq: config.GptqConfig | None = None,
+                         window: int = 512, batch_size: int = 2,
+                         include: Callable[[str], bool] | None = None,
+                         forward: Callable[[nnx.Module, jax.Array], jax.Array] | None = None,
+                         blocks: str = "layers", progress: bool = False
+                         ) -> tuple[dict[str, np.ndarray], dict[str, qtensor.QuantizedTensor]]:
+  """Sequential statistics and GPTQ codes: each layer calibrated on the quantized prefix.
+
+  The float model runs once to capture the input of ``model.<blocks>[0]``; then
+  for each block, for each group of its linear layers in call order (q/k/v,
+  o, gate/up, down): Sigma = X^T X / n of the group's input with every earlier
+  layer quantized, GPTQ codes from it, and the layer's kernel replaced by the
+  dequantized codes; finally the block's output feeds the next block.
+
+  Args:
+    model: an NNX model with an ``nnx.List`` of blocks at attribute ``blocks``
+      whose linear layers are ``nnx.Linear`` (not modified).
+    tokens, window, batch_size, include, forward, progress: as :func:`calibrate`.
+    format, seed, gptq: as :func:`quantize_weights`.
+    blocks: attribute of the block list.
+
+  Returns:
+    ``(stats, codes)``: {dotted path: float32 Sigma (K, K)} (a group shares one
+    array), and {dotted path: QuantizedTensor (out, in)} equal to
+    ``quantize_weights(model, stats, ...)``'s.
+
+  Raises:
+    ValueError: no complete window, no block list, or a selected linear layer
+      outside the blocks.
+  """
+  ids = _windows(tokens, window)
+  stack = getattr(model, blocks, None)
+  if not isinstance(stack, nnx.List) or not len(stack):
+    raise ValueError(f"model.{blocks} is not a non-empty nnx.List of blocks.")
+  outside = [n for n in (state_lib.dotted(p) for p, _ in _linears(model, include))
+             if not n.startswith(f"{blocks}.")]
+  if outside:
+    raise ValueError(f"linear layers outside model.{blocks} cannot be calibrated "
+                     f"sequentially: {outside[:3]}; exclude them (include=...).")
+  gdef, state = nnx.split(model)
+  work = nnx.merge(gdef, jax.tree.map(jnp.array, state))  # a private copy: kernels change
+  fwd = forward or (lambda m, t: m(t))
+  gcap, scap = nnx.split(work)
+  cap = nnx.merge(gcap, scap)
+  getattr(cap, blocks)[0] = _Capture(getattr(cap, blocks)[0])
+  gcap, scap = nnx.split(cap)
+
+  @jax.jit
+  def first_inputs(state, toks):
+    m = nnx.merge(gcap, state)
+    fwd(m, toks)
+    return getattr(m, blocks)[0].args.get_value()
+
+  inputs = [first_inputs(scap, jnp.asarray(ids[i:i + batch_size], jnp.int32))
+            for i in range(0, len(ids), batch_size)]
+  n = ids.size
+  stats: dict[str, np.ndarray] = {}
+  codes: dict[str, qtensor.QuantizedTensor] = {}
+  stack = getattr(work, blocks)
+  for bi in tqdm.tqdm(range(len(stack)), desc="sequential", unit="block",
+                      disable=not progress, leave=False):
+    prefix = f"{blocks}.{bi}."
+    block = stack[bi]
+    mine = None if include is None else (lambda p: include(prefix + p))
+    tapped, paths = _tapped_copy(block, mine)
+    for group in _call_groups(block, inputs[0], paths) if paths else []:
+      tapped, paths = _tapped_copy(block, mine)
+      tg, ts = nnx.split(tapped)
+      acc = None
+      for args in inputs:
+        _, mats = _run(tg, ts, args)
+        x = np.asarray(mats[paths.index(group[0])], np.float64)
+        acc = x if acc is None else acc + x
+      sigma = (acc / n).astype(np.float32)
+      qts = quantize_weights(block, {p: sigma for p in group}, format=format, seed=seed,
+                             gptq=gptq)
+      for p, qt in qts.items():
+        lin = state_lib.get_submodule(block, tuple(int(k) if k.isdigit() else k
+                                                   for k in p.split(".")))
+        lin.kernel.set_value(codec.dequantize(qt).T.astype(lin.kernel[...].dtype))
+        stats[prefix + p], codes[prefix + p] = sigma, qt
+    bg, bs = nnx.split(block)
+    inputs = [(_run(bg, bs, args)[0],) + tuple(args[1:]) for args in inputs]
+  return stats, codes
+
+
+def _is_tunable(path, value) -> bool:
+  """1-D float parameters: norm gains and biases (of quantized layers too), never codes."""
+  return value.ndim == 1 and jnp.issubdtype(value.dtype, jnp.floating)
+
+
+def kl_divergence(ref_logits: jax.Array, logits: jax.Array) -> jax.Array:
+  """Mean over positions of KL(softmax(ref) || softmax(logits)) (float32 scalar)."""
+  lp = jax.nn.log_softmax(ref_logits.astype(jnp.float32), -1)
+  lq = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1))
+
+
+def tune_unquantized(model: nnx.Module, qmodel: nnx.Module, tokens: ArrayLike, *,
+                     steps: int = 32, learning_rate: float = 1e-3, window: int = 512,
+                     batch_size: int = 1,
+                     forward: Callable[[nnx.Module, jax.Array], jax.Array] | None = None,
+                     loss: Callable[[jax.Array, jax.Array], jax.Array] = kl_divergence,
+                     progress: bool = False) -> list[float]:
+  """Fits the float 1-D parameters of ``qmodel`` (norm gains, biases) to the float model.
+
+  Adam (optax) on ``loss(model outputs, qmodel outputs)`` (default: KL of the
+  next-token distributions) over windows of calibration text, cycling through
+  them for ``steps`` steps. The coded weights are not touched, so every
+  certified bound stays what the bytes say.
+
+  Args:
+    model: the float reference (not modified).
+    qmodel: the quantized model (same structure outside its quantized layers);
+      its 1-D float parameters are updated in place.
+    tokens, window, batch_size, forward: as :func:`calibrate`.
+    steps, learning_rate: optimisation budget.
+    loss: ``(reference outputs, outputs) -> scalar``.
+    progress: tqdm bar over the steps (stderr).
+
+  Returns:
+    The loss of each step (before its update).
+  """
+  import optax  # pylint: disable=g-import-not-at-top
+  ids = _windows(tokens, window)
+  fwd = forward or (lambda m, t: m(t))
+  fdef, fstate = nnx.split(model)
+  qdef, tuned, rest = nnx.split(qmodel, nnx.All(nnx.Param, _is_tunable), ...)
+  opt = optax.adam(learning_rate)
+  opt_state = opt.init(tuned)
+
+  @jax.jit
+  def step(tuned, opt_state, toks):
+    ref = jax.lax.stop_gradient(fwd(nnx.merge(fdef, fstate), toks))
+    value, grads = jax.value_and_grad(
+        lambda p: loss(ref, fwd(nnx.merge(qdef, p, rest), toks)))(tuned)
+    updates, opt_state = opt.update(grads, opt_state, tuned)
+    return optax.apply_updates(tuned, updates), opt_state, value
+
+  history = []
+  starts = range(0, len(ids), batch_size)
+  for i in tqdm.tqdm(range(steps), desc="tune", unit="step", disable=not progress, leave=False):
+    b = starts[i % len(starts)]
+    tuned, opt_state, value = step(tuned, opt_state, jnp.asarray(ids[b:b + batch_size]))
+    history.append(float(value))
+  nnx.update(qmodel, tuned)
+  return history

@@ -1,4 +1,4 @@
-"""Reference models: a LLaMA-family decoder (Hugging Face, GGUF, converted checkpoints) and BERT.
+"""Reference models: a LLaMA-family decoder (Hugging Face, GGUF, converted checkpoints), Gemma 3 (GGUF) and BERT.
 
 ``load(path) -> (model, tokenizer)`` opens a Hugging Face directory, a GGUF
 file or an ``itq3s convert`` checkpoint (quantized layers come back as
@@ -8,9 +8,10 @@ those; embeddings, norms and the output head stay float.
 """
 
 from itq3s_jax.models import bert
+from itq3s_jax.models import gemma
 from itq3s_jax.models import llama
 from itq3s_jax.models import loaders
 from itq3s_jax.models import tokenizer
 from itq3s_jax.models.loaders import load
 
-__all__ = ["bert", "llama", "load", "loaders", "tokenizer"]
+__all__ = ["bert", "gemma", "llama", "load", "loaders", "tokenizer"]

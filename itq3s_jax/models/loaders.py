@@ -152,6 +152,9 @@ def load(path: str | os.PathLike[str], *, source: str | os.PathLike[str] | None 
   try:
     if _is_gguf(path):
       from itq3s_jax._src import gguf_io  # pylint: disable=g-import-not-at-top
+      if gguf_io.read_metadata(path).get("general.architecture") == "gemma3":
+        from itq3s_jax.models import gemma  # pylint: disable=g-import-not-at-top
+        return gemma.load_gguf(path)[:2]
       f = gguf_io.TensorFile(path)
       tensors = {n: f.read_quantized(n) for n in _bar(f.names, progress, "load")}
       cfg, tok = _describe_gguf(path, "output.weight" in tensors)

@@ -9,6 +9,13 @@ distinct input (q/k/v share one, gate/up share one). ``itq3s convert MODEL DST
 --calibration OUT.npz`` then GPTQ-rounds every linear weight of the same
 checkpoint (HF and GGUF names map to these paths).
 
+``--sequential`` (the default) collects them the GPTQ paper's way: block by
+block, each layer's input taken on the model whose earlier layers are already
+GPTQ-coded in ``--format`` with ``--seed`` (``calibration.calibrate_sequential``),
+so later layers correct the errors of earlier ones; ``itq3s convert`` with the
+same format and seed then writes exactly those codes. ``--no-sequential`` gives
+the float model's statistics (any format).
+
 Text: ``--text FILE`` (all its tokens unless ``--tokens``), or by default tokens
 16384..24575 of the perplexity protocol's stream, disjoint from the scored
 tokens 0..8191.
@@ -42,6 +49,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  "protocol text)" % stats.CALIBRATION_SLICE)
   p.add_argument("--window", type=int, default=512, help="context length (default: %(default)s)")
   p.add_argument("--batch", type=int, default=2, help="windows per forward (default: %(default)s)")
+  p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                 help="statistics on the quantized prefix (default; convert with the same "
+                 "--format/--seed), or of the float model (--no-sequential)")
+  p.add_argument("--format", default="itq3_t", help="format of the sequential codes "
+                 "(default: %(default)s)")
+  p.add_argument("--seed", type=int, default=0, help="sign-vector seed of the sequential codes")
   p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -98,14 +111,24 @@ def run(args: argparse.Namespace) -> int:
                            f"{args.window}; use a longer --text or a smaller --window.")
   t0, c0 = time.perf_counter(), time.process_time()
   try:
-    result = calibration.calibrate(model, ids, window=args.window, batch_size=args.batch,
-                                   progress=progress)
-  except ValueError as exc:  # e.g. a fully quantized model: no nnx.Linear left
+    if args.sequential:
+      import itq3s_jax  # pylint: disable=g-import-not-at-top
+      if args.format not in itq3s_jax.formats():
+        raise cli.CommandError(f"unknown --format={args.format!r}; known: {itq3s_jax.formats()}.")
+      result, _ = calibration.calibrate_sequential(
+          model, ids, format=args.format, seed=args.seed, window=args.window,
+          batch_size=args.batch, progress=progress)
+    else:
+      result = calibration.calibrate(model, ids, window=args.window, batch_size=args.batch,
+                                     progress=progress)
+  except (ValueError, NotImplementedError) as exc:  # e.g. a fully quantized model: no nnx.Linear left
     raise cli.CommandError(str(exc)) from None
   calibration.save(out, result)
   distinct = {id(a): a for a in result.values()}.values()
   print(f"{len(result)} layers, {len(distinct)} distinct inputs, "
         f"{sum(a.size * 4 for a in distinct) / 1e6:.1f} MB of float32 statistics from "
         f"{len(ids) // args.window * args.window} tokens in {time.perf_counter() - t0:.1f} s "
-        f"(CPU {time.process_time() - c0:.1f} s) -> {out}")
+        f"(CPU {time.process_time() - c0:.1f} s) -> {out}"
+        + (f"; sequential for {args.format} seed {args.seed}: convert with the same "
+           "--format and --seed" if args.sequential else ""))
   return 0

@@ -16,7 +16,10 @@ rounded with GPTQ in the coding domain (``quantize_model(..., hessians=...)``)
 from input statistics of calibration text disjoint from the scored text
 (SmolLM2: tokens 16384..24575 of the protocol stream; MiniLM: the first 8192
 MiniLM tokens of the same text in windows of 128, the scored sentences being a
-separate list). Statistics and quantization are timed separately.
+separate list). Statistics are sequential, as ``itq3s calibrate`` makes them by
+default: each layer's input on the model whose earlier layers are itq3_t-coded
+(seed 0); other formats are rounded with the same statistics. Statistics and
+quantization are timed separately.
 """
 
 from __future__ import annotations
@@ -187,8 +190,8 @@ def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, 
         f"x {evaluation.WINDOW} tokens; loaded in {info['load_seconds']:.1f} s", flush=True)
   stats = None
   if calibrated:
-    stats = _timed_stats(info, lambda: calibration.calibrate(
-        model, calibration.protocol_tokens(tok), progress=True), stats_path)
+    stats = _timed_stats(info, lambda: calibration.calibrate_sequential(
+        model, calibration.protocol_tokens(tok), progress=True)[0], stats_path)
   ref_nlls = None
   rows = []
   formats = _with_calibrated(formats, calibrated)
@@ -220,8 +223,8 @@ def _minilm_stats(model, tok):
   from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
   n, window = MINILM_CALIBRATION
   ids = tok.encode(evaluation.protocol_text(), add_special_tokens=False).ids[:n]
-  return calibration.calibrate(model, ids, window=window, batch_size=16,
-                             forward=lambda m, t: m(t, jnp.ones_like(t)))
+  return calibration.calibrate_sequential(model, ids, window=window, batch_size=16,
+                                        forward=lambda m, t: m(t, jnp.ones_like(t)))[0]
 
 
 def run_minilm(formats: list[str], rules: dict[str, Any], calibrated: bool = False,
