@@ -80,6 +80,7 @@ def bit_identical(case: strategies.Case, eager: bool = False, chunked: bool = Fa
 @given(strategies.cases())
 @example(strategies.make("llama_cos", 256, 0, 0, 1))
 @example(strategies.make("dynamic_range", 256, 0, 0, 2))
+@example(strategies.make("constant", 256, 0, -1, 0))  # iq4_nl near-tie: jit and vmap differed
 def test_bit_identical(case):
   bit_identical(case)
 

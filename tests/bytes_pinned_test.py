@@ -25,16 +25,17 @@ PINNED = {
     "iq3_s/tail480/0": "95bcbfee25a25663",
     "iq3_s/tail480_gptq/0": "91843b615cb17056",
     "iq3_s/tail480_imp/0": "81dd01c049194b7f",
-    # iq4_nl: added with the format (issue 17); the same on jax 0.10 and 0.12.
-    "iq4_nl/a/0": "c32e9166ed20a120",
-    "iq4_nl/a/7": "c32e9166ed20a120",
+    # iq4_nl: added with the format (issue 17), re-pinned when its block sums got a fixed
+    # order (jit and vmap chose different scales on near-ties); the same on jax 0.10 and 0.12.
+    "iq4_nl/a/0": "b30db4e1fcaddc5d",
+    "iq4_nl/a/7": "b30db4e1fcaddc5d",
     "iq4_nl/b/0": "0a5d90f306cc3366",
-    "iq4_nl/d/0": "84b825cb9bc1cac8",
-    "iq4_nl/e/0": "b3a16c03626ed562",
+    "iq4_nl/d/0": "f28a207a416d9dd2",
+    "iq4_nl/e/0": "f2e9caaded1b52f9",
     "iq4_nl/f/0": "a99546799d5e9ac3",
     "iq4_nl/tail480/0": "be1e523e6b397465",
     "iq4_nl/tail480_gptq/0": "ca17f98cf8aab1bb",
-    "iq4_nl/tail480_imp/0": "f48c8a788947cc46",
+    "iq4_nl/tail480_imp/0": "a0e841920c6be00d",
     "itq3_s/a/0": "301195441fa188f8",
     "itq3_s/a/7": "301195441fa188f8",
     "itq3_s/b/0": "cf29b182a23dfed1",

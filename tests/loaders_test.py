@@ -233,10 +233,12 @@ def test_gguf_loads_float_and_converted_gguf_loads_quantized(float_model, tmp_pa
   in_memory, _ = qflax.quantize_model(fmodel, itq3s_jax.QuantRule("itq3_s"))
   _assert_same_quantized(loaded, in_memory)
   np.testing.assert_array_equal(_apply(loaded, toks), _apply(in_memory, toks))
-  # A GGUF destination (ITQ3_S as GGML type 41) loads quantized too, with the same codes.
-  checkpoint.convert(src, str(tmp_path / "q.gguf"),
-                     rule=itq3s_jax.QuantRule("itq3_s", min_size=0))
-  _assert_same_quantized(models.load(tmp_path / "q.gguf")[0], in_memory)
+  # A GGUF destination loads quantized too. Every K here is 64, which no 256-block type
+  # codes, so the writer falls back to IQ4_NL as llama-quantize does: the codes are those of
+  # an in-memory iq4_nl model.
+  checkpoint.convert(src, str(tmp_path / "q.gguf"), rule=itq3s_jax.QuantRule("iq3_s", min_size=0))
+  as_iq4, _ = qflax.quantize_model(models.load(src)[0], itq3s_jax.QuantRule("iq4_nl"))
+  _assert_same_quantized(models.load(tmp_path / "q.gguf")[0], as_iq4)
 
 
 @pytest.mark.parametrize("model_type,tie,shards", [("qwen2", True, 2), ("mistral", False, 1)])

@@ -80,12 +80,26 @@ def _nearest(t: jax.Array):
   return idx, lvl
 
 
+def _sum0(t: jax.Array) -> jax.Array:
+  """Sum over axis 0 of (32, N) as a fixed pairwise tree of elementwise adds -> (N,).
+
+  ``jnp.sum`` lets XLA pick the summation order, and it picks differently under jit and
+  vmap; the candidate errors below are compared to the last bit (a constant block is exact
+  at both polarities), so an order change flipped the chosen scale. Elementwise adds are
+  never reassociated, so this order, and the bytes, do not depend on batching.
+  """
+  while t.shape[0] > 1:
+    h = t.shape[0] // 2
+    t = t[:h] + t[h:]
+  return t[0]
+
+
 def _fit(x, a, q):
   """Weighted least-squares scale of levels q and its error: x, a, q (32, N) -> (N,), (N,)."""
-  sqx = jnp.sum(a * q * x, axis=0)
-  sqq = jnp.sum(a * q * q, axis=0)
+  sqx = _sum0(a * q * x)
+  sqq = _sum0(a * q * q)
   d = sqx / jnp.maximum(sqq, 1e-30)
-  return d, jnp.sum(a * x * x, axis=0) - d * sqx
+  return d, _sum0(a * x * x) - d * sqx
 
 
 def _at(x, a, d):
@@ -93,7 +107,7 @@ def _at(x, a, d):
   safe = jnp.where(d == 0, 1.0, d)
   idx, q = _nearest(x / safe)
   y = jnp.where(d == 0, 0.0, d * q)
-  return idx, jnp.sum(a * (x - y) ** 2, axis=0)
+  return idx, _sum0(a * (x - y) ** 2)
 
 
 def _f16(d):
