@@ -1,6 +1,6 @@
 """Accuracy benchmark: rel-MSE and bpw per format x test tensor beside the anchors.
 
-Runs the same code as ``itq3s accuracy`` (itq3s_jax/_src/commands/accuracy.py)
+Runs the same code as ``itq3s accuracy`` (its public form: ``itq3s_jax.accuracy``)
 on the full tensors, adds the anchor columns of benchmarks/anchors.py and checks
 the issue-2 targets of itq3_t. Every registered format is measured, so new
 formats appear without changes here.
@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import anchors  # noqa: E402  (benchmarks/anchors.py, next to this file)
-from itq3s_jax._src.commands import accuracy  # noqa: E402
+from itq3s_jax import accuracy  # noqa: E402
 
 
 def check_targets(results, summaries) -> list[tuple[str, float, float, bool]]:

@@ -19,8 +19,8 @@ import time
 import numpy as np
 
 from itq3s_jax import cli
+from itq3s_jax import eval_tables
 from itq3s_jax import evaluation
-from itq3s_jax._src.commands import eval as eval_cmd
 from itq3s_jax.models import bert
 from itq3s_jax.models import llama
 
@@ -63,7 +63,7 @@ def minilm_paraphrases() -> None:
 
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--formats", default=eval_cmd.DEFAULT_FORMATS)
+  p.add_argument("--formats", default=eval_tables.DEFAULT_FORMATS)
   p.add_argument("--tokens", type=int, default=evaluation.N_TOKENS)
   p.add_argument("--new-tokens", type=int, default=40)
   p.add_argument("--json")

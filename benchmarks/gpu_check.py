@@ -37,9 +37,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 import itq3s_jax
-from itq3s_jax._src.core import qtensor
-from itq3s_jax.pallas_kernels import driver as _driver
 from itq3s_jax.pallas_kernels import act_rotate
+from itq3s_jax.pallas_kernels import driver as _driver
 from itq3s_jax.pallas_kernels import weight_ifwht
 
 SHAPES_NK = ((4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192))
@@ -179,7 +178,7 @@ def bench(args, kind: str) -> list[tuple]:
   for n, k in SHAPES_NK:
     # Timing data: random bytes (trit bytes < 243 are valid; any step codes are finite;
     # IQ3_S: bits 2 and 7 of byte 1 cleared keep the fp16 d finite).
-    qdata = jax.random.randint(key, (n, qtensor.row_nbytes("itq3_t", k)), 0, 243, jnp.int32)
+    qdata = jax.random.randint(key, (n, itq3s_jax.row_nbytes("itq3_t", k)), 0, 243, jnp.int32)
     qt = itq3s_jax.QuantizedTensor(data=qdata.astype(jnp.uint8), format="itq3_t", k=k, seed=0)
     sdata = qdata.astype(jnp.uint8).reshape(n, -1, 110).at[:, :, 1].set(0x3B).reshape(n, -1)
     qs = itq3s_jax.QuantizedTensor(data=sdata, format="itq3_s", k=k, seed=0)

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import itq3s_jax
-from itq3s_jax._src.formats import iq3s
-from itq3s_jax._src.formats import iq3s_grid
+from itq3s_jax import iq3s
 
 
 def _median_time(fn, repeats: int) -> tuple[float, float]:
@@ -78,16 +77,16 @@ def search_check(groups: int = 1 << 16) -> None:
   n = groups // 64
   xa = [jnp.asarray(x[:, j].reshape(8, 8, n)) for j in range(4)]
   ones = [jnp.ones((8, 8, n), jnp.float32)] * 4
-  code, _ = jax.jit(iq3s._assign)(xa, ones, jnp.full((8, n), scale))
-  g = iq3s_grid.grid()
-  ours = g[iq3s_grid.index_of_code()[np.asarray(code).reshape(-1)]]
+  code, _ = jax.jit(iq3s.assign)(xa, ones, jnp.full((8, n), scale))
+  g = iq3s.grid()
+  ours = g[iq3s.index_of_code()[np.asarray(code).reshape(-1)]]
   ours = ours.reshape(8, 8, n, 4).transpose(0, 1, 2, 3).reshape(-1, 4)
   xs = np.stack([x[:, j].reshape(8, 8, n) for j in range(4)], -1).reshape(-1, 4)
   err_all = ((xs[:, None, :] - scale * g[None]) ** 2).sum(-1)
   best = err_all.min(-1)
   mine = ((xs - scale * ours) ** 2).sum(-1)
   differ = np.mean(mine > best * (1 + 1e-6) + 1e-12)
-  print(f"candidate search (NCAND={iq3s_grid.NCAND}) vs exhaustive on {groups} groups: "
+  print(f"candidate search (NCAND={iq3s.NCAND}) vs exhaustive on {groups} groups: "
         f"{differ:.4%} differ, error excess {mine.sum() / best.sum() - 1:.2e}")
 
 

@@ -50,7 +50,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax._src.pallas.triton import lowering as _triton_lowering
+from jax._src.pallas.triton import lowering as _triton_lowering  # jax internal: no public Triton IR
 from jax.sharding import AbstractDevice
 from jax.sharding import AbstractMesh
 
@@ -60,7 +60,6 @@ except ImportError:  # older jax keeps it private
   from jax._src.mesh import use_abstract_mesh  # pylint: disable=g-import-not-at-top
 
 import itq3s_jax
-from itq3s_jax._src.core import qtensor
 from itq3s_jax.pallas_kernels import act_rotate
 from itq3s_jax.pallas_kernels import driver
 from itq3s_jax.pallas_kernels import terms as terms_lib
@@ -279,8 +278,8 @@ def _decoder_key(kernel: str, fmt: str) -> str:
 def compile_case(kernel: str, fmt: str, dtype: str, m: int, n: int, k: int,
                  cfg: driver.Config, archs=ARCHS) -> tuple[Captured, dict[int, Binary]]:
   """Lower one case for CUDA and compile its kernel for each arch."""
-  qt = qtensor.QuantizedTensor(
-      data=jax.ShapeDtypeStruct((n, qtensor.row_nbytes(fmt, k)), jnp.uint8), format=fmt, k=k,
+  qt = itq3s_jax.QuantizedTensor(
+      data=jax.ShapeDtypeStruct((n, itq3s_jax.row_nbytes(fmt, k)), jnp.uint8), format=fmt, k=k,
       seed=0)
   f = functools.partial(KERNELS[kernel], config=cfg)
   caps = capture(f, jax.ShapeDtypeStruct((m, k), DTYPES[dtype]), qt)

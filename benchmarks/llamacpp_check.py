@@ -40,7 +40,7 @@ import gguf
 import numpy as np
 
 from itq3s_jax import evaluation
-from itq3s_jax._src import gguf_io
+from itq3s_jax import gguf as gguf_io  # ours; `gguf` is the PyPI package
 from itq3s_jax.models import llama
 from itq3s_jax.models import loaders
 from itq3s_jax.models import tokenizer as tokenizer_lib

@@ -27,8 +27,8 @@ from flax import nnx
 
 import itq3s_jax
 from itq3s_jax import calibration
-from itq3s_jax._src import calibrate as calibrate_lib
 from itq3s_jax import evaluation
+from itq3s_jax.flax import state as state_lib
 from itq3s_jax.models import llama
 
 KINDS = {"attn input (q/k/v)": r"attn\.q_proj$", "o_proj input": r"o_proj$",
@@ -60,8 +60,10 @@ def keep_columns(model, stats, fmt: str, keep: int, seed: int = 0):
   Returns (model, bits per weight of the linear layers including the float16 columns).
   """
   bits = weights = 0
-  for path, lin in calibrate_lib._linears(model):
-    name = calibrate_lib._dotted(path)
+  for path, lin in nnx.iter_modules(model):
+    if not (path and isinstance(lin, nnx.Linear)):
+      continue
+    name = state_lib.dotted(path)
     w = np.asarray(lin.kernel[...]).T  # (N, K)
     d = np.diagonal(np.asarray(stats[name]))
     top = np.argsort(-d)[:keep]

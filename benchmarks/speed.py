@@ -38,8 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import itq3s_jax
-from itq3s_jax._src import codec
-from itq3s_jax._src.core import qtensor
+from itq3s_jax import tiles
 
 # Targets of issue 19 (2-core CPU): slowdown limits, throughputs in weights/s.
 MATMUL_TARGETS = {1: 1.5, 32: 4.0}  # default method vs f32 x@w.T, itq3_t and itq3_s
@@ -62,7 +61,7 @@ def interleaved(fns: dict, rounds: int) -> dict[str, float]:
 
 
 def matmul_table(w: np.ndarray, formats, methods, ms, rounds: int) -> list[dict]:
-  n, k = w.shape
+  k = w.shape[1]
   wf = jnp.asarray(w)
   wkn, wb = jnp.asarray(np.ascontiguousarray(w.T)), wf.astype(jnp.bfloat16)
   qts = {f: itq3s_jax.quantize(wf, f) for f in formats}
@@ -89,15 +88,16 @@ def decode_rates(w: np.ndarray, formats, rounds: int) -> dict[str, dict[str, flo
   out = {}
   for f in formats:
     qt = itq3s_jax.quantize(jnp.asarray(w), f)
-    segs = qtensor.segments(f, k)
-    rows = codec.tile_rows(n, k)
+    segs = tiles.segments(f, k)
+    rows = tiles.tile_rows(n, k)
 
     def tile_sum(bts, f=f, segs=segs):  # the matmul's decode with a trivial consumer
-      return sum(jnp.sum(codec.decode_tile(bt, seg, f), axis=(0, 1)) for seg, bt in zip(segs, bts))
+      return sum(jnp.sum(tiles.decode_tile(bt, seg, f), axis=(0, 1)) for seg, bt in zip(segs, bts))
 
-    tiled = jax.jit(lambda d, f=f, rows=rows: codec.map_tiles(
-        tile_sum, codec.column_tiles(d, f, k, rows)))
-    rot = jax.jit(lambda d: codec._decode_rotated(d, format=f, k=k))
+    tiled = jax.jit(lambda d, f=f, rows=rows: tiles.map_tiles(
+        tile_sum, tiles.column_tiles(d, f, k, rows)))
+    rot = jax.jit(lambda d, f=f: itq3s_jax.decode_rotated(
+        itq3s_jax.QuantizedTensor(data=d, format=f, k=k)))
     t = interleaved({"tiled": lambda: tiled(qt.data), "row": lambda: rot(qt.data)}, rounds)
     out[f] = {"decode": w.size / t["tiled"], "decode_rotated": w.size / t["row"]}
   return out
@@ -220,9 +220,8 @@ def main(argv=None) -> int:
 
 
 def _default_method() -> str:
-  from itq3s_jax._src.matmul import api  # pylint: disable=g-import-not-at-top
   qt = itq3s_jax.quantize(jnp.ones((8, 256)), "itq3_t")
-  return api.choose(jax.ShapeDtypeStruct((1, 256), jnp.float32), qt)
+  return itq3s_jax.choose_method(jax.ShapeDtypeStruct((1, 256), jnp.float32), qt)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ from itq3s_jax._src.core.fwht import fwht
 from itq3s_jax._src.core.fwht import ifwht
 from itq3s_jax._src.core.fwht import sign_vector
 from itq3s_jax._src.core.qtensor import QuantizedTensor
+from itq3s_jax._src.core.qtensor import row_nbytes
 from itq3s_jax._src.core.registry import format_names as formats
 from itq3s_jax._src.core.registry import get_format
+from itq3s_jax._src.matmul.api import choose as choose_method
 from itq3s_jax._src.matmul.api import matmul
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "QuantizedTensor",
     "ROUNDINGS",
     "block_columns",
+    "choose_method",
     "decode_rotated",
     "default_rounding",
     "dequantize",
@@ -47,6 +50,7 @@ __all__ = [
     "quantize",
     "rotate_activations",
     "rounding_slack",
+    "row_nbytes",
     "sign_vector",
     "two_neighbour_bound",
     "underflow_slack",

@@ -1,7 +1,7 @@
 """Every Pallas kernel cross-lowers for CUDA from a CPU-only machine (Triton custom call).
 
 Interpret mode accepts programs the Triton backend rejects (scratch, slices,
-gathers, non-power-of-two loads; jax_notes.md §3), so each interpret-mode test
+gathers, non-power-of-two loads; benchmarks/KERNELS.md), so each interpret-mode test
 has this twin. It proves jaxpr -> Triton IR; tests/kernel_report_test.py
 compiles that IR on to cubin, and speed needs a GPU (benchmarks/gpu_check.sh).
 The abstract mesh names a GPU device, which jax >= 0.11 requires for lowering

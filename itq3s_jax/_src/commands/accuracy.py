@@ -200,8 +200,8 @@ def render(results: Sequence[Result], summaries: Sequence[FormatSummary],
                "256-blocks of ||w - w_hat|| / eps_q; cos metric = llama.cpp "
                "test-quantize-fns sqrt(sum d^2)/n, 3-bit bar 0.0040.")
   if anchors:
-    lines.append("* = anchor numbers on the full tensors (numbers.md), llama.cpp C library "
-                 "/ numpy prototypes; not measured here.")
+    lines.append("* = anchor numbers on the full tensors (benchmarks/anchors.py), llama.cpp "
+                 "C library / numpy prototypes; not measured here.")
   return "\n".join(lines)
 
 
