@@ -248,7 +248,14 @@ def test_error_within_bound_on_random_blocks(fmt, seed, log_scale, dist):
       "sparse": lambda: rng.standard_normal(shape) * (rng.random(shape) < 0.05),
       "one_scale_per_row": lambda: rng.standard_normal(shape) * 10.0 ** rng.uniform(-8, 3, (2, 1)),
   }[dist]() * 10.0**log_scale
-  _assert_bound_holds(w, fmt, seed=seed % 3)
+  try:
+    _assert_bound_holds(w, fmt, seed=seed % 3)
+  except ValueError as e:
+    # Beyond its range the encoder refuses (test_values_beyond_the_format_range); the bound
+    # is only claimed for what it codes.
+    if "too large" not in str(e):
+      raise
+    hypothesis.reject()
 
 
 @pytest.mark.parametrize("fmt", BOUNDED)
