@@ -80,34 +80,47 @@ def _nearest(t: jax.Array):
   return idx, lvl
 
 
-def _sum0(t: jax.Array) -> jax.Array:
+def _rounded(t: jax.Array, one: jax.Array) -> jax.Array:
+  """``t`` (32, N) or (N,), times ``one`` (N,) = 1.0 at run time.
+
+  The candidate errors below are compared to the last bit (a constant block is exact at
+  both polarities), so every rounding must be the same whatever the compiler does. XLA:CPU
+  contracts a*b + c into one FMA at its default optimization level (not at level 0, nor on
+  a CPU without FMA), and that changed the chosen scales. Multiplying a rounded product by
+  a 1.0 the compiler cannot see makes any contraction exact: fma(p, 1, c) = p + c rounded
+  once, the unfused result. (``lax.optimization_barrier`` did not stop it on jax 0.10.)
+  """
+  return t * one
+
+
+def _sum0(t: jax.Array, one: jax.Array) -> jax.Array:
   """Sum over axis 0 of (32, N) as a fixed pairwise tree of elementwise adds -> (N,).
 
   ``jnp.sum`` lets XLA pick the summation order, and it picks differently under jit and
-  vmap; the candidate errors below are compared to the last bit (a constant block is exact
-  at both polarities), so an order change flipped the chosen scale. Elementwise adds are
-  never reassociated, so this order, and the bytes, do not depend on batching.
+  vmap; elementwise adds are never reassociated, so this order, and the bytes, do not
+  depend on batching. The terms are rounded first (:func:`_rounded`).
   """
+  t = _rounded(t, one)
   while t.shape[0] > 1:
     h = t.shape[0] // 2
     t = t[:h] + t[h:]
   return t[0]
 
 
-def _fit(x, a, q):
+def _fit(x, a, q, one):
   """Weighted least-squares scale of levels q and its error: x, a, q (32, N) -> (N,), (N,)."""
-  sqx = _sum0(a * q * x)
-  sqq = _sum0(a * q * q)
+  sqx = _sum0(a * q * x, one)
+  sqq = _sum0(a * q * q, one)
   d = sqx / jnp.maximum(sqq, 1e-30)
-  return d, _sum0(a * x * x) - d * sqx
+  return d, _sum0(a * x * x, one) - _rounded(d * sqx, one)
 
 
-def _at(x, a, d):
+def _at(x, a, d, one):
   """Codes and error at a fixed (float32) scale d (N,): ((32, N) idx, (N,) error)."""
   safe = jnp.where(d == 0, 1.0, d)
   idx, q = _nearest(x / safe)
-  y = jnp.where(d == 0, 0.0, d * q)
-  return idx, _sum0(a * (x - y) ** 2)
+  y = _rounded(jnp.where(d == 0, 0.0, d * q), one)
+  return idx, _sum0(a * (x - y) ** 2, one)
 
 
 def _f16(d):
@@ -121,21 +134,22 @@ def _encode(z: jax.Array, a: jax.Array) -> jax.Array:
   pick = jnp.argmax(jnp.abs(x), axis=0)
   m = jnp.take_along_axis(x, pick[None], axis=0)[0]
   safe_m = jnp.where(m == 0, 1.0, m)
+  one = 1.0 + 0.0 * m  # 1.0 (m is finite) that XLA does not fold: see _rounded
 
   def trial(best, r):
     best_err, best_d = best
     _, q = _nearest(x * (r / safe_m))
-    d, err = _fit(x, a, q)
+    d, err = _fit(x, a, q, one)
     better = err < best_err
     return (jnp.where(better, err, best_err), jnp.where(better, d, best_d)), None
 
   init = (jnp.full(m.shape, jnp.inf), safe_m / KVALUES[0])
   (_, d), _ = jax.lax.scan(trial, init, jnp.asarray(_RATIOS, jnp.float32))
   d1 = _f16(d)
-  idx1, err1 = _at(x, a, d1.astype(jnp.float32))
+  idx1, err1 = _at(x, a, d1.astype(jnp.float32), one)
   q1 = jnp.asarray(KVALUES)[idx1]
-  d2 = _f16(_fit(x, a, q1)[0])
-  idx2, err2 = _at(x, a, d2.astype(jnp.float32))
+  d2 = _f16(_fit(x, a, q1, one)[0])
+  idx2, err2 = _at(x, a, d2.astype(jnp.float32), one)
   second = err2 < err1
   d16 = jnp.where(second, d2, d1)
   idx = jnp.where(second[None], idx2, idx1)
