@@ -74,7 +74,12 @@ def split_k(programs: int, blocks: int, sms: int = SMS) -> int:
 # from the default (128, 8, 1) (kernel_report.py --tune, H100 model, M = 1 and 256):
 # GEMV tiles (block_m 16) within 128 registers, GEMM tiles (block_m 64, 128) spill-free.
 _GEMV = {"itq3_t": (64, 4, 1), "iq3_s": (64, 4, 2), "itq3_s": (64, 4, 2)}
-_GEMM = {"itq3_t": (64, 8, 2)}
+# itq3_t's act_rotate expands x into its trit-slot planes, so shared memory grows with
+# block_m: (128, 64, 8 warps, 2 stages) needed 321 KB (bf16) / 904 KB (f32) and launches on
+# no GPU. At M = 256, 8192^2 (kernel_report.compile_case, sm_80 / sm_90): (32, 64, 4, 1) bf16
+# 148 / 144 registers, no spills, 16 / 8 KB, 3 CTAs per SM; float32 at 32 rows spills
+# (120 / 360 B), at 16 rows (the GEMV tile) 16 / 0 B. Larger M runs more row tiles.
+_MAX_BLOCK_M = {("itq3_t", True): 32, ("itq3_t", False): 16}
 
 
 def heuristic(m: int, n: int, k: int, *, rotate: bool = True, half: bool = True,
@@ -85,15 +90,18 @@ def heuristic(m: int, n: int, k: int, *, rotate: bool = True, half: bool = True,
     m, n, k: problem size (activation rows, weight rows, columns).
     rotate: ``act_rotate`` (else ``weight_ifwht``, whose float32 tile and
       butterfly need fewer rows per program to stay spill-free).
-    half: bf16/f16 activations rather than float32 (unused: act_rotate runs
-      float16 dots for both, weight_ifwht's tiles are chosen for bf16).
+    half: bf16/f16 activations rather than float32 (float32 activations take
+      more shared memory: smaller or fewer-stage tiles where it would not fit).
     format: the weight's format (its decoder's best GEMV tile), or None.
   """
   bm = 16 if m <= 16 else 64 if m <= 64 else 128  # 16: the least a tensor-core dot takes
   if not rotate:  # float32 tile + butterfly: the only spill-free tiles have 32 rows
     bn, warps, stages = 32, 8, 2
+    if not half and bm == 128:  # 192 KB of shared memory at 2 stages: over sm_80's 163 KB
+      stages = 1
   else:
-    bn, warps, stages = (_GEMV if bm == 16 else _GEMM).get(format, (128, 8, 1))
+    bm = min(bm, _MAX_BLOCK_M.get((format, half), bm))
+    bn, warps, stages = _GEMV.get(format, (128, 8, 1)) if bm <= 32 else (128, 8, 1)
   bn = min(bn, max(16, _ceil_pow2(n)))
   programs = -(-m // bm) * -(-n // bn)
   return Config(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
