@@ -6,7 +6,8 @@ sharding tests run in-process on a (2, 4) mesh instead of in subprocesses.
 
 Tiers (markers, assigned by location unless a test marks itself):
   ``unit``        fast tests of one function or module (``itq3s_jax`` doctests too);
-  ``property``    the proofs (``proofs/``), hypothesis ``ci`` profile;
+  ``property``    the proofs (``proofs/``) and the every-format codec sweeps, hypothesis
+                  ``ci`` profile;
   ``integration`` notebooks, command lines, kill/resume, real-model smoke tests;
   ``kernel``      Pallas kernels in interpret mode and their GPU lowering.
 ``ITQ3S_TEST_TIERS=unit,kernel`` (comma-separated) runs only those tiers; unset
@@ -52,6 +53,10 @@ INTEGRATION = ("notebooks_test.py", "cli_test.py", "convert_test.py", "convert_g
                "inspect_test.py", "models_test.py", "fuzz_test.py", "loaders_test.py",
                "gguf_llamacpp_test.py")
 KERNEL = ("pallas_kernels_test.py", "pallas_lowering_test.py", "kernel_report_test.py")
+# Sweeps of every format x shape x dtype x rounding (hypothesis-driven in part): property
+# tests of the codecs, run with the proofs. The unit tier keeps one pinned-bytes check per
+# format (bytes_pinned_test.py), which exercises the same encoders on both jax versions.
+PROPERTY = ("formats_test.py", "gptq_test.py")
 
 
 def _tier(item) -> str:
@@ -60,7 +65,7 @@ def _tier(item) -> str:
       return tier
   path = str(item.path)
   name = os.path.basename(path)
-  if f"{os.sep}proofs{os.sep}" in path:
+  if f"{os.sep}proofs{os.sep}" in path or name in PROPERTY:
     return "property"
   if name in INTEGRATION:
     return "integration"
