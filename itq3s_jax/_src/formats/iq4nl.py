@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from itq3s_jax._src.core import batching
 from itq3s_jax._src.core import bitpack
 from itq3s_jax._src.core import registry
 
@@ -193,19 +194,8 @@ def decode(b: jax.Array, n: int) -> jax.Array:
 
 def encode(z: jax.Array, importance: jax.Array | None = None) -> jax.Array:
   """float32 (..., n) values [+ weights (..., n)] -> uint8 (..., 18 n/32)."""
-  n = z.shape[-1]
-  block_nbytes(n)
-  z = jnp.asarray(z, jnp.float32)
-  a = jnp.ones_like(z) if importance is None else jnp.asarray(importance, jnp.float32)
-  a = jnp.broadcast_to(a, z.shape)
-  lead = z.shape[:-1]
-  z, a = z.reshape(-1, QK), a.reshape(-1, QK)
-  rows = z.shape[0]
-  # pad the block count to a power of two: one compilation serves many shapes
-  pad = max(8, 1 << (rows - 1).bit_length()) - rows
-  if pad:
-    z, a = jnp.pad(z, ((0, pad), (0, 0))), jnp.pad(a, ((0, pad), (0, 0)))
-  return _encode(z, a)[:rows].reshape(*lead, block_nbytes(n))
+  block_nbytes(z.shape[-1])
+  return batching.encode_blocks(_encode, z, importance, QK)
 
 
 def levels(b: jax.Array, n: int):
