@@ -28,7 +28,6 @@ from jax.sharding import PartitionSpec as P
 
 import itq3s_jax
 from itq3s_jax._src import codec
-from itq3s_jax._src.core import kernel_codec
 from itq3s_jax._src.core import registry
 from itq3s_jax._src.matmul import api as matmul_lib
 from itq3s_jax._src.matmul import xla as xla_matmul

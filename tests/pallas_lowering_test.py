@@ -28,7 +28,6 @@ from jax.sharding import PartitionSpec as P
 
 import itq3s_jax
 from itq3s_jax._src.core import kernel_codec
-from itq3s_jax._src.core import registry
 from itq3s_jax.pallas_kernels import driver as _driver
 from itq3s_jax.pallas_kernels import act_rotate
 from itq3s_jax.pallas_kernels import weight_ifwht
