@@ -193,3 +193,38 @@ def test_not_a_checkpoint(tmp_path, capsys, what, message):
     path.write_bytes(b"hello")
   assert cli.main(["inspect", str(path)]) == 2
   assert message in capsys.readouterr().err
+
+
+def test_one_layout_for_convert_and_flax_save_from_relative_paths(tmp_path, monkeypatch, capsys):
+  """`itq3s convert` output restores into an NNX model; `flax.save` output opens with
+  `itq3s inspect`; every path relative to the working directory."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(256, 64, rngs=rngs)
+
+    def __call__(self, x):
+      return self.lin(x)
+
+  monkeypatch.chdir(tmp_path)
+  model = Net(nnx.Rngs(0))
+  with ocp.StandardCheckpointer() as c:  # a Flax checkpoint: kernel (in, out) = (256, 64)
+    c.save(os.path.abspath("float"), nnx.to_pure_dict(nnx.state(model)))
+  assert cli.main(["convert", "float", "q", "--min-size", "0", "--quiet"]) == 0
+  rule = itq3s_jax.QuantRule(min_size=0)
+  restored = qflax.restore("q", nnx.eval_shape(lambda: qflax.quantize_model(
+      Net(nnx.Rngs(1)), rule)[0]))
+  in_memory, _ = qflax.quantize_model(Net(nnx.Rngs(0)), rule)
+  assert isinstance(restored.lin, qflax.QuantizedLinear)
+  x = jnp.asarray(RNG.standard_normal((2, 256)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(in_memory(x)))
+
+  qflax.save("saved", in_memory)
+  capsys.readouterr()
+  assert cli.main(["inspect", "saved"]) == 0
+  out = capsys.readouterr().out
+  assert "lin" in out and "itq3_t" in out, out
