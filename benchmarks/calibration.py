@@ -10,11 +10,12 @@ Rows (``--rows``; models: smollm2 and gemma score perplexity, minilm the mean
 cosine of ``itq3s eval``'s sentence embeddings):
 
   rtn              round to nearest, no statistics
-  gptq             float-model statistics, GPTQ two-neighbour + act-order (the old default)
+  gptq             float-model statistics, GPTQ two-neighbour + act-order (the default of
+                   ``itq3s calibrate`` / ``itq3s convert --calibration``)
   gptq+refit       lever 1: step codes re-fitted to the codes, re-rounded (GptqConfig(refit=2))
   gptq+damp=X      lever 4: damping X
-  sequential       lever 2: statistics on the quantized prefix (the default of
-                   ``itq3s calibrate``; ``itq3s convert --calibration`` writes these codes)
+  sequential       lever 2: statistics on the quantized prefix (``itq3s calibrate
+                   --sequential``; ``itq3s convert --calibration`` writes these codes)
   sequential+tune  lever 3: + norm gains and biases tuned by KL(float || quantized) (optax)
 
 Columns: Δppl (or cosine), bpw over the quantized linear layers with every byte

@@ -9,12 +9,13 @@ distinct input (q/k/v share one, gate/up share one). ``itq3s convert MODEL DST
 --calibration OUT.npz`` then GPTQ-rounds every linear weight of the same
 checkpoint (HF and GGUF names map to these paths).
 
-``--sequential`` (the default) collects them the GPTQ paper's way: block by
-block, each layer's input taken on the model whose earlier layers are already
-GPTQ-coded in ``--format`` with ``--seed`` (``calibration.calibrate_sequential``),
-so later layers correct the errors of earlier ones; ``itq3s convert`` with the
-same format and seed then writes exactly those codes. ``--no-sequential`` gives
-the float model's statistics (any format).
+The default is the float model's statistics (any format). ``--sequential``
+collects them the GPTQ paper's way: block by block, each layer's input taken on
+the model whose earlier layers are already GPTQ-coded in ``--format`` with
+``--seed`` (``calibration.calibrate_sequential``); ``itq3s convert`` with the
+same format and seed then writes exactly those codes. On SmolLM2 it is worse
+(validation slice, ``benchmarks/calibration.py --slice val --rows
+gptq,sequential``: +2.00 +- 0.21 vs +1.43 +- 0.21 ppl), so it is not the default.
 
 Text: ``--text FILE`` (all its tokens unless ``--tokens``), or by default tokens
 16384..24575 of the perplexity protocol's stream, disjoint from the scored
@@ -49,9 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  "protocol text)" % stats.CALIBRATION_SLICE)
   p.add_argument("--window", type=int, default=512, help="context length (default: %(default)s)")
   p.add_argument("--batch", type=int, default=2, help="windows per forward (default: %(default)s)")
-  p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
-                 help="statistics on the quantized prefix (default; convert with the same "
-                 "--format/--seed), or of the float model (--no-sequential)")
+  p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
+                 help="statistics on the quantized prefix (convert with the same "
+                 "--format/--seed) instead of the float model's (default)")
   p.add_argument("--format", default="itq3_t", help="format of the sequential codes "
                  "(default: %(default)s)")
   p.add_argument("--seed", type=int, default=0, help="sign-vector seed of the sequential codes")
