@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import zipfile
 
@@ -104,10 +105,15 @@ def _summary_table(summary: converter.Summary) -> str:
                  e["reason"]])
   q = [e for e in summary.entries if e["kind"] == "quantized"]
   nq = sum(math.prod(e["shape"]) for e in q)
-  total = sum(e["nbytes"] for e in summary.entries)
+  # A GGUF destination keeps tensors in their source type (a Q8_0 embedding stays Q8_0),
+  # which the entries (float32 as read) do not know: the file's size is the truth there.
+  if os.path.isfile(summary.dst):
+    size = f"file {table.human_bytes(os.path.getsize(summary.dst))}"
+  else:
+    size = f"checkpoint {table.human_bytes(sum(e['nbytes'] for e in summary.entries))}"
   footer = (f"\n{len(q)} of {len(summary.entries)} tensors quantized ({nq} weights, "
-            f"{8.0 * sum(e['nbytes'] for e in q) / nq if nq else 0:.4f} bpw); checkpoint "
-            f"{table.human_bytes(total)}; {summary.seconds:.1f} s, "
+            f"{8.0 * sum(e['nbytes'] for e in q) / nq if nq else 0:.4f} bpw); "
+            f"{size}; {summary.seconds:.1f} s, "
             f"{summary.weights_per_second / 1e6:.2f} M weights/s -> {summary.dst}")
   return table.render(["tensor", "shape", "dtype", "format", "bpw", "rounding", "rule"],
                       rows) + footer
