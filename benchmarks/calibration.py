@@ -117,6 +117,14 @@ def quantized_row(row: str, model, tok, ids, forward, window, batch, args):
   return q, time.perf_counter() - t0, time.process_time() - c0
 
 
+def _sample(model, tok, prompt: str, n_new: int = 16) -> str:
+  """Greedy completion of ``prompt`` (after the tokenizer's <bos>, where it has one)."""
+  from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
+  bos = tok.token_to_id("<bos>")
+  ids = ([bos] if bos is not None else []) + tok.encode(prompt, add_special_tokens=False).ids
+  return tok.decode(llama.greedy_generate(model, ids, n_new))
+
+
 def _token_cosine_distance(ref, out):
   """Mean 1 - cos of per-token hidden states (MiniLM's tuning loss)."""
   ref = ref / jnp.linalg.norm(ref, axis=-1, keepdims=True)
@@ -135,6 +143,9 @@ def main() -> None:
                  "(read if present, else written)")
   p.add_argument("--no-bound-check", action="store_true")
   p.add_argument("--json", help="append the rows to this JSON file (created if absent)")
+  p.add_argument("--sample", metavar="PROMPT",
+                 help="also print the greedy completion (16 tokens) of PROMPT by the float "
+                 "model and each row's model (smollm2, gemma)")
   a = p.parse_args()
   model, tok, forward, window, batch = _load(a.model)
   text = evaluation.protocol_text()
@@ -163,7 +174,14 @@ def main() -> None:
 
     def measure(q):
       d = evaluation.delta_ppl(ref, evaluation.nlls(q, windows, batch))
-      return {"delta_ppl": d.delta, "delta_se": d.se}
+      out = {"delta_ppl": d.delta, "delta_se": d.se}
+      if a.sample:
+        out["sample"] = _sample(q, tok, a.sample)
+      return out
+
+    if a.sample:
+      info["sample_float"] = _sample(model, tok, a.sample)
+      print(f"float: {a.sample!r} -> {info['sample_float']!r}", flush=True)
   for row in a.rows.split(","):
     q, secs, cpu = quantized_row(row, model, tok, ids, forward, window, batch, a)
     coded = [m.qt for _, m in nnx.iter_modules(q) if hasattr(m, "qt")]
