@@ -73,16 +73,9 @@ class GemmaConfig:
     return (i + 1) % self.global_every == 0
 
 
-class RMSNorm(nnx.Module):
-  """y = x / rms(x) * (1 + weight), in float32 (weight zero-initialised)."""
-
-  def __init__(self, dim: int, eps: float):
-    self.weight = nnx.Param(jnp.zeros((dim,), jnp.float32))
-    self.eps = eps
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps) * (1.0 + self.weight[...])
+def RMSNorm(dim: int, eps: float) -> llama.RMSNorm:  # pylint: disable=invalid-name
+  """Gemma's RMSNorm: y = x / rms(x) * (1 + weight), in float32 (weight zero-initialised)."""
+  return llama.RMSNorm(dim, eps, offset=1.0)
 
 
 def attention_mask(t: int, window: int | None) -> jax.Array:

@@ -58,15 +58,20 @@ class LlamaConfig:
 
 
 class RMSNorm(nnx.Module):
-  """y = x / rms(x) * weight, in float32."""
+  """y = x / rms(x) * (offset + weight), in float32.
 
-  def __init__(self, dim: int, eps: float):
-    self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+  ``offset`` 0 is LLaMA's gain (weight starts at 1); 1 is Gemma's (1 + w), weight starting at 0.
+  """
+
+  def __init__(self, dim: int, eps: float, offset: float = 0.0):
+    self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, jnp.float32))
     self.eps = eps
+    self.offset = offset
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps) * self.weight[...]
+    gain = self.weight[...] + self.offset if self.offset else self.weight[...]
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps) * gain
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
