@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
+from itq3s_jax._src import llama_names
 from itq3s_jax._src import packages
 from itq3s_jax.flax import state as state_lib
 from itq3s_jax.models import llama
@@ -174,13 +175,13 @@ def config_from_gguf_metadata(md: Mapping[str, Any]) -> GemmaConfig:
       sliding_window=int(g("attention.sliding_window", 512)))
 
 
+# The projections are named as in the LLaMA decoder (one table); the norms are Gemma's own
+# (four per block, where LLaMA's "ffn_norm" is the second of two).
 _BLOCK_NAMES = {
     "attn_norm": "input_norm", "post_attention_norm": "post_attn_norm",
     "ffn_norm": "pre_mlp_norm", "post_ffw_norm": "post_mlp_norm",
     "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm",
-    "attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
-    "attn_output": "attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    **{name: f"{module}.{attr}" for name, (module, attr) in llama_names.GGUF_LINEARS.items()},
 }
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
