@@ -49,12 +49,13 @@ def signs(format: str, seed: int) -> np.ndarray:
 
 
 def transform(x: jax.Array, fmt: registry.Format, sig: jax.Array,
-              inverse: bool = False) -> jax.Array:
+              inverse: bool = False, stages_per_pass: int = 4) -> jax.Array:
   """float32 (..., n): weights -> coding domain, or back when ``inverse``."""
   if fmt.transform == "none":
     return x
   s = sig[:x.shape[-1]] if fmt.transform == "rht" else None
-  return (fwht_lib.ifwht if inverse else fwht_lib.fwht)(x, signs=s)
+  return (fwht_lib.ifwht if inverse else fwht_lib.fwht)(x, signs=s,
+                                                         stages_per_pass=stages_per_pass)
 
 
 def blocks_of(x: jax.Array, seg: blocks.Segment) -> jax.Array:
@@ -129,7 +130,7 @@ def encode(w: jax.Array, importance: jax.Array | None, sig: jax.Array, *, format
   out, peak = [], jnp.zeros((), jnp.float32)
 
   def code(v, a=None):
-    z = transform(v, fmt, sig)
+    z = transform(v, fmt, sig, stages_per_pass=2)  # fastest here (fwht.hadamard_unnormalized)
     top = jnp.max(jnp.where(jnp.isfinite(z), jnp.abs(z), jnp.inf), axis=-1, keepdims=True)
     return fmt.encode(z, a), top
 
@@ -194,9 +195,17 @@ def decoded_segments(data: jax.Array, sig: jax.Array | None, format: str, k: int
 
 
 def tile_rows(n_rows: int, width: int, weights: int | None = None) -> int:
-  """Rows per decode tile: about ``weights`` (DECODE_TILE) values, a multiple of 8, or all rows."""
-  rows = max(8, (weights or DECODE_TILE) // max(width, 1) // 8 * 8)
-  return n_rows if rows * 2 > n_rows else rows
+  """Rows per decode tile: at most about ``weights`` (DECODE_TILE) values, a multiple of 8, or all rows.
+
+  The rows are split evenly over the fewest tiles that fit, so the zero rows
+  padding the last tile are fewer than 8 per tile (a fixed tile height padded
+  SmolLM2's 1536-row MLP weights to 1792 rows: 17 % of the decode wasted).
+  """
+  most = max(8, (weights or DECODE_TILE) // max(width, 1) // 8 * 8)
+  if most * 2 > n_rows:
+    return n_rows
+  per_tile = -(-n_rows // -(-n_rows // most))
+  return -(-per_tile // 8) * 8
 
 
 def column_tiles(data: jax.Array, format: str, k: int, rows: int) -> list[jax.Array]:

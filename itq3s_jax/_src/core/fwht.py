@@ -35,12 +35,14 @@ def _check_length(n: int) -> int:
   return n.bit_length() - 1
 
 
-def hadamard_unnormalized(x: jax.Array, axis: int = -1) -> jax.Array:
+def hadamard_unnormalized(x: jax.Array, axis: int = -1, stages_per_pass: int = 4) -> jax.Array:
   """Applies the Sylvester Hadamard matrix H (entries +-1) along ``axis``.
 
   Args:
     x: float array with x.shape[axis] = n a power of two.
     axis: the transformed axis.
+    stages_per_pass: butterfly stages written as one expression (1 to 4);
+      a speed knob only, every value gives the same bits.
 
   Returns:
     H @ x along ``axis``, same shape and dtype, by the butterfly order
@@ -48,25 +50,31 @@ def hadamard_unnormalized(x: jax.Array, axis: int = -1) -> jax.Array:
     same additions in the same order whichever axis is transformed (a leading
     axis keeps every stage's operands contiguous: column-major decode tiles).
 
-  Stages run two at a time (``_radix4``): XLA fuses each pair into one pass
-  over the data where it writes every single stage out (measured 1.3-1.5x
-  faster on CPU); the sums, and so the bits, are the stage-by-stage ones.
+  XLA fuses each group of stages into one pass over the data where it would
+  write every single stage out. Measured on the 2-core CPU (4096 x 4096
+  itq3_t): four stages a pass (two passes for n = 256) decode column-major
+  tiles 2.3x faster than two a pass and rotate activations 1.7x faster; the
+  row-major encoder is 8 % faster at two (its transform fuses with the code
+  search); eight a pass (256 slices in one expression) is 10-30x slower.
   """
+  if not 1 <= stages_per_pass <= 4:
+    raise ValueError(f"{stages_per_pass=} must be 1, 2, 3 or 4.")
   axis = axis % x.ndim
   stages = _check_length(x.shape[axis])
   s = 0
   while s < stages:
-    width = min(2, stages - s)
-    x = _radix4(x, axis, 1 << s, width)
+    width = min(stages_per_pass, stages - s)
+    x = _radix(x, axis, 1 << s, width)
     s += width
   return x
 
 
-def _radix4(x: jax.Array, axis: int, h: int, width: int) -> jax.Array:
-  """Butterfly stages h (and 2h if width == 2) along ``axis`` as one expression.
+def _radix(x: jax.Array, axis: int, h: int, width: int) -> jax.Array:
+  """Butterfly stages h, 2h, ..., 2^(width-1) h along ``axis`` as one expression.
 
   Element j of each chunk of 2^width h: the stage-h pairs (a, b) -> (a + b,
-  a - b), then the stage-2h pairs of those results, in the documented order.
+  a - b), then the stage-2h pairs of those results, and so on, in the
+  documented order.
   """
   n = x.shape[axis]
   lead, rest = x.shape[:axis], x.shape[axis + 1:]
@@ -80,8 +88,9 @@ def _radix4(x: jax.Array, axis: int, h: int, width: int) -> jax.Array:
   return jnp.stack(v, axis=axis + 1).reshape(x.shape)
 
 
-@functools.partial(jax.jit, static_argnames="axis")
-def fwht(x: ArrayLike, axis: int = -1, signs: ArrayLike | None = None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("axis", "stages_per_pass"))
+def fwht(x: ArrayLike, axis: int = -1, signs: ArrayLike | None = None, *,
+         stages_per_pass: int = 4) -> jax.Array:
   """Orthonormal (randomized) Walsh-Hadamard transform along ``axis``.
 
   Args:
@@ -90,6 +99,7 @@ def fwht(x: ArrayLike, axis: int = -1, signs: ArrayLike | None = None) -> jax.Ar
     axis: the transformed axis.
     signs: optional +-1 vector (n,); when given the result is
       ``fwht(signs * x)`` (the randomized Hadamard transform).
+    stages_per_pass: see :func:`hadamard_unnormalized` (speed only, same bits).
 
   Returns:
     Array of the same shape and dtype: H (signs * x) / sqrt(n).
@@ -110,22 +120,25 @@ def fwht(x: ArrayLike, axis: int = -1, signs: ArrayLike | None = None) -> jax.Ar
   _check_length(n)
   if signs is not None:
     x = x * _along(_check_signs(signs, n, x.dtype), axis, x.ndim)
-  return hadamard_unnormalized(x, axis) * jnp.asarray(1.0 / math.sqrt(n), x.dtype)
+  return (hadamard_unnormalized(x, axis, stages_per_pass)
+          * jnp.asarray(1.0 / math.sqrt(n), x.dtype))
 
 
-@functools.partial(jax.jit, static_argnames="axis")
-def ifwht(z: ArrayLike, axis: int = -1, signs: ArrayLike | None = None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("axis", "stages_per_pass"))
+def ifwht(z: ArrayLike, axis: int = -1, signs: ArrayLike | None = None, *,
+          stages_per_pass: int = 4) -> jax.Array:
   """Inverse of :func:`fwht` with the same ``signs``: signs * (H z / sqrt(n)).
 
   Args:
     z: float array (..., n, ...), n = z.shape[axis] a power of two.
     axis: the transformed axis.
     signs: the +-1 vector (n,) that was passed to :func:`fwht`, or None.
+    stages_per_pass: see :func:`hadamard_unnormalized` (speed only, same bits).
 
   Returns:
     Array of the same shape and dtype.
   """
-  y = fwht(z, axis=axis)
+  y = fwht(z, axis=axis, stages_per_pass=stages_per_pass)
   if signs is None:
     return y
   return y * _along(_check_signs(signs, y.shape[axis], y.dtype), axis, y.ndim)
