@@ -12,11 +12,17 @@ cosine of ``itq3s eval``'s sentence embeddings):
   rtn              round to nearest, no statistics
   gptq             float-model statistics, GPTQ two-neighbour + act-order (the default of
                    ``itq3s calibrate`` / ``itq3s convert --calibration``)
-  gptq+refit       lever 1: step codes re-fitted to the codes, re-rounded (GptqConfig(refit=2))
-  gptq+damp=X      lever 4: damping X
   sequential       lever 2: statistics on the quantized prefix (``itq3s calibrate
                    --sequential``; ``itq3s convert --calibration`` writes these codes)
-  sequential+tune  lever 3: + norm gains and biases tuned by KL(float || quantized) (optax)
+
+and modifiers after gptq or sequential, combined freely (``gptq+tokens=32768+tune``):
+
+  +refit           lever 1: step codes re-fitted to the codes, re-rounded (GptqConfig(refit=2))
+  +tune            lever 3: norm gains and biases tuned by KL(float || quantized) (optax)
+  +tokens=N        lever 4: N calibration tokens from the calibration slice's start
+                   (default 8192; beyond 24576 they run on past that slice, still
+                   disjoint from eval and val)
+  +damp=X          lever 4: GPTQ damping X
 
 Columns: Δppl (or cosine), bpw over the quantized linear layers with every byte
 counted, the bound the bytes certify (two-neighbour eps_2 for GPTQ, eps_q for RTN)
@@ -84,35 +90,49 @@ def bound_check(model: nnx.Module, qmodel: nnx.Module) -> dict:
   return {"blocks": blocks, "bound": "/".join(sorted(kinds)), "worst_err_over_bound": worst}
 
 
+def _parse_row(row: str) -> tuple[str, dict]:
+  """'gptq+refit+tokens=32768' -> ('gptq', {'refit': True, 'tokens': '32768'})."""
+  base, *mods = row.split("+")
+  if base not in ("rtn", "gptq", "sequential"):
+    raise ValueError(f"unknown row {row!r}: starts with rtn, gptq or sequential")
+  opts = dict(m.split("=", 1) if "=" in m else (m, True) for m in mods)
+  unknown = set(opts) - {"refit", "damp", "tokens", "tune"}
+  if unknown or (base == "rtn" and opts):
+    raise ValueError(f"unknown row {row!r}: modifiers are +refit +damp=X +tokens=N +tune")
+  return base, opts
+
+
 def quantized_row(row: str, model, tok, ids, forward, window, batch, args):
   """(quantized model, wall seconds, process CPU seconds) for one row label."""
-  cal = ids[CALIB[0]:CALIB[1]] if args.model != "minilm" else ids[:MINILM_CALIB]
+  base, opts = _parse_row(row)
+  if args.model == "minilm":
+    cal = ids[:int(opts.get("tokens", MINILM_CALIB))]
+  else:
+    cal = ids[CALIB[0]:CALIB[0] + int(opts.get("tokens", CALIB[1] - CALIB[0]))]
+  if "tokens" in opts and len(cal) < int(opts["tokens"]):
+    raise ValueError(f"{row!r}: the text has only {len(cal)} calibration tokens")
   t0, c0 = time.perf_counter(), time.process_time()
   kw = dict(window=window, batch_size=batch, forward=forward)
-  if row == "rtn":
+  if base == "rtn":
     q = qflax.quantize_model(nnx.clone(model))[0]
-  elif row.startswith("gptq"):
-    opts = {}
-    if row == "gptq+refit":
-      opts["refit"] = 2
-    elif row.startswith("gptq+damp="):
-      opts["damp"] = float(row.split("=")[1])
-    elif row != "gptq":
-      raise ValueError(f"unknown row {row!r}")
-    stats = calibration.calibrate(model, cal, **kw)
+  else:
+    if base == "gptq":
+      stats = calibration.calibrate(model, cal, **kw)
+    else:
+      stats, _ = calibration.calibrate_sequential(model, cal, **kw)
+    cfg = {}
+    if "refit" in opts:
+      cfg["refit"] = 2
+    if "damp" in opts:
+      cfg["damp"] = float(opts["damp"])
     q = qflax.quantize_model(nnx.clone(model), hessians=stats,
-                             gptq=itq3s_jax.GptqConfig(**opts))[0]
-  elif row in ("sequential", "sequential+tune"):
-    stats, _ = calibration.calibrate_sequential(model, cal, **kw)
-    q = qflax.quantize_model(nnx.clone(model), hessians=stats)[0]
-    if row == "sequential+tune":
+                             gptq=itq3s_jax.GptqConfig(**cfg))[0]
+    if "tune" in opts:
       loss = calibration.kl_divergence if args.model != "minilm" else _token_cosine_distance
       calibration.tune_unquantized(model, q, cal, steps=args.tune_steps,
                                    learning_rate=args.tune_lr, loss=loss, window=window,
                                    batch_size=1 if args.model != "minilm" else 8,
                                    forward=forward)
-  else:
-    raise ValueError(f"unknown row {row!r}")
   jax.block_until_ready(nnx.state(q))
   return q, time.perf_counter() - t0, time.process_time() - c0
 
@@ -191,7 +211,7 @@ def main() -> None:
            **measure(q)}
     if not a.no_bound_check:
       out.update(bound_check(model, q))
-    if row.endswith("+tune"):
+    if "+tune" in row:
       out.update(tune_steps=a.tune_steps, tune_lr=a.tune_lr)
     info["rows"].append(out)
     print(json.dumps(out), flush=True)
