@@ -20,6 +20,7 @@ from itq3s_jax._src.gptq import quantize as gptq_quantize
 from itq3s_jax._src.gptq import rotate_hessian
 from itq3s_jax._src.stats import CALIBRATION_SLICE
 from itq3s_jax._src.stats import load
+from itq3s_jax._src.stats import load_tuned
 from itq3s_jax._src.stats import nbytes
 from itq3s_jax._src.stats import protocol_tokens
 from itq3s_jax._src.stats import save
@@ -27,6 +28,7 @@ from itq3s_jax.flax.calibrate import calibrate
 from itq3s_jax.flax.calibrate import calibrate_sequential
 from itq3s_jax.flax.calibrate import kl_divergence
 from itq3s_jax.flax.calibrate import tune_unquantized
+from itq3s_jax.flax.calibrate import tuned_values
 from itq3s_jax.flax.calibrate import quantize_weights
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "gptq_quantize",
     "kl_divergence",
     "load",
+    "load_tuned",
     "nbytes",
     "output_error",
     "protocol_tokens",
@@ -46,4 +49,5 @@ __all__ = [
     "rotate_hessian",
     "save",
     "tune_unquantized",
+    "tuned_values",
 ]

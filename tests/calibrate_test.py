@@ -96,6 +96,35 @@ def test_save_load_round_trip(tmp_path):
     calibrate.load(tmp_path / "other.npz")
 
 
+def test_tuned_parameters_round_trip_beside_the_statistics(tmp_path):
+  """tuned_values names the 1-D float params (b's bias here); save/load_tuned keep them and
+  the codes they fit; load() still returns the statistics alone; bad tuned input raises."""
+  model = Tiny(nnx.Rngs(0))
+  stats = calibrate.calibrate(model, _tokens(2))
+  tuned = calibrate.tuned_values(model)
+  assert set(tuned) == {"b.bias", "blocks.0.bias"} and tuned["b.bias"].dtype == np.float32
+  path = tmp_path / "stats.npz"
+  assert calibrate.load_tuned(_saved(path, stats)) == ({}, None)  # a file without tuning
+  fits = {"format": "itq3_t", "seed": 3, "gptq": {"rounding": "two_neighbour"}}
+  calibrate.save(path, stats, tuned=tuned, tuned_for=fits)
+  back, back_for = calibrate.load_tuned(path)
+  assert back_for == fits and set(back) == set(tuned)
+  for k in tuned:
+    np.testing.assert_array_equal(back[k], tuned[k])
+  assert set(calibrate.load(path)) == set(stats)
+  with pytest.raises(ValueError, match="tuned_for"):
+    calibrate.save(path, stats, tuned=tuned)
+  with pytest.raises(ValueError, match="only 1-D"):
+    calibrate.save(path, stats, tuned={"x": np.zeros((2, 2))}, tuned_for=fits)
+  with pytest.raises(ValueError, match="no such calibration file"):
+    calibrate.load_tuned(tmp_path / "missing.npz")
+
+
+def _saved(path, stats):
+  calibrate.save(path, stats)
+  return path
+
+
 def test_bad_inputs_raise():
   model = Tiny(nnx.Rngs(0))
   with pytest.raises(ValueError, match="no complete window"):

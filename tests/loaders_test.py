@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,7 @@ _apply = nnx.jit(lambda m, t: m(t))
 
 def _get(module, dotted: str):
   for part in dotted.split("."):
-    module = getattr(module, part)
+    module = module[int(part)] if part.isdigit() else getattr(module, part)
   return module
 
 
@@ -139,7 +140,7 @@ def test_hf_checkpoint_calibrate_convert_load_equals_in_memory(float_model, tmp_
   hf = write_hf(tmp_path / "hf", float_model)
   stats, ckpt = str(tmp_path / "stats.npz"), str(tmp_path / "q")
   assert cli.main(["calibrate", hf, stats, "--text", _text(tmp_path / "t.txt"),
-                   "--window", "32", "--quiet"]) == 0
+                   "--window", "32", "--tune", "0", "--quiet"]) == 0
   assert "14 layers, 8 distinct inputs" in capsys.readouterr().out  # q/k/v and gate/up share
   assert cli.main(["convert", hf, ckpt, "--calibration", stats, "--min-size", "0",
                    "--quiet"]) == 0
@@ -157,6 +158,40 @@ def test_hf_checkpoint_calibrate_convert_load_equals_in_memory(float_model, tmp_
   assert loaded.layers[0].attn.q_proj.rounding == "two_neighbour"
   y = jax.jit(lambda s, t: nnx.merge(nnx.graphdef(loaded), s)(t))(nnx.state(loaded), toks)
   np.testing.assert_array_equal(y, _apply(in_memory, toks))
+
+
+def test_tuned_norms_go_from_calibrate_through_convert_into_the_model(float_model, tmp_path,
+                                                                        capsys):
+  """``itq3s calibrate`` (default --tune) fits the norm gains to the codes convert writes; the
+  converted checkpoint holds those gains and those codes, so it is the tuned in-memory model;
+  other codes than the tuned ones are refused."""
+  hf = write_hf(tmp_path / "hf", float_model)
+  stats, ckpt = str(tmp_path / "stats.npz"), str(tmp_path / "q")
+  text = _text(tmp_path / "t.txt", n_words=400)
+  assert cli.main(["calibrate", hf, stats, "--text", text, "--window", "32", "--tune", "12",
+                   "--tune-lr", "1e-2", "--quiet"]) == 0
+  out = capsys.readouterr().out
+  kl = re.search(r"KL ([0-9.]+) -> ([0-9.]+)", out)
+  assert kl and float(kl.group(2)) < float(kl.group(1)), out
+  tuned, tuned_for = calibration.load_tuned(stats)
+  norms = {f"layers.{i}.{n}.weight" for i in range(CFG.n_layers)
+           for n in ("input_norm", "post_attn_norm")} | {"norm.weight"}
+  assert set(tuned) == norms and (tuned_for["format"], tuned_for["seed"]) == ("itq3_t", 0)
+  fmodel, _ = models.load(hf)
+  assert any(not np.array_equal(tuned[p], np.asarray(_get(fmodel, p)[...])) for p in norms)
+  assert cli.main(["convert", hf, ckpt, "--calibration", stats, "--quiet"]) == 0
+  loaded, _ = models.load(ckpt)
+  for p in norms:
+    np.testing.assert_array_equal(np.asarray(_get(loaded, p)[...]), tuned[p])
+  in_memory, _ = qflax.quantize_model(fmodel, hessians=calibration.load(stats))
+  _assert_same_quantized(loaded, in_memory)
+  for p in norms:  # the in-memory model with the tuned gains is the converted one
+    _get(in_memory, p)[...] = jnp.asarray(tuned[p])
+  toks = _tokens()
+  np.testing.assert_array_equal(_apply(loaded, toks), _apply(in_memory, toks))
+  assert cli.main(["convert", hf, str(tmp_path / "q5"), "--calibration", stats, "--seed", "5",
+                   "--quiet"]) == 2
+  assert "tuned to itq3_t seed 0" in capsys.readouterr().err
 
 
 def test_calibration_that_matches_nothing_is_an_error_and_partial_is_listed(
@@ -299,7 +334,8 @@ def test_smollm2_gguf_calibrate_convert_load_equals_in_memory(tmp_path, capsys):
   """The same chain on SmolLM2-135M's GGUF (about 10 minutes on 2 CPU cores; -m slow)."""
   gguf = llama.smollm2_gguf_path()
   stats, ckpt = str(tmp_path / "s.npz"), str(tmp_path / "q")
-  assert cli.main(["calibrate", gguf, stats, "--tokens", "16384:17408", "--quiet"]) == 0
+  assert cli.main(["calibrate", gguf, stats, "--tokens", "16384:17408", "--tune", "0",
+                   "--quiet"]) == 0
   assert "210 layers, 120 distinct inputs" in capsys.readouterr().out
   assert cli.main(["convert", gguf, ckpt, "--calibration", stats, "--quiet"]) == 0
   loaded, tok = models.load(ckpt)

@@ -1,18 +1,25 @@
 """Calibration statistics on disk (.npz), and the default calibration tokens.
 
 Statistics are {layer key: Sigma (K, K)}; layers fed the same activation share
-one array object, written once. Nothing here needs Flax.
+one array object, written once. A file may also carry *tuned* parameters
+({model state path: 1-D float32}, the norm gains ``itq3s calibrate --tune``
+fitted to a quantized model) and a description of the codes they were fitted
+to (format, seed, GPTQ options), which ``itq3s convert`` must reproduce to use
+them. Nothing here needs Flax.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 CALIBRATION_SLICE = (16384, 24576)  # tokens of the protocol stream; eval uses [0, 8192)
 _FORMAT_KEY = "__itq3s_calibration__"
+_TUNED_KEY = "__itq3s_tuned__"
+_TUNED_FOR_KEY = "__itq3s_tuned_for__"
 
 
 def nbytes(stats: Mapping[str, np.ndarray]) -> int:
@@ -21,8 +28,17 @@ def nbytes(stats: Mapping[str, np.ndarray]) -> int:
 
 
 def save(path: str | os.PathLike[str], stats: Mapping[str, np.ndarray], *,
-         dtype=np.float32) -> None:
+         dtype=np.float32, tuned: Mapping[str, np.ndarray] | None = None,
+         tuned_for: Mapping[str, Any] | None = None) -> None:
   """Writes ``stats`` to an .npz, each distinct array once, in ``dtype``.
+
+  Args:
+    path: the .npz to write.
+    stats: {layer key: Sigma (K, K)}.
+    dtype: storage dtype of the statistics.
+    tuned: optional {model state path: float32 (n,)} parameters fitted with
+      the codes described by ``tuned_for`` (required with ``tuned``: a JSON
+      object such as ``{"format": "itq3_t", "seed": 0, "gptq": {...}}``).
 
   Written to ``path + ".tmp"`` then renamed, so a crash leaves no partial file.
   """
@@ -33,6 +49,18 @@ def save(path: str | os.PathLike[str], stats: Mapping[str, np.ndarray], *,
       arrays[key] = np.asarray(a, dtype)
     names.append((p, key))
   arrays[_FORMAT_KEY] = np.array([f"{p}\t{k}" for p, k in names])
+  if tuned:
+    if tuned_for is None:
+      raise ValueError("tuned parameters need tuned_for: the codes they were fitted to.")
+    rows = []
+    for i, (p, a) in enumerate(tuned.items()):
+      a = np.asarray(a, np.float32)
+      if a.ndim != 1:
+        raise ValueError(f"tuned parameter {p!r} has shape {a.shape}; only 1-D ones are kept.")
+      arrays[f"t{i}"] = a
+      rows.append(f"{p}\tt{i}")
+    arrays[_TUNED_KEY] = np.array(rows)
+    arrays[_TUNED_FOR_KEY] = np.array(json.dumps(dict(tuned_for), sort_keys=True))
   tmp = os.fspath(path) + ".tmp"
   with open(tmp, "wb") as f:
     np.savez(f, **arrays)
@@ -76,6 +104,36 @@ def load(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
   if bad:
     raise ValueError(f"{name}: statistics {bad[:3]} are not square (K, K) matrices.")
   return {p: arrays[k] for p, k in table}
+
+
+def load_tuned(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict | None]:
+  """The tuned parameters of a statistics file and the codes they fit: ({}, None) if none.
+
+  Returns:
+    ({model state path: float32 (n,)}, {"format", "seed", "gptq"} or None).
+
+  Raises:
+    ValueError: unreadable file, or a tuned index naming arrays the file lacks.
+  """
+  name = os.fspath(path)
+  try:
+    with open(name, "rb") as fh, np.load(fh, allow_pickle=False) as f:
+      if _TUNED_KEY not in f.files:
+        return {}, None
+      table = [str(s).split("\t") for s in f[_TUNED_KEY]]
+      if not all(len(row) == 2 and row[1] in f.files for row in table) or \
+          _TUNED_FOR_KEY not in f.files:
+        raise ValueError("its tuned-parameter index is corrupt")
+      tuned = {p: np.asarray(f[k], np.float32) for p, k in table}
+      tuned_for = json.loads(str(f[_TUNED_FOR_KEY]))
+  except FileNotFoundError:
+    raise ValueError(f"{name}: no such calibration file.") from None
+  except Exception as exc:  # zipfile/zlib/json errors, the corrupt index above
+    raise ValueError(f"{name}: not a readable calibration .npz ({type(exc).__name__}: "
+                     f"{exc}).") from None
+  if not isinstance(tuned_for, dict) or any(a.ndim != 1 for a in tuned.values()):
+    raise ValueError(f"{name}: corrupt tuned parameters.")
+  return tuned, tuned_for
 
 
 def protocol_tokens(tokenizer, start: int = CALIBRATION_SLICE[0],

@@ -162,7 +162,8 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
             calibration: Mapping[str, Any] | None = None,
             gptq: itq3s_jax.GptqConfig | None = None,
             on_tensor: Callable[[int], None] | None = None,
-            allow_type41: bool = False) -> Summary:
+            allow_type41: bool = False,
+            tuned: Mapping[str, np.ndarray] | None = None) -> Summary:
   """Converts the float checkpoint ``src`` into a quantized checkpoint ``dst``.
 
   Args:
@@ -181,6 +182,11 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
       each (tests use it to interrupt a conversion).
     allow_type41: a GGUF destination may hold ``itq3_s`` tensors as GGML type
       41 (which no CPU llama.cpp runs; ``gguf_io``); refused otherwise.
+    tuned: optional {LLaMA model state path (``layers.0.input_norm.weight``):
+      (n,)} parameters fitted to these codes (``itq3s calibrate --tune``,
+      ``calibration.load_tuned``): each kept tensor that is one of them
+      (``llama_names.to_model``) is written with the tuned values, in its own
+      dtype; every tuned path must name a kept tensor.
 
   A GGUF destination is a file llama.cpp loads (``gguf_writer``): rows that the
   format's blocks do not divide fall back per tensor as llama.cpp's do (IQ3_S
@@ -214,17 +220,24 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
     plan, rules = gguf_writer.plan_formats(plan, rule)
   if calibration is not None:
     plan = _match_calibration(plan, calibration)
+  if tuned:
+    plan = _match_tuned(plan, tuned)
   expected = {info.name: _entry(info, decision, rules.get(info.name, rule),
                                 writers.item_name(i),
                                 _rounding(info, decision, rules.get(info.name, rule),
                                           calibration, gptq))
               for i, info, decision in plan}
+  for i, info, decision in plan:
+    if tuned and not decision.quantize and _tuned_path(info.name, tuned) is not None:
+      expected[info.name]["tuned"] = True  # written from the tuned values, not the source
   src_hash = sources.sha256(source.files, source.path)
   job = {"source_sha256": src_hash, "source_kind": source.kind,
          "rule": rule.to_json(), "dst_kind": "gguf" if _is_gguf(dst) else "orbax"}
   if calibration is not None:  # a resume must not mix codes of other statistics
     job["calibration_sha256"] = _stats_sha256(calibration)
     job["gptq"] = gptq.to_json()
+  if tuned:
+    job["tuned_sha256"] = _stats_sha256(tuned)
   stage = writers.staging_path(dst)
   journal_entries = staging.prepare(stage, job, resume)
   writer = _writer(dst, stage, source, rule, allow_type41)
@@ -246,7 +259,7 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
           bar.update(math.prod(info.shape))
           continue
         entry = _convert_one(source, info, decision, rules.get(info.name, rule), writer,
-                             expected[info.name], calibration, gptq)
+                             expected[info.name], calibration, gptq, tuned)
         journal.write(json.dumps(entry) + "\n")
         journal.flush()
         os.fsync(journal.fileno())
@@ -351,6 +364,29 @@ def _check_dst(src: str, dst: str) -> None:
                                  "destination outside it.")
 
 
+def _tuned_path(name: str, tuned: Mapping[str, Any]) -> str | None:
+  """The tuned parameter a checkpoint tensor holds (its LLaMA model path), else None."""
+  found = llama_names.to_model(name)
+  return found[0] if found is not None and found[0] in tuned else None
+
+
+def _match_tuned(plan, tuned: Mapping[str, Any]):
+  """The plan with tuned kept tensors marked in their reason.
+
+  Raises:
+    CheckpointError: a tuned parameter names no kept tensor of the source (the
+      file belongs to another model, or a rule now quantizes it).
+  """
+  found = {_tuned_path(t.name, tuned): t.name for _, t, d in plan if not d.quantize}
+  missing = sorted(set(tuned) - set(found))
+  if missing:
+    raise errors.CheckpointError(
+        f"the calibration file's tuned parameters {missing[:3]} match no kept tensor of the "
+        "source; calibrate this checkpoint again (or with --tune 0).")
+  return [(i, t, d if _tuned_path(t.name, tuned) is None or d.quantize else dataclasses.replace(
+      d, reason=f"{d.reason}; tuned by itq3s calibrate")) for i, t, d in plan]
+
+
 def _rounding(info, decision, rule, calibration, gptq) -> str | None:
   """How a quantized tensor will be rounded: GPTQ's mode where it has statistics."""
   if not decision.quantize:
@@ -382,7 +418,8 @@ def _entry(info, decision, rule, item: str, rounding: str) -> dict:
   return entry
 
 
-def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq) -> dict:
+def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq,
+                 tuned=None) -> dict:
   x = source.read(info.name)
   if tuple(x.shape) != tuple(info.shape) or x.dtype != info.dtype:
     raise errors.CheckpointError(
@@ -390,6 +427,13 @@ def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq)
         f"its header says {np.dtype(info.dtype).name} {list(info.shape)}.")
   entry = dict(entry)
   if not decision.quantize:
+    path = None if not tuned else _tuned_path(info.name, tuned)
+    if path is not None:
+      if tuple(tuned[path].shape) != tuple(x.shape):
+        raise errors.CheckpointError(
+            f"tensor {info.name!r} is {list(x.shape)} but its tuned values {path!r} are "
+            f"{list(tuned[path].shape)}; they belong to another model.")
+      x = np.asarray(tuned[path]).astype(x.dtype)
     entry.update(writer.put(entry["item"], x, quantized=False))
     return entry
   shape_nk = tuple(entry["shape"])

@@ -161,10 +161,11 @@ class GgufWriter:
       return False
 
   def _kept(self, e: dict, arr: np.ndarray, src):
-    """A kept tensor as written: the source's own bytes (GGUF), else the staged array."""
+    """A kept tensor as written: the source's own bytes (GGUF), else the staged array
+    (a tuned norm is never the source's)."""
     if e["dtype"] == "bfloat16" and arr.dtype == np.uint16:
       arr = np.asarray(arr).view(ml_dtypes.bfloat16)
-    if src is None:
+    if src is None or e.get("tuned"):
       return arr
     try:
       raw = src.read_raw(e["name"])

@@ -335,6 +335,17 @@ def _is_tunable(path, value) -> bool:
   return value.ndim == 1 and jnp.issubdtype(value.dtype, jnp.floating)
 
 
+def tuned_values(model: nnx.Module) -> dict[str, np.ndarray]:
+  """The parameters :func:`tune_unquantized` fits: {dotted state path: float32 (n,)}.
+
+  What ``itq3s calibrate --tune`` stores beside the statistics
+  (``calibration.save(..., tuned=...)``) for ``itq3s convert`` to write.
+  """
+  _, tuned, _ = nnx.split(model, nnx.All(nnx.Param, _is_tunable), ...)
+  return {state_lib.dotted(p): np.asarray(v[...], np.float32)
+          for p, v in nnx.to_flat_state(tuned)}
+
+
 def kl_divergence(ref_logits: jax.Array, logits: jax.Array) -> jax.Array:
   """Mean over positions of KL(softmax(ref) || softmax(logits)) (float32 scalar)."""
   lp = jax.nn.log_softmax(ref_logits.astype(jnp.float32), -1)
@@ -376,7 +387,7 @@ def tune_unquantized(model: nnx.Module, qmodel: nnx.Module, tokens: ArrayLike, *
   opt_state = opt.init(tuned)
 
   @jax.jit
-  def step(tuned, opt_state, toks):
+  def step(tuned, opt_state, toks, fstate, rest):  # states as arguments, not baked constants
     ref = jax.lax.stop_gradient(fwd(nnx.merge(fdef, fstate), toks))
     value, grads = jax.value_and_grad(
         lambda p: loss(ref, fwd(nnx.merge(qdef, p, rest), toks)))(tuned)
@@ -387,7 +398,8 @@ def tune_unquantized(model: nnx.Module, qmodel: nnx.Module, tokens: ArrayLike, *
   starts = range(0, len(ids), batch_size)
   for i in tqdm.tqdm(range(steps), desc="tune", unit="step", disable=not progress, leave=False):
     b = starts[i % len(starts)]
-    tuned, opt_state, value = step(tuned, opt_state, jnp.asarray(ids[b:b + batch_size]))
+    tuned, opt_state, value = step(tuned, opt_state, jnp.asarray(ids[b:b + batch_size]),
+                                    fstate, rest)
     history.append(float(value))
   nnx.update(qmodel, tuned)
   return history
