@@ -197,6 +197,14 @@ def test_eval_calibrated_rows_use_the_statistics():
                         lambda m, f=fmt: seen.setdefault(f, m.a.qt) and {})
     assert row["status"] == "ok", row
   assert seen["iq3_s"].rounding == "nearest" and seen["iq3_s+gptq"].rounding == "unrestricted"
+  # With tuning (as itq3s calibrate's default) the codes are the same and the biases move.
+  tuned = {}
+  row = eval_cmd._row("iq3_s+gptq", model,
+                      eval_cmd._rules_for("iq3_s+gptq", {}, stats, None, (_tokens(2), 4)),
+                      lambda m: tuned.setdefault("m", m) and {})
+  assert row["status"] == "ok", row
+  np.testing.assert_array_equal(np.asarray(tuned["m"].a.qt.data), np.asarray(seen["iq3_s+gptq"].data))
+  assert not np.array_equal(np.asarray(tuned["m"].b.bias[...]), np.asarray(model.b.bias[...]))
 
 
 def test_load_names_the_file_for_broken_or_incomplete_statistics(tmp_path):

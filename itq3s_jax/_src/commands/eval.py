@@ -16,10 +16,11 @@ rounded with GPTQ in the coding domain (``quantize_model(..., hessians=...)``)
 from input statistics of calibration text disjoint from the scored text
 (SmolLM2: tokens 16384..24575 of the protocol stream; MiniLM: the first 8192
 MiniLM tokens of the same text in windows of 128, the scored sentences being a
-separate list). Statistics are sequential, as ``itq3s calibrate`` makes them by
-default: each layer's input on the model whose earlier layers are itq3_t-coded
-(seed 0); other formats are rounded with the same statistics. Statistics and
-quantization are timed separately.
+separate list). Statistics are the float model's, as ``itq3s calibrate`` makes
+them by default, and SmolLM2's calibrated rows then get what ``itq3s calibrate``
+does by default before ``itq3s convert --calibration``: the norm gains tuned by
+KL(float || quantized) on the same calibration tokens (``--tune`` steps, 0 for
+GPTQ alone). Statistics and quantization (with the tuning) are timed separately.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="SmolLM2 statistics file for --calibrated: read if it exists, else "
                  "computed and written there (itq3s_jax.calibration save/load format)")
   cli.add_rounding_argument(p, "of --calibrated rows")
+  p.add_argument("--tune", type=int, default=32, metavar="STEPS",
+                 help="norm-tuning steps of SmolLM2's --calibrated rows, as itq3s calibrate's "
+                 "default (0: GPTQ alone; default: %(default)s)")
   p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
 
 
@@ -76,13 +80,18 @@ def _quantized(model: nnx.Module, fmt: str, rules: dict[str, Any]):
   """(model copy with its linear layers in ``fmt``, report); raises on failure.
 
   ``rules``: QuantRule fields (seed, include, exclude), plus ``hessians`` and
-  ``gptq`` for a calibrated row.
+  ``gptq`` for a calibrated row, and ``tune`` = (tokens, steps) to tune its norms.
   """
+  from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
   from itq3s_jax import flax as qflax  # pylint: disable=g-import-not-at-top
   rules = dict(rules)
   extra = {k: rules.pop(k) for k in ("hessians", "gptq") if k in rules}
-  return qflax.quantize_model(nnx.clone(model), itq3s_jax.QuantRule(fmt, **rules),
-                              progress=True, **extra)
+  tune = rules.pop("tune", None)
+  qmodel, report = qflax.quantize_model(nnx.clone(model), itq3s_jax.QuantRule(fmt, **rules),
+                                        progress=True, **extra)
+  if tune is not None and tune[1] > 0:
+    calibration.tune_unquantized(model, qmodel, tune[0], steps=tune[1], progress=True)
+  return qmodel, report
 
 
 def check_formats(formats: list[str]) -> None:
@@ -165,15 +174,17 @@ def _with_calibrated(formats: list[str], calibrated: bool) -> list[str]:
   return formats + ([f + CALIBRATED for f in formats if f != REF] if calibrated else [])
 
 
-def _rules_for(fmt: str, rules: dict[str, Any], stats, rounding: str | None) -> dict[str, Any]:
+def _rules_for(fmt: str, rules: dict[str, Any], stats, rounding: str | None,
+               tune=None) -> dict[str, Any]:
   if not fmt.endswith(CALIBRATED):
     return rules
-  return {**rules, "hessians": stats, "gptq": itq3s_jax.GptqConfig(rounding=rounding)}
+  return {**rules, "hessians": stats, "gptq": itq3s_jax.GptqConfig(rounding=rounding),
+          **({"tune": tune} if tune is not None else {})}
 
 
 def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, Any],
                 calibrated: bool = False, stats_path: str | None = None,
-                rounding: str | None = None) -> dict[str, Any]:
+                rounding: str | None = None, tune_steps: int = 0) -> dict[str, Any]:
   from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
   from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
   from itq3s_jax.models import loaders  # pylint: disable=g-import-not-at-top
@@ -188,16 +199,18 @@ def run_smollm2(formats: list[str], n_tokens: int, batch: int, rules: dict[str, 
   print(f"SmolLM2-135M-Instruct ({cfg.n_layers} blocks, d={cfg.d_model}); text sha256 "
         f"{info['text_sha256'][:16]}..., Python {info['python']}; {info['windows']} windows "
         f"x {evaluation.WINDOW} tokens; loaded in {info['load_seconds']:.1f} s", flush=True)
-  stats = None
+  stats, cal_tokens = None, None
   if calibrated:
-    stats = _timed_stats(info, lambda: calibration.calibrate_sequential(
-        model, calibration.protocol_tokens(tok), progress=True)[0], stats_path)
+    cal_tokens = calibration.protocol_tokens(tok)
+    stats = _timed_stats(info, lambda: calibration.calibrate(model, cal_tokens, progress=True),
+                         stats_path)
+    info["tune_steps"] = tune_steps
   ref_nlls = None
   rows = []
   formats = _with_calibrated(formats, calibrated)
   order = [REF] + [f for f in formats if f != REF]  # the reference first: deltas need it
   for fmt in order:
-    row = _row(fmt, model, _rules_for(fmt, rules, stats, rounding),
+    row = _row(fmt, model, _rules_for(fmt, rules, stats, rounding, (cal_tokens, tune_steps)),
                lambda m, f=fmt: {"nlls": _scored(m, windows, batch, f)})
     if row["status"] == "ok":
       row["ppl"] = evaluation.perplexity(row["nlls"])
@@ -223,8 +236,8 @@ def _minilm_stats(model, tok):
   from itq3s_jax import calibration  # pylint: disable=g-import-not-at-top
   n, window = MINILM_CALIBRATION
   ids = tok.encode(evaluation.protocol_text(), add_special_tokens=False).ids[:n]
-  return calibration.calibrate_sequential(model, ids, window=window, batch_size=16,
-                                        forward=lambda m, t: m(t, jnp.ones_like(t)))[0]
+  return calibration.calibrate(model, ids, window=window, batch_size=16,
+                               forward=lambda m, t: m(t, jnp.ones_like(t)))
 
 
 def run_minilm(formats: list[str], rules: dict[str, Any], calibrated: bool = False,
@@ -290,15 +303,15 @@ def run(args: argparse.Namespace) -> int:
   if args.tokens < 2 * evaluation.WINDOW:
     raise cli.CommandError(f"--tokens={args.tokens} must be >= {2 * evaluation.WINDOW} "
                            "(two windows, for a standard error).")
-  if args.batch < 1:
-    raise cli.CommandError(f"--batch={args.batch} must be >= 1.")
+  if args.batch < 1 or args.tune < 0:
+    raise cli.CommandError(f"--batch={args.batch} must be >= 1 and --tune={args.tune} >= 0.")
   t0, c0 = time.perf_counter(), time.process_time()
   rules = {"seed": args.seed, "include": args.include, "exclude": args.exclude}
   out: dict[str, Any] = {"rules": rules, "python": sys.version.split()[0], "platform": platform.platform()}
   try:
     if args.model in ("smollm2", "both"):
       out["smollm2"] = run_smollm2(formats, args.tokens, args.batch, rules, args.calibrated,
-                                   args.calibration, args.rounding)
+                                   args.calibration, args.rounding, args.tune)
       print(render_smollm2(out["smollm2"]), flush=True)
     if args.model in ("minilm", "both"):
       out["minilm"] = run_minilm(formats, rules, args.calibrated, args.rounding)
