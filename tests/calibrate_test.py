@@ -120,6 +120,28 @@ def test_tuned_parameters_round_trip_beside_the_statistics(tmp_path):
     calibrate.load_tuned(tmp_path / "missing.npz")
 
 
+def test_tuning_runs_on_weights_decoded_once_and_updates_the_quantized_model():
+  """The tuning copy computes the quantized model's function (decoded weights, same biases at
+  the same paths), and what it fits lands in the quantized model, codes untouched."""
+  from itq3s_jax.flax import calibrate as flax_calibrate  # pylint: disable=g-import-not-at-top
+  model = Tiny(nnx.Rngs(0))
+  q, _ = qflax.quantize_model(nnx.clone(model))
+  copy = flax_calibrate._decoded_copy(q)
+  assert not any(isinstance(m, qnnx.QuantizedLinear) for _, m in nnx.iter_modules(copy))
+  toks = jnp.asarray(_tokens(2))
+  want, got = np.asarray(q(toks), np.float64), np.asarray(copy(toks), np.float64)
+  # Two float32 products of K <= 96 terms in a row, each within ~ (K + 9) u |x||w| (T6):
+  # 1e-4 of the output scale bounds both with margin.
+  assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+  codes = np.asarray(q.a.qt.data)
+  bias = np.asarray(q.b.bias[...])
+  history = calibrate.tune_unquantized(model, q, _tokens(4), steps=3, learning_rate=1e-2,
+                                       window=16)
+  assert len(history) == 3
+  assert not np.array_equal(np.asarray(q.b.bias[...]), bias)
+  np.testing.assert_array_equal(np.asarray(q.a.qt.data), codes)
+
+
 def _saved(path, stats):
   calibrate.save(path, stats)
   return path
