@@ -184,7 +184,9 @@ def main() -> int:
     stats = os.path.join(work, f"{model}.stats.npz")
     gptq = model in args.gptq_models.split(",")
     if gptq and not os.path.exists(stats):
-      _run([*py, "calibrate", src, stats, "--quiet"],  # default: the calibration tokens
+      # Default calibration tokens; --tune 0: the GGUF's IQ4_NL fallback codes are not the
+      # iq3_s codes tuning would fit (itq3s convert refuses such norms).
+      _run([*py, "calibrate", src, stats, "--tune", "0", "--quiet"],
            os.path.join(work, f"{model}.calibrate.log"))
     imat = os.path.join(work, f"{model}.imatrix.gguf")
     if not os.path.exists(imat):

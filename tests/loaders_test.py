@@ -194,6 +194,19 @@ def test_tuned_norms_go_from_calibrate_through_convert_into_the_model(float_mode
   assert "tuned to itq3_t seed 0" in capsys.readouterr().err
 
 
+def test_tuned_norms_are_refused_for_a_gguf_that_falls_back_to_other_codes(float_model,
+                                                                             tmp_path, capsys):
+  """K = 64 rows become IQ4_NL in a GGUF (llama.cpp's fallback), not the iq3_s codes the norms
+  were tuned to: convert says so (before writing anything) instead of writing mismatched norms."""
+  hf = write_hf(tmp_path / "hf", float_model)
+  stats, dst = str(tmp_path / "s.npz"), tmp_path / "q.gguf"
+  assert cli.main(["calibrate", hf, stats, "--text", _text(tmp_path / "t.txt"), "--window",
+                   "32", "--format", "iq3_s", "--tune", "2", "--quiet"]) == 0
+  assert cli.main(["convert", hf, str(dst), "--format", "iq3_s", "--calibration", stats,
+                   "--quiet"]) == 2
+  assert "becomes iq4_nl" in capsys.readouterr().err and not dst.exists()
+
+
 def test_calibration_that_matches_nothing_is_an_error_and_partial_is_listed(
     float_model, tmp_path, capsys):
   hf = write_hf(tmp_path / "hf", float_model)

@@ -220,6 +220,13 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
     plan, rules = gguf_writer.plan_formats(plan, rule)
   if calibration is not None:
     plan = _match_calibration(plan, calibration)
+  if tuned and rules:
+    name, r = next(iter(rules.items()))
+    raise errors.CheckpointError(
+        f"this GGUF codes {len(rules)} tensors in another format than {rule.format} "
+        f"(llama.cpp's fallback: {name!r} becomes {r.format}), so the calibration file's "
+        f"norms, tuned to {rule.format} codes, do not fit it; calibrate with --tune 0 for "
+        "this file.")
   if tuned:
     plan = _match_tuned(plan, tuned)
   expected = {info.name: _entry(info, decision, rules.get(info.name, rule),
