@@ -10,8 +10,9 @@ Rows (``--rows``; models: smollm2 and gemma score perplexity, minilm the mean
 cosine of ``itq3s eval``'s sentence embeddings):
 
   rtn              round to nearest, no statistics
-  gptq             float-model statistics, GPTQ two-neighbour + act-order (the default of
-                   ``itq3s calibrate`` / ``itq3s convert --calibration``)
+  gptq             float-model statistics, GPTQ two-neighbour + act-order (``itq3s
+                   calibrate --tune 0`` / ``itq3s convert --calibration``); gptq+tune
+                   is what the two commands give by default (``--tune 32``)
   sequential       lever 2: statistics on the quantized prefix (``itq3s calibrate
                    --sequential``; ``itq3s convert --calibration`` writes these codes)
 
@@ -155,7 +156,7 @@ def _token_cosine_distance(ref, out):
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--model", choices=("smollm2", "gemma", "minilm"), default="smollm2")
-  p.add_argument("--rows", default="rtn,gptq,gptq+refit,sequential,sequential+tune")
+  p.add_argument("--rows", default="rtn,gptq,gptq+tune,gptq+refit,sequential")
   p.add_argument("--slice", choices=tuple(SLICES), default="eval")
   p.add_argument("--tune-steps", type=int, default=32)
   p.add_argument("--tune-lr", type=float, default=1e-3)
