@@ -191,20 +191,41 @@ def test_tuned_norms_go_from_calibrate_through_convert_into_the_model(float_mode
   np.testing.assert_array_equal(_apply(loaded, toks), _apply(in_memory, toks))
   assert cli.main(["convert", hf, str(tmp_path / "q5"), "--calibration", stats, "--seed", "5",
                    "--quiet"]) == 2
-  assert "tuned to itq3_t seed 0" in capsys.readouterr().err
+  assert "tuned to itq3_t seed 0 codes" in capsys.readouterr().err
 
 
-def test_tuned_norms_are_refused_for_a_gguf_that_falls_back_to_other_codes(float_model,
-                                                                             tmp_path, capsys):
-  """K = 64 rows become IQ4_NL in a GGUF (llama.cpp's fallback), not the iq3_s codes the norms
-  were tuned to: convert says so (before writing anything) instead of writing mismatched norms."""
-  hf = write_hf(tmp_path / "hf", float_model)
-  stats, dst = str(tmp_path / "s.npz"), tmp_path / "q.gguf"
-  assert cli.main(["calibrate", hf, stats, "--text", _text(tmp_path / "t.txt"), "--window",
-                   "32", "--format", "iq3_s", "--tune", "2", "--quiet"]) == 0
-  assert cli.main(["convert", hf, str(dst), "--format", "iq3_s", "--calibration", stats,
+def test_gguf_destination_takes_norms_tuned_to_its_fallback_codes(float_model, tmp_path, capsys):
+  """K = 64 rows become IQ4_NL in a GGUF (llama.cpp's fallback), not iq3_s: norms tuned to
+  iq3_s codes are refused (before anything is written); ``--for-gguf`` tunes them to the
+  fallback codes, which the written GGUF then holds with those norms, and which an orbax
+  destination (no fallback) refuses."""
+  src = str(tmp_path / "m.gguf")
+  gguf_io.write_gguf(src, _gguf_tensors(float_model), _gguf_metadata(CFG))
+  text = _text(tmp_path / "t.txt")
+  plain, for_gguf, dst = str(tmp_path / "s.npz"), str(tmp_path / "g.npz"), tmp_path / "q.gguf"
+  for stats, extra in ((plain, []), (for_gguf, ["--for-gguf"])):
+    assert cli.main(["calibrate", src, stats, "--text", text, "--window", "32", "--format",
+                     "iq3_s", "--tune", "4", "--tune-lr", "1e-2", "--quiet", *extra]) == 0
+  assert cli.main(["convert", src, str(dst), "--format", "iq3_s", "--calibration", plain,
                    "--quiet"]) == 2
   assert "becomes iq4_nl" in capsys.readouterr().err and not dst.exists()
+  assert cli.main(["convert", src, str(dst), "--format", "iq3_s", "--calibration", for_gguf,
+                   "--quiet"]) == 0
+  tuned, tuned_for = calibration.load_tuned(for_gguf)
+  assert tuned_for["gguf"] is True and tuned
+  loaded, _ = models.load(dst)
+  for p, v in tuned.items():
+    np.testing.assert_array_equal(np.asarray(_get(loaded, p)[...]), v)
+  in_memory, _ = qflax.quantize_model(models.load(src)[0], itq3s_jax.QuantRule("iq4_nl"),
+                                      hessians=calibration.load(for_gguf))
+  for i in range(CFG.n_layers):  # a GGUF keeps no rounding label: compare formats and bytes
+    for ours in LINEARS.values():
+      a, b = _get(loaded.layers[i], ours), _get(in_memory.layers[i], ours)
+      assert a.format == b.format == "iq4_nl", (i, ours)
+      np.testing.assert_array_equal(np.asarray(a.weight[...]), np.asarray(b.weight[...]))
+  assert cli.main(["convert", src, str(tmp_path / "q"), "--format", "iq3_s", "--calibration",
+                   for_gguf, "--quiet"]) == 2
+  assert "convert to a .gguf" in capsys.readouterr().err
 
 
 def test_calibration_that_matches_nothing_is_an_error_and_partial_is_listed(

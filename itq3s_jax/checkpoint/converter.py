@@ -163,7 +163,8 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
             gptq: itq3s_jax.GptqConfig | None = None,
             on_tensor: Callable[[int], None] | None = None,
             allow_type41: bool = False,
-            tuned: Mapping[str, np.ndarray] | None = None) -> Summary:
+            tuned: Mapping[str, np.ndarray] | None = None,
+            tuned_for: Mapping[str, Any] | None = None) -> Summary:
   """Converts the float checkpoint ``src`` into a quantized checkpoint ``dst``.
 
   Args:
@@ -187,6 +188,10 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
       ``calibration.load_tuned``): each kept tensor that is one of them
       (``llama_names.to_model``) is written with the tuned values, in its own
       dtype; every tuned path must name a kept tensor.
+    tuned_for: the codes ``tuned`` was fitted to (``{"format", "seed",
+      "gptq"}``, plus ``"gguf": True`` when fitted to a GGUF's per-tensor
+      fallback); required with ``tuned``, and they must be the codes this
+      conversion writes.
 
   A GGUF destination is a file llama.cpp loads (``gguf_writer``): rows that the
   format's blocks do not divide fall back per tensor as llama.cpp's do (IQ3_S
@@ -220,14 +225,8 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
     plan, rules = gguf_writer.plan_formats(plan, rule)
   if calibration is not None:
     plan = _match_calibration(plan, calibration)
-  if tuned and rules:
-    name, r = next(iter(rules.items()))
-    raise errors.CheckpointError(
-        f"this GGUF codes {len(rules)} tensors in another format than {rule.format} "
-        f"(llama.cpp's fallback: {name!r} becomes {r.format}), so the calibration file's "
-        f"norms, tuned to {rule.format} codes, do not fit it; calibrate with --tune 0 for "
-        "this file.")
   if tuned:
+    _check_tuned_codes(tuned_for, rule, gptq, rules, _is_gguf(dst))
     plan = _match_tuned(plan, tuned)
   expected = {info.name: _entry(info, decision, rules.get(info.name, rule),
                                 writers.item_name(i),
@@ -369,6 +368,34 @@ def _check_dst(src: str, dst: str) -> None:
   if os.path.isdir(real_src) and inside(real, real_src):
     raise errors.CheckpointError(f"{dst} lies inside the source directory {src}; choose a "
                                  "destination outside it.")
+
+
+def _check_tuned_codes(tuned_for, rule, gptq, fallback: dict, gguf: bool) -> None:
+  """CheckpointError unless the tuned norms were fitted to the codes this conversion writes."""
+  if tuned_for is None:
+    raise errors.CheckpointError("tuned parameters need tuned_for: the codes they fit.")
+  try:
+    wanted = {"format": rule.format, "seed": rule.seed,
+              "gptq": gptq.resolve(rule.format).to_json()}
+  except ValueError as exc:
+    raise errors.CheckpointError(str(exc)) from None
+  have = {k: tuned_for.get(k) for k in wanted}
+  if have != wanted:
+    raise errors.CheckpointError(
+        f"the calibration file holds norms tuned to {have['format']} seed {have['seed']} codes "
+        f"(GPTQ {have['gptq']}), not to the {rule.format} seed {rule.seed} codes (GPTQ "
+        f"{wanted['gptq']}) asked for: convert with the options it was calibrated with, or "
+        "calibrate again for these (--format/--seed, or --tune 0).")
+  if fallback and not tuned_for.get("gguf"):
+    name, r = next(iter(fallback.items()))
+    raise errors.CheckpointError(
+        f"this GGUF codes {len(fallback)} tensors in another format than {rule.format} "
+        f"(llama.cpp's fallback: {name!r} becomes {r.format}), so norms tuned to {rule.format} "
+        "codes do not fit it; calibrate with --gguf (or --tune 0) for this file.")
+  if tuned_for.get("gguf") and not gguf:
+    raise errors.CheckpointError(
+        "the calibration file's norms were tuned to a GGUF's fallback codes (itq3s calibrate "
+        "--gguf); convert to a .gguf, or calibrate again without --gguf.")
 
 
 def _tuned_path(name: str, tuned: Mapping[str, Any]) -> str | None:

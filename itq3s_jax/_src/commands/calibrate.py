@@ -36,6 +36,8 @@ tokens 0..8191.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import time
 
 import numpy as np
@@ -69,6 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  "the same --format/--seed); 0: statistics only (default: %(default)s)")
   p.add_argument("--tune-lr", type=float, default=1e-3, help="learning rate of --tune "
                  "(default: %(default)s)")
+  p.add_argument("--for-gguf", action="store_true",
+                 help="tune to the codes `itq3s convert` writes into a .gguf: llama.cpp's "
+                 "per-tensor fallback (iq3_s rows whose K is not a multiple of 256 become "
+                 "iq4_nl); use with --format iq3_s")
   p.add_argument("--format", default="itq3_t", help="format of the codes that --tune and "
                  "--sequential fit (default: %(default)s)")
   p.add_argument("--seed", type=int, default=0, help="sign-vector seed of those codes")
@@ -127,8 +133,14 @@ def run(args: argparse.Namespace) -> int:
     raise cli.CommandError(f"the text has {len(ids)} tokens, less than one --window="
                            f"{args.window}; use a longer --text or a smaller --window.")
   import itq3s_jax  # pylint: disable=g-import-not-at-top
-  if (args.sequential or args.tune) and args.format not in itq3s_jax.formats():
+  if (args.sequential or args.tune or args.for_gguf) and args.format not in itq3s_jax.formats():
     raise cli.CommandError(f"unknown --format={args.format!r}; known: {itq3s_jax.formats()}.")
+  if args.for_gguf:
+    from itq3s_jax.checkpoint import errors, gguf_writer  # pylint: disable=g-import-not-at-top
+    try:
+      gguf_writer.check_format(args.format, allow_type41=True)
+    except errors.CheckpointError as exc:
+      raise cli.CommandError(f"--for-gguf: {exc}") from None
   if args.tune < 0 or not args.tune_lr > 0:
     raise cli.CommandError(f"need --tune >= 0 and --tune-lr > 0 (got {args.tune}, "
                            f"{args.tune_lr}).")
@@ -180,10 +192,31 @@ def _tune(model, stats_: dict, ids: np.ndarray, args: argparse.Namespace):
   from itq3s_jax.checkpoint import converter  # pylint: disable=g-import-not-at-top
   rule = itq3s_jax.QuantRule(args.format, seed=args.seed, min_size=converter.DEFAULT_MIN_SIZE)
   gptq = itq3s_jax.GptqConfig()
-  qmodel = qflax.quantize_model(nnx.clone(model), rule, hessians=stats_, gptq=gptq)[0]
+  qmodel = nnx.clone(model)
+  for fmt, include in _formats(model, args):
+    qmodel = qflax.quantize_model(qmodel, dataclasses.replace(rule, format=fmt, include=include),
+                                  hessians=stats_, gptq=gptq)[0]
   losses = calibration.tune_unquantized(model, qmodel, ids, steps=args.tune,
                                         learning_rate=args.tune_lr, window=args.window,
                                         progress=not args.quiet)
   tuned_for = {"format": args.format, "seed": args.seed,
-               "gptq": gptq.resolve(args.format).to_json()}
+               "gptq": gptq.resolve(args.format).to_json(),
+               **({"gguf": True} if args.for_gguf else {})}
   return calibration.tuned_values(qmodel), tuned_for, losses
+
+
+def _formats(model, args: argparse.Namespace) -> list[tuple[str, str | None]]:
+  """[(format, include regex of layer paths)]: --format everywhere, or per layer as a GGUF."""
+  if not args.for_gguf:
+    return [(args.format, None)]
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from itq3s_jax.checkpoint import gguf_writer  # pylint: disable=g-import-not-at-top
+  from itq3s_jax.flax import state as state_lib  # pylint: disable=g-import-not-at-top
+  groups: dict[str, list[str]] = {}
+  for path, layer in nnx.iter_modules(model):
+    if isinstance(layer, nnx.Linear):
+      fmt = gguf_writer.fallback_format(args.format, layer.in_features)
+      if fmt is not None:
+        groups.setdefault(fmt, []).append(state_lib.dotted(path))
+  return [(fmt, "^(" + "|".join(re.escape(p) for p in paths) + ")$")
+          for fmt, paths in groups.items()]

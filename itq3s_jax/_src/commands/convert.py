@@ -54,17 +54,18 @@ def run(args: argparse.Namespace) -> int:
     rule = itq3s_jax.QuantRule(args.format, seed=args.seed, include=args.include,
                                exclude=args.exclude, min_size=args.min_size,
                                quantize_embeddings=args.quantize_embeddings)
-    stats, tuned = None, {}
+    stats, tuned, tuned_for = None, {}, None
     gptq = itq3s_jax.GptqConfig(rounding=args.rounding)
     if args.calibration:
       stats = _load_calibration(args.calibration)
-      tuned = _load_tuned(args.calibration, args.format, args.seed, gptq)
+      tuned, tuned_for = stats_lib.load_tuned(args.calibration)
     elif args.rounding:
       raise cli.CommandError("--rounding needs --calibration.")
     summary = checkpoint.convert(args.src, args.dst, rule=rule, resume=args.resume,
                                  overwrite=args.overwrite, progress=not args.quiet,
                                  calibration=stats, gptq=gptq,
-                                 allow_type41=args.allow_type_41, tuned=tuned)
+                                 allow_type41=args.allow_type_41, tuned=tuned,
+                                 tuned_for=tuned_for)
   except checkpoint.CheckpointError as exc:
     raise cli.CommandError(str(exc)) from None
   except ValueError as exc:  # bad options (regex, seed)
@@ -95,22 +96,6 @@ def _load_calibration(path: str) -> dict:
     # np.load raises these for a broken zip, a missing or pickled array, a bad header
     raise cli.CommandError(f"{path}: not a readable calibration file ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}).") from None
-
-
-def _load_tuned(path: str, format: str, seed: int, gptq: itq3s_jax.GptqConfig) -> dict:
-  """The file's tuned norms, after checking they were fitted to the codes convert will write."""
-  try:
-    tuned, tuned_for = stats_lib.load_tuned(path)
-    wanted = {"format": format, "seed": seed, "gptq": gptq.resolve(format).to_json()}
-  except ValueError as exc:
-    raise cli.CommandError(str(exc)) from None
-  if tuned and tuned_for != wanted:
-    raise cli.CommandError(
-        f"{path} holds norms tuned to {tuned_for['format']} seed {tuned_for['seed']} codes "
-        f"(GPTQ {tuned_for['gptq']}), not to the {format} seed {seed} codes (GPTQ "
-        f"{wanted['gptq']}) asked for: convert with the options it was calibrated with, or "
-        "calibrate again for these (--format/--seed, or --tune 0).")
-  return tuned
 
 
 def _summary_table(summary: converter.Summary) -> str:
