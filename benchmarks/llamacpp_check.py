@@ -16,7 +16,8 @@ with ``build``). Models:
 Files per model: llama-quantize IQ3_S without and with ``--imatrix`` (from
 llama-imatrix on the calibration text), Q3_K_M with ``--imatrix`` (SmolLM2
 only), and ``itq3s convert --format iq3_s`` without and with ``--calibration``
-(``itq3s calibrate`` on the same calibration text). Calibration text: tokens
+(``itq3s calibrate`` on the same calibration text: statistics alone with ``--tune 0``,
+and with the norms tuned to the file's codes with ``--format iq3_s --for-gguf``). Calibration text: tokens
 16384..24575 of the protocol stream (``itq3s_jax.evaluation``), decoded to
 text; evaluation text: tokens 0..8191, decoded. Every file is scored twice:
 llama-perplexity (``-c 512``, its own protocol: BOS handling and the second
@@ -181,13 +182,15 @@ def main() -> int:
     if model == "smollm2-768" and not os.path.exists(src):
       widen(smol, src)
     files = {"reference": src}
-    stats = os.path.join(work, f"{model}.stats.npz")
     gptq = model in args.gptq_models.split(",")
-    if gptq and not os.path.exists(stats):
-      # Default calibration tokens; --tune 0: the GGUF's IQ4_NL fallback codes are not the
-      # iq3_s codes tuning would fit (itq3s convert refuses such norms).
-      _run([*py, "calibrate", src, stats, "--tune", "0", "--quiet"],
-           os.path.join(work, f"{model}.calibrate.log"))
+    # Default calibration tokens: statistics only, and statistics + norms tuned to the codes
+    # the GGUF gets (--for-gguf: IQ3_S, and IQ4_NL where llama.cpp falls back).
+    stats = {"gptq": os.path.join(work, f"{model}.stats.npz"),
+             "gptq+tune": os.path.join(work, f"{model}.stats.tuned.npz")}
+    for kind, path in stats.items():
+      if gptq and not os.path.exists(path):
+        opts = ["--tune", "0"] if kind == "gptq" else ["--format", "iq3_s", "--for-gguf"]
+        _run([*py, "calibrate", src, path, *opts, "--quiet"], path + ".log")
     imat = os.path.join(work, f"{model}.imatrix.gguf")
     if not os.path.exists(imat):
       _run([os.path.join(args.bin, "llama-imatrix"), "-m", src, "-f", calib_txt, "-o", imat,
@@ -207,9 +210,11 @@ def main() -> int:
               *(["--imatrix", im] if im else []), src, out, qtype, str(args.threads)],
              out + ".log")
       files[label] = out
-    ours = [("itq3s iq3_s", [])] + [("itq3s iq3_s gptq", ["--calibration", stats])] * gptq
-    for label, extra in ours:
-      out = os.path.join(work, f"{model}.itq3s{'.gptq' if extra else ''}.gguf")
+    ours = [("itq3s iq3_s", [], "")] + [
+        (f"itq3s iq3_s {kind}", ["--calibration", path], f".{kind}")
+        for kind, path in stats.items()] * gptq
+    for label, extra, suffix in ours:
+      out = os.path.join(work, f"{model}.itq3s{suffix}.gguf")
       if not os.path.exists(out):
         _run([*py, "convert", src, out, "--format", "iq3_s", "--quiet", *extra], out + ".log")
       files[label] = out
