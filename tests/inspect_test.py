@@ -93,6 +93,7 @@ EDITS = {
     "duplicate": lambda m: m["tensors"][1].update(name=m["tensors"][0]["name"]),
     "item": lambda m: _quantized(m).update(item="../t00000"),
     "tensors": lambda m: m.update(tensors={"a": 1}),
+    "tuned": lambda m: next(e for e in m["tensors"] if e["kind"] == "array").update(tuned="yes"),
 }
 
 
@@ -154,6 +155,7 @@ def _flip_data_bit(item_dir):
     ("duplicate", "appears twice"),
     ("item", "item is '../t00000'; expected 't00000'"),
     ("tensors", "tensors must be a JSON list"),
+    ("tuned", "tuned must be"),
 ])
 def test_malformed_checkpoint_is_one_clear_line(ckpt, tmp_path, capsys, kind, message):
   path = str(tmp_path / "copy")

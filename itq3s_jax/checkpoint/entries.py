@@ -179,6 +179,7 @@ def check_entry(entry, what: str, item: str | None = None) -> dict:
                                 "multiple of 32.")
     nbytes = math.prod(shape[:-1]) * qtensor.row_nbytes(fmt, shape[-1])
   else:
+    safe_json.as_bool(e.get("tuned", False), f"{what}.tuned")
     try:
       nbytes = math.prod(shape) * dtype_of(dtype).itemsize
     except safe_json.Malformed as exc:
