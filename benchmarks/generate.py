@@ -9,8 +9,10 @@ every matmul of a decode step has M = 1), reporting
     after a warm-up run (compilation), and its ratio to float32;
   * model bytes: all float parameters plus the coded bytes, and the
     projections alone;
-  * peak RSS: of a fresh subprocess that loads, quantizes and generates with
-    that model only (``--no-rss`` skips it);
+  * peak RSS: of a fresh subprocess that loads the model as a user runs it —
+    the float GGUF for float32, an ``itq3s convert`` checkpoint of that format
+    (written once, round to nearest, into a temporary directory) for the
+    others — and generates (``--no-rss`` skips it);
   * the greedy text (the quantized models should stay sensible).
 Timing runs all models in one process, in interleaved rounds.
 
@@ -27,6 +29,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -69,15 +72,21 @@ def model_bytes(model, report) -> tuple[int, int]:
   return total, proj
 
 
-def peak_rss_mb(fmt: str, n_new: int) -> float:
-  """Peak RSS (MiB) of a fresh process that builds ``fmt`` and generates ``n_new`` tokens."""
+def peak_rss_mb(fmt: str, n_new: int, ckpt: str | None = None) -> float:
+  """Peak RSS (MiB) of a fresh process that loads ``fmt`` (from ``ckpt`` if given) and
+  generates ``n_new`` tokens."""
   out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", fmt,
-                        "--tokens", str(n_new)], capture_output=True, text=True, check=True)
+                        "--tokens", str(n_new), *(["--checkpoint", ckpt] if ckpt else [])],
+                       capture_output=True, text=True, check=True)
   return float(out.stdout.strip().splitlines()[-1])
 
 
-def _rss_child(fmt: str, n_new: int) -> int:
-  model, tok, _ = build(fmt)
+def _rss_child(fmt: str, n_new: int, ckpt: str | None) -> int:
+  if ckpt:  # what a user deploys: the converted checkpoint, never the float model
+    from itq3s_jax import models  # pylint: disable=g-import-not-at-top
+    model, tok = models.load(ckpt)
+  else:
+    model, tok, _ = build(fmt)
   ids = tok.encode(chat(PROMPT)).ids
   generate.Generator(model, len(ids) + n_new).greedy(ids, n_new)
   print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
@@ -92,9 +101,10 @@ def main(argv=None) -> int:
   p.add_argument("--no-rss", action="store_true")
   p.add_argument("--json", action="store_true")
   p.add_argument("--rss-child", help=argparse.SUPPRESS)
+  p.add_argument("--checkpoint", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.rss_child:
-    return _rss_child(args.rss_child, args.tokens)
+    return _rss_child(args.rss_child, args.tokens, args.checkpoint)
   names = ["float"] + [f for f in args.formats if f != "float"]
   load0 = os.getloadavg()[0]
   rows, gens, ids = {}, {}, None
@@ -114,8 +124,14 @@ def main(argv=None) -> int:
       r = gens[name].greedy(ids, args.tokens)
       rows[name]["tokens_per_s"] = max(rows[name]["tokens_per_s"], r.decode_tokens_per_s)
   if not args.no_rss:
-    for name in names:
-      rows[name]["peak_rss_mb"] = peak_rss_mb(name, args.tokens)
+    from itq3s_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    with tempfile.TemporaryDirectory() as tmp:
+      for name in names:
+        ckpt = None
+        if name != "float":
+          ckpt = os.path.join(tmp, name)
+          checkpoint.convert(llama.smollm2_gguf_path(), ckpt, rule=itq3s_jax.QuantRule(name))
+        rows[name]["peak_rss_mb"] = peak_rss_mb(name, args.tokens, ckpt)
   base = rows["float"]["tokens_per_s"]
   for r in rows.values():
     r["x_float"] = r["tokens_per_s"] / base if base else math.nan
