@@ -1,4 +1,4 @@
-"""``itq3s calibrate [MODEL] OUT.npz``: input statistics of a LLaMA-family model's linear layers.
+"""``itq3s calibrate [MODEL] OUT.npz``: input statistics of a LLaMA-family model's linear layers, tuned norms.
 
 MODEL is anything ``itq3s_jax.models.load`` opens: a Hugging Face directory
 (config.json + safetensors), a llama GGUF, or a converted checkpoint; without
@@ -47,7 +47,7 @@ from itq3s_jax._src import stats
 
 NAME = "calibrate"
 HELP = ("collect the input statistics of a LLaMA-family model's linear layers (HF directory, "
-        "GGUF; default SmolLM2) for GPTQ rounding")
+        "GGUF; default SmolLM2) for GPTQ rounding, and tune its norms to those codes")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
