@@ -163,15 +163,18 @@ def run(args: argparse.Namespace) -> int:
           "only.")
     tune = 0
   try:
+    t1 = time.perf_counter()
     tuned, tuned_for, losses = _tune(model, result, ids, args) if tune else ({}, None, [])
   except (ValueError, NotImplementedError) as exc:
     raise cli.CommandError(str(exc)) from None
   calibration.save(out, result, tuned=tuned, tuned_for=tuned_for)
+  t2 = time.perf_counter()
   distinct = {id(a): a for a in result.values()}.values()
   print(f"{len(result)} layers, {len(distinct)} distinct inputs, "
         f"{sum(a.size * 4 for a in distinct) / 1e6:.1f} MB of float32 statistics from "
-        f"{len(ids) // args.window * args.window} tokens in {time.perf_counter() - t0:.1f} s "
-        f"(CPU {time.process_time() - c0:.1f} s) -> {out}"
+        f"{len(ids) // args.window * args.window} tokens in {t1 - t0:.1f} s"
+        + (f", GPTQ and norm tuning {t2 - t1:.1f} s" if tuned else "")
+        + f" (CPU {time.process_time() - c0:.1f} s in all) -> {out}"
         + (f"; sequential for {args.format} seed {args.seed}" if args.sequential else "")
         + (f"; {len(tuned)} norm parameters tuned ({args.tune} steps, KL "
            f"{losses[0]:.4f} -> {losses[-1]:.4f})" if tuned else "")
