@@ -89,10 +89,11 @@ def test_unnormalized_butterfly_is_exact_on_small_integers(n):
 @pytest.mark.parametrize("axis", [0, -1])
 def test_stages_per_pass_changes_no_bits(axis):
   """Grouping stages into passes is a speed knob: the additions, and so the bits, are the
-  same for 1-4 stages a pass, along a leading axis (decode tiles) or the last one."""
+  same for 1-4 stages a pass (and the size rule of None), along a leading axis (decode tiles)
+  or the last one."""
   x = np.random.default_rng(4).standard_normal((256, 3, 256)).astype(np.float32) * 1e3
   outs = [np.asarray(fwht_lib.hadamard_unnormalized(jnp.asarray(x), axis, p)).view(np.uint32)
-          for p in (1, 2, 3, 4)]
+          for p in (1, 2, 3, 4, None)]
   for out in outs[1:]:
     np.testing.assert_array_equal(out, outs[0])
   with pytest.raises(ValueError, match="stages_per_pass"):

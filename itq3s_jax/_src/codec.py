@@ -49,7 +49,7 @@ def signs(format: str, seed: int) -> np.ndarray:
 
 
 def transform(x: jax.Array, fmt: registry.Format, sig: jax.Array,
-              inverse: bool = False, stages_per_pass: int = 4) -> jax.Array:
+              inverse: bool = False, stages_per_pass: int | None = None) -> jax.Array:
   """float32 (..., n): weights -> coding domain, or back when ``inverse``."""
   if fmt.transform == "none":
     return x
