@@ -208,7 +208,8 @@ def test_gguf_destination_takes_norms_tuned_to_its_fallback_codes(float_model, t
                      "iq3_s", "--tune", "4", "--tune-lr", "1e-2", "--quiet", *extra]) == 0
   assert cli.main(["convert", src, str(dst), "--format", "iq3_s", "--calibration", plain,
                    "--quiet"]) == 2
-  assert "becomes iq4_nl" in capsys.readouterr().err and not dst.exists()
+  err = capsys.readouterr().err
+  assert "becomes iq4_nl" in err and "calibrate with --for-gguf" in err and not dst.exists()
   assert cli.main(["convert", src, str(dst), "--format", "iq3_s", "--calibration", for_gguf,
                    "--quiet"]) == 0
   tuned, tuned_for = calibration.load_tuned(for_gguf)

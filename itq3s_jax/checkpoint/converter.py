@@ -391,11 +391,11 @@ def _check_tuned_codes(tuned_for, rule, gptq, fallback: dict, gguf: bool) -> Non
     raise errors.CheckpointError(
         f"this GGUF codes {len(fallback)} tensors in another format than {rule.format} "
         f"(llama.cpp's fallback: {name!r} becomes {r.format}), so norms tuned to {rule.format} "
-        "codes do not fit it; calibrate with --gguf (or --tune 0) for this file.")
+        "codes do not fit it; calibrate with --for-gguf (or --tune 0) for this file.")
   if tuned_for.get("gguf") and not gguf:
     raise errors.CheckpointError(
         "the calibration file's norms were tuned to a GGUF's fallback codes (itq3s calibrate "
-        "--gguf); convert to a .gguf, or calibrate again without --gguf.")
+        "--for-gguf); convert to a .gguf, or calibrate again without --for-gguf.")
 
 
 def _tuned_path(name: str, tuned: Mapping[str, Any]) -> str | None:
