@@ -194,6 +194,16 @@ def test_tuned_norms_go_from_calibrate_through_convert_into_the_model(float_mode
   assert "tuned to itq3_t seed 0 codes" in capsys.readouterr().err
 
 
+def test_tuned_values_of_another_shape_are_refused_before_writing(float_model, tmp_path):
+  hf = write_hf(tmp_path / "hf", float_model)
+  fits = {"format": "itq3_t", "seed": 0,
+          "gptq": itq3s_jax.GptqConfig().resolve("itq3_t").to_json()}
+  with pytest.raises(checkpoint.CheckpointError, match="belong to another model"):
+    checkpoint.convert(hf, str(tmp_path / "q"), tuned={"layers.0.input_norm.weight": np.ones(3)},
+                       tuned_for=fits)
+  assert not (tmp_path / "q").exists()
+
+
 def test_gguf_destination_takes_norms_tuned_to_its_fallback_codes(float_model, tmp_path, capsys):
   """K = 64 rows become IQ4_NL in a GGUF (llama.cpp's fallback), not iq3_s: norms tuned to
   iq3_s codes are refused (before anything is written); ``--for-gguf`` tunes them to the

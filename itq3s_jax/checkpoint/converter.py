@@ -187,7 +187,7 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
       (n,)} parameters fitted to these codes (``itq3s calibrate --tune``,
       ``calibration.load_tuned``): each kept tensor that is one of them
       (``llama_names.to_model``) is written with the tuned values, in its own
-      dtype; every tuned path must name a kept tensor.
+      dtype; every tuned path must name a kept tensor of the same shape.
     tuned_for: the codes ``tuned`` was fitted to (``{"format", "seed",
       "gptq"}``, plus ``"gguf": True`` when fitted to a GGUF's per-tensor
       fallback); required with ``tuned``, and they must be the codes this
@@ -227,15 +227,16 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
     plan = _match_calibration(plan, calibration)
   if tuned:
     _check_tuned_codes(tuned_for, rule, gptq, rules, _is_gguf(dst))
-    plan = _match_tuned(plan, tuned)
+    plan, tuned_of = _match_tuned(plan, tuned)
+  else:
+    tuned_of = {}
   expected = {info.name: _entry(info, decision, rules.get(info.name, rule),
                                 writers.item_name(i),
                                 _rounding(info, decision, rules.get(info.name, rule),
                                           calibration, gptq))
               for i, info, decision in plan}
-  for i, info, decision in plan:
-    if tuned and not decision.quantize and _tuned_path(info.name, tuned) is not None:
-      expected[info.name]["tuned"] = True  # written from the tuned values, not the source
+  for name in tuned_of:
+    expected[name]["tuned"] = True  # written from the tuned values, not the source
   src_hash = sources.sha256(source.files, source.path)
   job = {"source_sha256": src_hash, "source_kind": source.kind,
          "rule": rule.to_json(), "dst_kind": "gguf" if _is_gguf(dst) else "orbax"}
@@ -265,7 +266,8 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
           bar.update(math.prod(info.shape))
           continue
         entry = _convert_one(source, info, decision, rules.get(info.name, rule), writer,
-                             expected[info.name], calibration, gptq, tuned)
+                             expected[info.name], calibration, gptq,
+                             tuned[tuned_of[info.name]] if info.name in tuned_of else None)
         journal.write(json.dumps(entry) + "\n")
         journal.flush()
         os.fsync(journal.fileno())
@@ -405,20 +407,27 @@ def _tuned_path(name: str, tuned: Mapping[str, Any]) -> str | None:
 
 
 def _match_tuned(plan, tuned: Mapping[str, Any]):
-  """The plan with tuned kept tensors marked in their reason.
+  """(the plan with tuned kept tensors marked in their reason, {tensor name: tuned path}).
 
   Raises:
     CheckpointError: a tuned parameter names no kept tensor of the source (the
       file belongs to another model, or a rule now quantizes it).
   """
-  found = {_tuned_path(t.name, tuned): t.name for _, t, d in plan if not d.quantize}
-  missing = sorted(set(tuned) - set(found))
+  tuned_of = {t.name: p for _, t, d in plan if not d.quantize
+              for p in [_tuned_path(t.name, tuned)] if p is not None}
+  missing = sorted(set(tuned) - set(tuned_of.values()))
   if missing:
     raise errors.CheckpointError(
         f"the calibration file's tuned parameters {missing[:3]} match no kept tensor of the "
         "source; calibrate this checkpoint again (or with --tune 0).")
-  return [(i, t, d if _tuned_path(t.name, tuned) is None or d.quantize else dataclasses.replace(
+  for _, t, _ in plan:
+    if t.name in tuned_of and tuple(tuned[tuned_of[t.name]].shape) != tuple(t.shape):
+      raise errors.CheckpointError(
+          f"tensor {t.name!r} is {list(t.shape)} but its tuned values are "
+          f"{list(tuned[tuned_of[t.name]].shape)}; they belong to another model.")
+  plan = [(i, t, d if t.name not in tuned_of else dataclasses.replace(
       d, reason=f"{d.reason}; tuned by itq3s calibrate")) for i, t, d in plan]
+  return plan, tuned_of
 
 
 def _rounding(info, decision, rule, calibration, gptq) -> str | None:
@@ -453,7 +462,7 @@ def _entry(info, decision, rule, item: str, rounding: str) -> dict:
 
 
 def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq,
-                 tuned=None) -> dict:
+                 tuned_value=None) -> dict:
   x = source.read(info.name)
   if tuple(x.shape) != tuple(info.shape) or x.dtype != info.dtype:
     raise errors.CheckpointError(
@@ -461,13 +470,8 @@ def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq,
         f"its header says {np.dtype(info.dtype).name} {list(info.shape)}.")
   entry = dict(entry)
   if not decision.quantize:
-    path = None if not tuned else _tuned_path(info.name, tuned)
-    if path is not None:
-      if tuple(tuned[path].shape) != tuple(x.shape):
-        raise errors.CheckpointError(
-            f"tensor {info.name!r} is {list(x.shape)} but its tuned values {path!r} are "
-            f"{list(tuned[path].shape)}; they belong to another model.")
-      x = np.asarray(tuned[path]).astype(x.dtype)
+    if tuned_value is not None:  # norm gains fitted to these codes (shape checked in the plan)
+      x = np.asarray(tuned_value).astype(x.dtype)
     entry.update(writer.put(entry["item"], x, quantized=False))
     return entry
   shape_nk = tuple(entry["shape"])
