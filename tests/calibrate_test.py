@@ -118,6 +118,11 @@ def test_tuned_parameters_round_trip_beside_the_statistics(tmp_path):
     calibrate.save(path, stats, tuned={"x": np.zeros((2, 2))}, tuned_for=fits)
   with pytest.raises(ValueError, match="no such calibration file"):
     calibrate.load_tuned(tmp_path / "missing.npz")
+  with np.load(path) as f:  # drop one tuned array the index names
+    kept = {k: f[k] for k in f.files if k != "t0"}
+  np.savez(tmp_path / "cut.npz", **kept)
+  with pytest.raises(ValueError, match="cut.npz: corrupt tuned parameters"):
+    calibrate.load_tuned(tmp_path / "cut.npz")
 
 
 def test_tuning_runs_on_weights_decoded_once_and_updates_the_quantized_model():

@@ -78,19 +78,7 @@ def load(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
       file, or its index names an array it lacks (the message names the file).
   """
   name = os.fspath(path)
-  try:
-    # Our own handle: np.load leaks the one it opens when the zip is damaged.
-    with open(name, "rb") as fh, np.load(fh, allow_pickle=False) as f:
-      files = set(f.files)
-      index = f[_FORMAT_KEY] if _FORMAT_KEY in files else None
-      table = [] if index is None else [str(s).split("\t") for s in index]
-      wanted = {row[-1] for row in table} & files
-      arrays = {k: f[k] for k in wanted}
-  except FileNotFoundError:
-    raise ValueError(f"{name}: no such calibration file.") from None
-  except Exception as exc:  # zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError
-    raise ValueError(f"{name}: not a readable calibration .npz ({type(exc).__name__}: "
-                     f"{exc}).") from None
+  index, table, arrays = _read(name, lambda f: _indexed(f, _FORMAT_KEY))
   if index is None:
     raise ValueError(f"{name} is not an itq3s calibration file (no index); "
                      "write it with itq3s_jax.calibration.save().")
@@ -116,24 +104,39 @@ def load_tuned(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dic
     ValueError: unreadable file, or a tuned index naming arrays the file lacks.
   """
   name = os.fspath(path)
+  index, table, arrays, about = _read(name, lambda f: (
+      *_indexed(f, _TUNED_KEY), str(f[_TUNED_FOR_KEY]) if _TUNED_FOR_KEY in f.files else None))
+  if index is None:
+    return {}, None
   try:
+    tuned_for = json.loads(about) if about is not None else None
+  except ValueError:
+    tuned_for = None
+  if (not isinstance(tuned_for, dict) or not all(len(row) == 2 for row in table)
+      or {k for _, k in table} - set(arrays) or any(a.ndim != 1 for a in arrays.values())):
+    raise ValueError(f"{name}: corrupt tuned parameters.")
+  return {p: np.asarray(arrays[k], np.float32) for p, k in table}, tuned_for
+
+
+def _read(name: str, fn):
+  """``fn(the opened .npz)``, every error of the file one ValueError that names it."""
+  try:
+    # Our own handle: np.load leaks the one it opens when the zip is damaged.
     with open(name, "rb") as fh, np.load(fh, allow_pickle=False) as f:
-      if _TUNED_KEY not in f.files:
-        return {}, None
-      table = [str(s).split("\t") for s in f[_TUNED_KEY]]
-      if not all(len(row) == 2 and row[1] in f.files for row in table) or \
-          _TUNED_FOR_KEY not in f.files:
-        raise ValueError("its tuned-parameter index is corrupt")
-      tuned = {p: np.asarray(f[k], np.float32) for p, k in table}
-      tuned_for = json.loads(str(f[_TUNED_FOR_KEY]))
+      return fn(f)
   except FileNotFoundError:
     raise ValueError(f"{name}: no such calibration file.") from None
-  except Exception as exc:  # zipfile/zlib/json errors, the corrupt index above
+  except Exception as exc:  # zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError
     raise ValueError(f"{name}: not a readable calibration .npz ({type(exc).__name__}: "
                      f"{exc}).") from None
-  if not isinstance(tuned_for, dict) or any(a.ndim != 1 for a in tuned.values()):
-    raise ValueError(f"{name}: corrupt tuned parameters.")
-  return tuned, tuned_for
+
+
+def _indexed(f, key: str):
+  """(index or None, its rows split at tabs, the arrays the rows name that the file has)."""
+  index = f[key] if key in f.files else None
+  table = [] if index is None else [str(s).split("\t") for s in index]
+  wanted = {row[-1] for row in table} & set(f.files)
+  return index, table, {k: f[k] for k in wanted}
 
 
 def protocol_tokens(tokenizer, start: int = CALIBRATION_SLICE[0],
