@@ -19,13 +19,16 @@ from itq3s_jax._src.gptq import output_error
 from itq3s_jax._src.gptq import quantize as gptq_quantize
 from itq3s_jax._src.gptq import rotate_hessian
 from itq3s_jax._src.stats import CALIBRATION_SLICE
+from itq3s_jax._src.stats import Codes
 from itq3s_jax._src.stats import load
+from itq3s_jax._src.stats import load_codes
 from itq3s_jax._src.stats import load_tuned
 from itq3s_jax._src.stats import nbytes
 from itq3s_jax._src.stats import protocol_tokens
 from itq3s_jax._src.stats import save
 from itq3s_jax.flax.calibrate import calibrate
 from itq3s_jax.flax.calibrate import calibrate_sequential
+from itq3s_jax.flax.calibrate import coded_weights
 from itq3s_jax.flax.calibrate import kl_divergence
 from itq3s_jax.flax.calibrate import tune_unquantized
 from itq3s_jax.flax.calibrate import tuned_values
@@ -33,14 +36,17 @@ from itq3s_jax.flax.calibrate import quantize_weights
 
 __all__ = [
     "CALIBRATION_SLICE",
+    "Codes",
     "GptqConfig",
     "ROUNDINGS",
     "calibrate",
     "calibrate_sequential",
+    "coded_weights",
     "default_rounding",
     "gptq_quantize",
     "kl_divergence",
     "load",
+    "load_codes",
     "load_tuned",
     "nbytes",
     "output_error",

@@ -11,6 +11,7 @@ from flax import nnx
 import itq3s_jax
 from itq3s_jax import calibration as calibrate
 from itq3s_jax import flax as qflax
+from itq3s_jax._src import stats as stats_lib
 from itq3s_jax.flax import nnx as qnnx
 
 D, F, V = 64, 96, 50  # model width, hidden width, vocabulary
@@ -123,6 +124,50 @@ def test_tuned_parameters_round_trip_beside_the_statistics(tmp_path):
   np.savez(tmp_path / "cut.npz", **kept)
   with pytest.raises(ValueError, match="cut.npz: corrupt tuned parameters"):
     calibrate.load_tuned(tmp_path / "cut.npz")
+
+
+def test_codes_round_trip_beside_the_statistics_and_match_their_rows_only(tmp_path):
+  """coded_weights keeps each GPTQ-coded layer's bytes with its float rows' digests; save/
+  load_codes keep them; rows_for finds the codes of permuted rows, whatever dtype the rows are
+  stored in, and nothing for a weight with one row changed; a damaged index raises."""
+  model = Tiny(nnx.Rngs(0))
+  stats = calibrate.calibrate(model, _tokens(2))
+  gptq = itq3s_jax.GptqConfig()
+  qmodel, _ = qflax.quantize_model(nnx.clone(model), hessians=stats, gptq=gptq)
+  codes = calibrate.coded_weights(model, qmodel, gptq)
+  assert set(codes) == {"a", "b", "blocks.0"}
+  path = tmp_path / "stats.npz"
+  assert calibrate.load_codes(_saved(path, stats)) == {}  # a file without codes
+  calibrate.save(path, stats, codes=codes)
+  back = calibrate.load_codes(path)
+  assert set(back) == set(codes) and set(calibrate.load(path)) == set(stats)
+  for k, c in codes.items():
+    b = back[k]
+    assert (b.format, b.seed, b.gptq) == (c.format, c.seed, gptq.resolve(c.format).to_json())
+    np.testing.assert_array_equal(b.data, np.asarray(_get_layer(qmodel, k).weight[...]))
+    np.testing.assert_array_equal(b.digests, c.digests)
+  w = np.asarray(model.b.kernel[...], np.float32).T  # (F, D)
+  perm = np.random.default_rng(0).permutation(F)
+  np.testing.assert_array_equal(back["b"].rows_for(w[perm]), perm)
+  wb = np.asarray(jnp.asarray(w, jnp.bfloat16))  # a bfloat16 checkpoint's rows
+  np.testing.assert_array_equal(stats_lib.row_digests(wb),
+                                stats_lib.row_digests(wb.astype(np.float32)))
+  assert not np.array_equal(stats_lib.row_digests(wb), stats_lib.row_digests(w))
+  changed = w.copy()
+  changed[3, 0] = np.nextafter(changed[3, 0], np.float32(np.inf))
+  assert back["b"].rows_for(changed) is None
+  with np.load(path) as f:  # drop one code array the index names
+    kept = {k: f[k] for k in f.files if k != "c0"}
+  np.savez(tmp_path / "cut.npz", **kept)
+  with pytest.raises(ValueError, match="cut.npz: corrupt coded weights"):
+    calibrate.load_codes(tmp_path / "cut.npz")
+
+
+def _get_layer(model, dotted: str):
+  for path, layer in nnx.iter_modules(model):
+    if ".".join(map(str, path)) == dotted:
+      return layer
+  raise KeyError(dotted)
 
 
 def test_tuning_runs_on_weights_decoded_once_and_updates_the_quantized_model():

@@ -179,7 +179,9 @@ def test_tuned_norms_go_from_calibrate_through_convert_into_the_model(float_mode
   assert set(tuned) == norms and (tuned_for["format"], tuned_for["seed"]) == ("itq3_t", 0)
   fmodel, _ = models.load(hf)
   assert any(not np.array_equal(tuned[p], np.asarray(_get(fmodel, p)[...])) for p in norms)
-  assert cli.main(["convert", hf, ckpt, "--calibration", stats, "--quiet"]) == 0
+  assert cli.main(["convert", hf, ckpt, "--calibration", stats]) == 0
+  # calibrate's GPTQ codes are written, not computed again (and are the in-memory ones below)
+  assert "14 tensors written with the calibration file's GPTQ codes" in capsys.readouterr().out
   loaded, _ = models.load(ckpt)
   for p in norms:
     np.testing.assert_array_equal(np.asarray(_get(loaded, p)[...]), tuned[p])
@@ -192,6 +194,39 @@ def test_tuned_norms_go_from_calibrate_through_convert_into_the_model(float_mode
   assert cli.main(["convert", hf, str(tmp_path / "q5"), "--calibration", stats, "--seed", "5",
                    "--quiet"]) == 2
   assert "tuned to itq3_t seed 0 codes" in capsys.readouterr().err
+
+
+def test_stored_codes_are_written_only_for_the_rows_they_code(float_model, tmp_path):
+  """convert writes a calibration file's codes as they are (a flipped byte shows up in the
+  checkpoint) for the weights whose rows they code; a weight changed in one value, or codes of
+  other GPTQ options, are coded again (equal to GPTQ without stored codes)."""
+  hf = write_hf(tmp_path / "hf", float_model)
+  stats_path = str(tmp_path / "stats.npz")
+  assert cli.main(["calibrate", hf, stats_path, "--text", _text(tmp_path / "t.txt"),
+                   "--window", "32", "--tune", "1", "--quiet"]) == 0
+  stats, codes = calibration.load(stats_path), calibration.load_codes(stats_path)
+  assert len(codes) == 14
+  codes = dict(codes)
+  flipped = codes["layers.1.mlp.up_proj"]
+  data = flipped.data.copy()
+  data[2, 5] ^= 1
+  codes["layers.1.mlp.up_proj"] = dataclasses.replace(flipped, data=data)
+  other = nnx.clone(float_model)
+  w = other.layers[0].attn.k_proj.kernel
+  w[...] = w[...].at[3, 1].add(1e-3)
+  hf2 = write_hf(tmp_path / "hf2", other)
+  plain = checkpoint.convert(hf2, str(tmp_path / "plain"), calibration=stats)
+  summary = checkpoint.convert(hf2, str(tmp_path / "q"), calibration=stats, codes=codes)
+  assert (plain.codes_reused, summary.codes_reused) == (0, 13)
+  a, b = models.load(tmp_path / "q")[0], models.load(tmp_path / "plain")[0]
+  np.testing.assert_array_equal(np.asarray(a.layers[1].mlp.up_proj.weight[...]), data)
+  assert not np.array_equal(data, np.asarray(b.layers[1].mlp.up_proj.weight[...]))
+  for ours in ("attn.k_proj", "attn.q_proj"):  # k_proj changed: coded here, like q_proj's codes
+    np.testing.assert_array_equal(np.asarray(_get(a.layers[0], ours).weight[...]),
+                                  np.asarray(_get(b.layers[0], ours).weight[...]))
+  other_gptq = checkpoint.convert(hf, str(tmp_path / "r"), calibration=stats, codes=codes,
+                                  gptq=itq3s_jax.GptqConfig(act_order=False))
+  assert other_gptq.codes_reused == 0
 
 
 def test_tuned_values_of_another_shape_are_refused_before_writing(float_model, tmp_path):
@@ -220,8 +255,9 @@ def test_gguf_destination_takes_norms_tuned_to_its_fallback_codes(float_model, t
                    "--quiet"]) == 2
   err = capsys.readouterr().err
   assert "becomes iq4_nl" in err and "calibrate with --for-gguf" in err and not dst.exists()
-  assert cli.main(["convert", src, str(dst), "--format", "iq3_s", "--calibration", for_gguf,
-                   "--quiet"]) == 0
+  assert cli.main(["convert", src, str(dst), "--format", "iq3_s", "--calibration", for_gguf]) == 0
+  # calibrate's codes found by row digest: the GGUF's q/k rows are in llama.cpp's RoPE order
+  assert "14 tensors written with the calibration file's GPTQ codes" in capsys.readouterr().out
   tuned, tuned_for = calibration.load_tuned(for_gguf)
   assert tuned_for["gguf"] is True and tuned
   loaded, _ = models.load(dst)

@@ -5,11 +5,20 @@ one array object, written once. A file may also carry *tuned* parameters
 ({model state path: 1-D float32}, the norm gains ``itq3s calibrate --tune``
 fitted to a quantized model) and a description of the codes they were fitted
 to (format, seed, GPTQ options), which ``itq3s convert`` must reproduce to use
-them. Nothing here needs Flax.
+them; and those *codes* ({layer key: :class:`Codes`}), so that convert writes
+them instead of running GPTQ a second time on the same statistics. Codes are
+used only for the rows whose float weights they were computed from: each row
+carries a digest of its float32 values, so a file calibrated on another model
+(or other weights) falls back to GPTQ, row order (RoPE permutations between
+GGUF and Hugging Face sources) does not matter, and rows are coded
+independently, so a row's codes do not depend on the others. Nothing here
+needs Flax.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Mapping
@@ -20,6 +29,46 @@ CALIBRATION_SLICE = (16384, 24576)  # tokens of the protocol stream; eval uses [
 _FORMAT_KEY = "__itq3s_calibration__"
 _TUNED_KEY = "__itq3s_tuned__"
 _TUNED_FOR_KEY = "__itq3s_tuned_for__"
+_CODES_KEY = "__itq3s_codes__"
+DIGEST_BYTES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Codes:
+  """The coded rows of one weight and the float rows they code.
+
+  Attributes:
+    format, seed: the format and sign-vector seed of the codes.
+    gptq: the resolved GPTQ options that chose them (``GptqConfig.to_json()``).
+    data: uint8 (N, row_nbytes), the codes of the rows of the (N, K) weight.
+    digests: uint8 (N, DIGEST_BYTES), :func:`row_digests` of the float rows.
+  """
+
+  format: str
+  seed: int
+  gptq: dict
+  data: np.ndarray
+  digests: np.ndarray
+
+  def rows_for(self, w: np.ndarray) -> np.ndarray | None:
+    """For a float weight (N', K), the row of ``data`` coding each of its rows; None unless all are here."""
+    where = {bytes(d): i for i, d in enumerate(self.digests)}
+    idx = [where.get(bytes(d)) for d in row_digests(w)]
+    return None if any(i is None for i in idx) else np.asarray(idx, np.int64)
+
+
+def row_digests(w: np.ndarray) -> np.ndarray:
+  """uint8 (N, DIGEST_BYTES): a BLAKE2b digest of each row of (N, K) weights as float32.
+
+  float32 is what the encoder codes (every float16/bfloat16 value converts
+  exactly), so a row digests the same whatever dtype it was stored in.
+  """
+  w = np.ascontiguousarray(np.asarray(w, np.float32).reshape(w.shape[0], -1))
+  out = np.empty((w.shape[0], DIGEST_BYTES), np.uint8)
+  for i, row in enumerate(w):
+    out[i] = np.frombuffer(hashlib.blake2b(row.tobytes(), digest_size=DIGEST_BYTES).digest(),
+                           np.uint8)
+  return out
 
 
 def nbytes(stats: Mapping[str, np.ndarray]) -> int:
@@ -29,7 +78,8 @@ def nbytes(stats: Mapping[str, np.ndarray]) -> int:
 
 def save(path: str | os.PathLike[str], stats: Mapping[str, np.ndarray], *,
          dtype=np.float32, tuned: Mapping[str, np.ndarray] | None = None,
-         tuned_for: Mapping[str, Any] | None = None) -> None:
+         tuned_for: Mapping[str, Any] | None = None,
+         codes: Mapping[str, Codes] | None = None) -> None:
   """Writes ``stats`` to an .npz, each distinct array once, in ``dtype``.
 
   Args:
@@ -39,6 +89,7 @@ def save(path: str | os.PathLike[str], stats: Mapping[str, np.ndarray], *,
     tuned: optional {model state path: float32 (n,)} parameters fitted with
       the codes described by ``tuned_for`` (required with ``tuned``: a JSON
       object such as ``{"format": "itq3_t", "seed": 0, "gptq": {...}}``).
+    codes: optional {layer key: :class:`Codes`} computed from these statistics.
 
   Written to ``path + ".tmp"`` then renamed, so a crash leaves no partial file.
   """
@@ -61,6 +112,17 @@ def save(path: str | os.PathLike[str], stats: Mapping[str, np.ndarray], *,
       rows.append(f"{p}\tt{i}")
     arrays[_TUNED_KEY] = np.array(rows)
     arrays[_TUNED_FOR_KEY] = np.array(json.dumps(dict(tuned_for), sort_keys=True))
+  if codes:
+    rows = []
+    for i, (p, c) in enumerate(codes.items()):
+      data, dig = np.asarray(c.data, np.uint8), np.asarray(c.digests, np.uint8)
+      if data.ndim != 2 or dig.shape != (data.shape[0], DIGEST_BYTES):
+        raise ValueError(f"codes of {p!r}: data {data.shape} and digests {dig.shape} do not "
+                         f"describe the same (N, row_nbytes) rows.")
+      arrays[f"c{i}"], arrays[f"d{i}"] = data, dig
+      about = json.dumps(dict(c.gptq), sort_keys=True)
+      rows.append(f"{p}\t{c.format}\t{int(c.seed)}\t{about}\tc{i}\td{i}")
+    arrays[_CODES_KEY] = np.array(rows)
   tmp = os.fspath(path) + ".tmp"
   with open(tmp, "wb") as f:
     np.savez(f, **arrays)
@@ -118,6 +180,32 @@ def load_tuned(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dic
   return {p: np.asarray(arrays[k], np.float32) for p, k in table}, tuned_for
 
 
+def load_codes(path: str | os.PathLike[str]) -> dict[str, Codes]:
+  """The coded weights of a statistics file ({} if none): {layer key: :class:`Codes`}.
+
+  Raises:
+    ValueError: unreadable file, or a codes index that is malformed or names
+      arrays the file lacks.
+  """
+  name = os.fspath(path)
+  index, table, arrays = _read(name, lambda f: _indexed(f, _CODES_KEY, columns=(4, 5)))
+  if index is None:
+    return {}
+  out = {}
+  for row in table:
+    ok = (len(row) == 6 and row[2].isdigit() and row[4] in arrays and row[5] in arrays
+          and arrays[row[4]].ndim == 2 and arrays[row[4]].dtype == np.uint8
+          and arrays[row[5]].shape == (arrays[row[4]].shape[0], DIGEST_BYTES))
+    try:
+      gptq = json.loads(row[3]) if ok else None
+    except ValueError:
+      gptq = None
+    if not isinstance(gptq, dict):
+      raise ValueError(f"{name}: corrupt coded weights ({row[0]!r}).")
+    out[row[0]] = Codes(row[1], int(row[2]), gptq, arrays[row[4]], arrays[row[5]])
+  return out
+
+
 def _read(name: str, fn):
   """``fn(the opened .npz)``, every error of the file one ValueError that names it."""
   try:
@@ -131,11 +219,14 @@ def _read(name: str, fn):
                      f"{exc}).") from None
 
 
-def _indexed(f, key: str):
-  """(index or None, its rows split at tabs, the arrays the rows name that the file has)."""
+def _indexed(f, key: str, columns: tuple[int, ...] = (-1,)):
+  """(index or None, its rows split at tabs, the arrays the rows name that the file has).
+
+  ``columns``: which fields of a row name arrays (the last one by default).
+  """
   index = f[key] if key in f.files else None
   table = [] if index is None else [str(s).split("\t") for s in index]
-  wanted = {row[-1] for row in table} & set(f.files)
+  wanted = {row[c] for row in table for c in columns if -len(row) <= c < len(row)} & set(f.files)
   return index, table, {k: f[k] for k in wanted}
 
 

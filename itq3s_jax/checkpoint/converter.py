@@ -36,6 +36,7 @@ import tqdm
 
 import itq3s_jax
 from itq3s_jax._src import llama_names
+from itq3s_jax._src import stats as stats_lib
 from itq3s_jax._src.core import blocks
 from itq3s_jax._src.core import qtensor
 from itq3s_jax.checkpoint import errors
@@ -56,6 +57,7 @@ class Summary:
   entries: tuple[dict, ...]
   seconds: float
   weights_converted: int  # weights quantized or copied in this run (resumed ones excluded)
+  codes_reused: int = 0  # tensors written with the calibration file's codes (no GPTQ run here)
 
   @property
   def weights_per_second(self) -> float:
@@ -135,6 +137,23 @@ def quantize_tensor(w: np.ndarray, rule: itq3s_jax.QuantRule, k_axis: int = -1,
   return qt.replace(data=jnp.asarray(data))
 
 
+def _stored_codes(w: np.ndarray, c: stats_lib.Codes | None, rule, gptq) -> qtensor.QuantizedTensor | None:
+  """The calibration file's codes of the (N, K) float weight ``w``, or None unless they are GPTQ's for it here."""
+  if c is None or (c.format, c.seed) != (rule.format, rule.seed):
+    return None
+  try:
+    wanted = gptq.resolve(rule.format).to_json()
+  except ValueError:
+    return None
+  if (c.gptq != wanted or c.data.shape[-1] != qtensor.row_nbytes(rule.format, w.shape[-1])):
+    return None
+  rows = c.rows_for(w)
+  if rows is None:
+    return None
+  return itq3s_jax.QuantizedTensor(data=jnp.asarray(c.data[rows]), format=rule.format,
+                                   k=w.shape[-1], seed=rule.seed, rounding=wanted["rounding"])
+
+
 def _release_freed_memory() -> None:
   """Hands memory freed by the last tensor back to the OS (glibc only).
 
@@ -164,7 +183,8 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
             on_tensor: Callable[[int], None] | None = None,
             allow_type41: bool = False,
             tuned: Mapping[str, np.ndarray] | None = None,
-            tuned_for: Mapping[str, Any] | None = None) -> Summary:
+            tuned_for: Mapping[str, Any] | None = None,
+            codes: Mapping[str, stats_lib.Codes] | None = None) -> Summary:
   """Converts the float checkpoint ``src`` into a quantized checkpoint ``dst``.
 
   Args:
@@ -192,6 +212,12 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
       "gptq"}``, plus ``"gguf": True`` when fitted to a GGUF's per-tensor
       fallback); required with ``tuned``, and they must be the codes this
       conversion writes.
+    codes: optional {statistics key: ``calibration.Codes``} that ``itq3s
+      calibrate`` computed from these statistics (``calibration.load_codes``):
+      a tensor whose format, seed and GPTQ options match, and every one of
+      whose float rows has its digest there, is written with those codes
+      instead of running GPTQ again (the same bytes, found by row digest, so
+      row order does not matter). Anything else is coded here.
 
   A GGUF destination is a file llama.cpp loads (``gguf_writer``): rows that the
   format's blocks do not divide fall back per tensor as llama.cpp's do (IQ3_S
@@ -253,7 +279,7 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
   except errors.CheckpointError:
     writer.close()
     raise
-  entries, converted = [], 0
+  entries, converted, reused = [], 0, 0
   total = sum(math.prod(t.shape) for _, t, _ in plan)
   bar = tqdm.tqdm(total=total, unit="w", unit_scale=True, disable=not progress,
                   file=sys.stderr, desc="convert")
@@ -265,15 +291,17 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
           entries.append(done[info.name])
           bar.update(math.prod(info.shape))
           continue
-        entry = _convert_one(source, info, decision, rules.get(info.name, rule), writer,
+        entry, stored = _convert_one(source, info, decision, rules.get(info.name, rule), writer,
                              expected[info.name], calibration, gptq,
-                             tuned[tuned_of[info.name]] if info.name in tuned_of else None)
+                             tuned[tuned_of[info.name]] if info.name in tuned_of else None,
+                             codes)
         journal.write(json.dumps(entry) + "\n")
         journal.flush()
         os.fsync(journal.fileno())
         entries.append(entry)
         _release_freed_memory()
         converted += math.prod(info.shape)
+        reused += stored
         bar.update(math.prod(info.shape))
         if on_tensor is not None:
           on_tensor(len(entries) - len(done))
@@ -300,7 +328,7 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
   writers.move_into_place(result, dst, overwrite)
   if result != stage:
     shutil.rmtree(stage, ignore_errors=True)
-  return Summary(dst, tuple(entries), time.perf_counter() - start, converted)
+  return Summary(dst, tuple(entries), time.perf_counter() - start, converted, reused)
 
 
 def _match_calibration(plan, calibration: Mapping[str, Any]):
@@ -462,7 +490,8 @@ def _entry(info, decision, rule, item: str, rounding: str) -> dict:
 
 
 def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq,
-                 tuned_value=None) -> dict:
+                 tuned_value=None, codes=None) -> tuple[dict, bool]:
+  """(the tensor's entry, whether its codes came from ``codes``): read, code, write one tensor."""
   x = source.read(info.name)
   if tuple(x.shape) != tuple(info.shape) or x.dtype != info.dtype:
     raise errors.CheckpointError(
@@ -473,7 +502,7 @@ def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq,
     if tuned_value is not None:  # norm gains fitted to these codes (shape checked in the plan)
       x = np.asarray(tuned_value).astype(x.dtype)
     entry.update(writer.put(entry["item"], x, quantized=False))
-    return entry
+    return entry, False
   shape_nk = tuple(entry["shape"])
   key = None if calibration is None else hessian_key(info.name, calibration)
   hessian = None
@@ -483,8 +512,10 @@ def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq,
       raise errors.CheckpointError(
           f"tensor {info.name!r} has K={shape_nk[-1]} but its calibration statistics "
           f"{key!r} are {hessian.shape}; they belong to another model.")
+  stored = None if hessian is None or not codes else _stored_codes(
+      x.T if info.k_axis == 0 else x, codes.get(key), rule, gptq)
   try:
-    qt = quantize_tensor(x, rule, info.k_axis, hessian, gptq)
+    qt = stored or quantize_tensor(x, rule, info.k_axis, hessian, gptq)
   except (ValueError, TypeError) as exc:
     raise errors.CheckpointError(f"tensor {info.name!r}: {exc}") from None
   del x
@@ -492,4 +523,4 @@ def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq,
       entry["format"], entry["seed"], entry["rounding"], entry["shape"], entry["nbytes"]):
     raise AssertionError(f"{info.name}: planned entry {entry} does not describe {qt}")
   entry.update(writer.put(entry["item"], np.asarray(qt.data), quantized=True))
-  return entry
+  return entry, stored is not None

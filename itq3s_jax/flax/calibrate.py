@@ -43,6 +43,7 @@ from jax.typing import ArrayLike
 from itq3s_jax._src import api
 from itq3s_jax._src import codec
 from itq3s_jax._src import config
+from itq3s_jax._src import stats
 from itq3s_jax._src.core import qtensor
 from itq3s_jax.flax import _core
 from itq3s_jax.flax import nnx as qnnx
@@ -376,6 +377,30 @@ def tuned_values(model: nnx.Module) -> dict[str, np.ndarray]:
   _, tuned, _ = nnx.split(model, nnx.All(nnx.Param, _is_tunable), ...)
   return {state_lib.dotted(p): np.asarray(v[...], np.float32)
           for p, v in nnx.to_flat_state(tuned)}
+
+
+def coded_weights(model: nnx.Module, qmodel: nnx.Module,
+                  gptq: config.GptqConfig) -> dict[str, stats.Codes]:
+  """{dotted layer path: the codes of each QuantizedLinear of ``qmodel``, with digests of ``model``'s rows}.
+
+  ``model`` is the float model ``qmodel`` was quantized from (same paths),
+  with GPTQ options ``gptq`` (``quantize_model(..., gptq=gptq)``): each code row is stored with the digest of the float row it codes
+  (``stats.row_digests`` of the (out, in) weight), which ``itq3s convert``
+  checks before it writes these codes instead of computing them again.
+  """
+  floats = {state_lib.dotted(p): layer for p, layer in nnx.iter_modules(model)
+            if isinstance(layer, nnx.Linear)}
+  out = {}
+  for path, layer in nnx.iter_modules(qmodel):
+    key = state_lib.dotted(path)
+    if isinstance(layer, qnnx.QuantizedLinear) and key in floats:
+      qt = layer.qt
+      w = np.asarray(floats[key].kernel[...], np.float32).T
+      if qt.rounding == "nearest":  # no statistics for this layer: nothing worth keeping
+        continue
+      out[key] = stats.Codes(qt.format, qt.seed, gptq.resolve(qt.format).to_json(),
+                             np.asarray(qt.data), stats.row_digests(w))
+  return out
 
 
 def kl_divergence(ref_logits: jax.Array, logits: jax.Array) -> jax.Array:

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="also quantize embeddings and the output head")
   p.add_argument("--calibration", metavar="NPZ",
                  help="input statistics (itq3s calibrate): tensors found there are GPTQ-"
-                 "rounded in the coding domain, the others round to nearest")
+                 "rounded in the coding domain (with the codes calibrate stored, where they "
+                 "code these very weights with these options), the others round to nearest")
   cli.add_rounding_argument(p, "with --calibration")
   p.add_argument("--allow-type-41", action="store_true",
                  help="with --format itq3_s and a .gguf DST: write GGML type 41 anyway "
@@ -54,18 +55,19 @@ def run(args: argparse.Namespace) -> int:
     rule = itq3s_jax.QuantRule(args.format, seed=args.seed, include=args.include,
                                exclude=args.exclude, min_size=args.min_size,
                                quantize_embeddings=args.quantize_embeddings)
-    stats, tuned, tuned_for = None, {}, None
+    stats, tuned, tuned_for, codes = None, {}, None, {}
     gptq = itq3s_jax.GptqConfig(rounding=args.rounding)
     if args.calibration:
       stats = _load_calibration(args.calibration)
       tuned, tuned_for = stats_lib.load_tuned(args.calibration)
+      codes = stats_lib.load_codes(args.calibration)
     elif args.rounding:
       raise cli.CommandError("--rounding needs --calibration.")
     summary = checkpoint.convert(args.src, args.dst, rule=rule, resume=args.resume,
                                  overwrite=args.overwrite, progress=not args.quiet,
                                  calibration=stats, gptq=gptq,
                                  allow_type41=args.allow_type_41, tuned=tuned,
-                                 tuned_for=tuned_for)
+                                 tuned_for=tuned_for, codes=codes)
   except checkpoint.CheckpointError as exc:
     raise cli.CommandError(str(exc)) from None
   except ValueError as exc:  # bad options (regex, seed)
@@ -116,6 +118,8 @@ def _summary_table(summary: converter.Summary) -> str:
   footer = (f"\n{len(q)} of {len(summary.entries)} tensors quantized ({nq} weights, "
             f"{8.0 * sum(e['nbytes'] for e in q) / nq if nq else 0:.4f} bpw); "
             f"{size}; {summary.seconds:.1f} s, "
-            f"{summary.weights_per_second / 1e6:.2f} M weights/s -> {summary.dst}")
+            f"{summary.weights_per_second / 1e6:.2f} M weights/s -> {summary.dst}"
+            + (f"\n{summary.codes_reused} tensors written with the calibration file's GPTQ "
+               "codes (no second GPTQ run)" if summary.codes_reused else ""))
   return table.render(["tensor", "shape", "dtype", "format", "bpw", "rounding", "rule"],
                       rows) + footer
