@@ -23,6 +23,8 @@ and modifiers after gptq or sequential, combined freely (``gptq+tokens=32768+tun
   +tokens=N        lever 4: N calibration tokens from the calibration slice's start
                    (default 8192; beyond 24576 they run on past that slice, still
                    disjoint from eval and val)
+  +tune_tokens=N   the tuning alone on N tokens from the same start (statistics keep
+                   +tokens); default: the statistics' tokens
   +damp=X          lever 4: GPTQ damping X
 
 Columns: Δppl (or cosine), bpw over the quantized linear layers with every byte
@@ -97,9 +99,10 @@ def _parse_row(row: str) -> tuple[str, dict]:
   if base not in ("rtn", "gptq", "sequential"):
     raise ValueError(f"unknown row {row!r}: starts with rtn, gptq or sequential")
   opts = dict(m.split("=", 1) if "=" in m else (m, True) for m in mods)
-  unknown = set(opts) - {"refit", "damp", "tokens", "tune"}
+  unknown = set(opts) - {"refit", "damp", "tokens", "tune", "tune_tokens"}
   if unknown or (base == "rtn" and opts):
-    raise ValueError(f"unknown row {row!r}: modifiers are +refit +damp=X +tokens=N +tune")
+    raise ValueError(f"unknown row {row!r}: modifiers are +refit +damp=X +tokens=N +tune "
+                     "+tune_tokens=N")
   return base, opts
 
 
@@ -110,8 +113,13 @@ def quantized_row(row: str, model, tok, ids, forward, window, batch, args):
     cal = ids[:int(opts.get("tokens", MINILM_CALIB))]
   else:
     cal = ids[CALIB[0]:CALIB[0] + int(opts.get("tokens", CALIB[1] - CALIB[0]))]
-  if "tokens" in opts and len(cal) < int(opts["tokens"]):
-    raise ValueError(f"{row!r}: the text has only {len(cal)} calibration tokens")
+  tune_cal = cal
+  if "tune_tokens" in opts:
+    start = 0 if args.model == "minilm" else CALIB[0]
+    tune_cal = ids[start:start + int(opts["tune_tokens"])]
+  for key, got in (("tokens", cal), ("tune_tokens", tune_cal)):
+    if key in opts and len(got) < int(opts[key]):
+      raise ValueError(f"{row!r}: the text has only {len(got)} calibration tokens")
   t0, c0 = time.perf_counter(), time.process_time()
   kw = dict(window=window, batch_size=batch, forward=forward)
   if base == "rtn":
@@ -130,7 +138,7 @@ def quantized_row(row: str, model, tok, ids, forward, window, batch, args):
                              gptq=itq3s_jax.GptqConfig(**cfg))[0]
     if "tune" in opts:
       loss = calibration.kl_divergence if args.model != "minilm" else _token_cosine_distance
-      calibration.tune_unquantized(model, q, cal, steps=args.tune_steps,
+      calibration.tune_unquantized(model, q, tune_cal, steps=args.tune_steps,
                                    learning_rate=args.tune_lr, loss=loss, window=window,
                                    batch_size=1 if args.model != "minilm" else 8,
                                    forward=forward)
