@@ -1,9 +1,8 @@
 """Greedy generation with a KV cache for the LLaMA decoder (``models.llama.Llama``).
 
 ``Llama.__call__`` re-runs the whole sequence per token (no cache). This module
-drives the same submodules — ``embed``, each layer's ``input_norm``,
-``attn.{q,k,v,o}_proj``, ``post_attn_norm``, ``mlp``, then ``norm`` and the
-head — one new token at a time against a cache of the keys and values already
+drives the same pieces — ``embed``, each layer's ``input_norm``, ``attn.qkv``,
+``attn.out``, ``feed_forward``, then ``Llama.logits`` — one new token at a time against a cache of the keys and values already
 computed, under ``jax.jit``: a prefill program for the prompt and one decode
 program for every following token. The projections may be ``nnx.Linear`` or
 ``itq3s_jax.flax.QuantizedLinear`` (after ``quantize_model``); either way
@@ -55,28 +54,21 @@ def forward(model: llama.Llama, tokens: jax.Array, cache: KVCache,
   Returns:
     (float32 logits (B, T, vocab), the cache with positions start.. written).
   """
-  b, t = tokens.shape
+  t = tokens.shape[1]
   pos = start + jnp.arange(t, dtype=jnp.int32)
   visible = jnp.arange(cache.k.shape[2])[None, :] <= pos[:, None]  # (T, max_len)
   x = model.embed(tokens).astype(jnp.float32)
   ks, vs = [], []
   for i, layer in enumerate(model.layers):
-    attn = layer.attn
-    h = layer.input_norm(x)
-    q = llama.rope(attn.q_proj(h).reshape(b, t, attn.n_heads, attn.hd), pos, attn.rope_base)
-    k = llama.rope(attn.k_proj(h).reshape(b, t, attn.n_kv_heads, attn.hd), pos, attn.rope_base)
-    v = attn.v_proj(h).reshape(b, t, attn.n_kv_heads, attn.hd)
+    q, k, v = layer.attn.qkv(layer.input_norm(x), pos)
     k_all = jax.lax.dynamic_update_slice_in_dim(cache.k[i], k.astype(jnp.float32), start, axis=1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cache.v[i], v.astype(jnp.float32), start, axis=1)
     ks.append(k_all)
     vs.append(v_all)
     o = jax.nn.dot_product_attention(q, k_all, v_all, mask=visible[None, None],
                                      implementation="xla")
-    x = x + attn.o_proj(o.reshape(b, t, attn.n_heads * attn.hd))
-    x = x + layer.mlp(layer.post_attn_norm(x))
-  x = model.norm(x)
-  logits = model.embed.attend(x) if model.lm_head is None else x @ model.lm_head[...]
-  return logits.astype(jnp.float32), KVCache(jnp.stack(ks), jnp.stack(vs))
+    x = layer.feed_forward(x + layer.attn.out(o))
+  return model.logits(x).astype(jnp.float32), KVCache(jnp.stack(ks), jnp.stack(vs))
 
 
 @dataclasses.dataclass(frozen=True)

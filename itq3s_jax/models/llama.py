@@ -111,12 +111,20 @@ class Attention(nnx.Module):
     self.rope_base = cfg.rope_base
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    q, k, v = self.qkv(x, jnp.arange(x.shape[1]))
+    return self.out(jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla"))
+
+  def qkv(self, x: jax.Array, positions: jax.Array):
+    """(B, T, d) at ``positions`` (T,) -> RoPE'd queries (B, T, heads, hd), keys and values
+    (B, T, kv_heads, hd): the projections a cached decoder (``models.generate``) shares."""
     b, t, _ = x.shape
-    pos = jnp.arange(t)
-    q = rope(self.q_proj(x).reshape(b, t, self.n_heads, self.hd), pos, self.rope_base)
-    k = rope(self.k_proj(x).reshape(b, t, self.n_kv_heads, self.hd), pos, self.rope_base)
-    v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.hd)
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    q = rope(self.q_proj(x).reshape(b, t, self.n_heads, self.hd), positions, self.rope_base)
+    k = rope(self.k_proj(x).reshape(b, t, self.n_kv_heads, self.hd), positions, self.rope_base)
+    return q, k, self.v_proj(x).reshape(b, t, self.n_kv_heads, self.hd)
+
+  def out(self, o: jax.Array) -> jax.Array:
+    """Attention output per head (B, T, heads, hd) -> (B, T, d)."""
+    b, t = o.shape[:2]
     return self.o_proj(o.reshape(b, t, self.n_heads * self.hd))
 
 
@@ -142,7 +150,10 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.attn(self.input_norm(x))
+    return self.feed_forward(x + self.attn(self.input_norm(x)))
+
+  def feed_forward(self, x: jax.Array) -> jax.Array:
+    """The block's second half, x + mlp(norm(x)) (shared with ``models.generate``)."""
     return x + self.mlp(self.post_attn_norm(x))
 
 
@@ -166,6 +177,10 @@ class Llama(nnx.Module):
     x = self.embed(jnp.asarray(tokens)).astype(jnp.float32)
     for layer in self.layers:
       x = layer(x)
+    return self.logits(x)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Final norm and head: hidden states (B, T, d) -> logits (B, T, vocab)."""
     x = self.norm(x)
     if self.lm_head is None:
       return self.embed.attend(x)
