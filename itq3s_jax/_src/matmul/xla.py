@@ -29,6 +29,15 @@ from itq3s_jax._src import codec
 from itq3s_jax._src.core import blocks
 from itq3s_jax._src.core import qtensor
 
+# Decode-tile size (values) for a single activation row: there the dot streams each decoded
+# tile once, so a tile that stays in a core's L2 beside the next one's decode pays; more rows
+# reuse the tile and amortise per-tile work over larger ones (codec.DECODE_TILE, 2^18).
+# Measured on the 2-core CPU (benchmarks/layer_profile.py, speed.py): 2^17 at M = 1 takes a
+# 576 x 576 product 0.41 -> 0.24 ms, SmolLM2's decode layer 2.26 -> 2.01 ms, 4096^2 14.0 ->
+# 10.2 ms; at M = 8 / 32 / 256 it was 5-9 % slower than 2^18, and 2^16 slower at M = 1 too.
+MATVEC_TILE = 1 << 17
+
+
 def dequantize_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
   """float32 (..., N): dequantize the whole weight, then one float32 dot at full precision."""
   w = codec.dequantize(qt, jnp.float32)
@@ -55,7 +64,8 @@ def act_rotate_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
   sig = jnp.asarray(codec.signs(qt.format, qt.seed))
   xr = codec.rotate(x2, sig, qt.format)  # (M, Kp) float32
   xs = [_columns_order(xr, seg) for seg in segs]
-  rows = codec.tile_rows(n_out, blocks.coded_length(segs))
+  rows = codec.tile_rows(n_out, blocks.coded_length(segs),
+                         MATVEC_TILE if x2.shape[0] == 1 else None)
 
   def tile(bts):  # per segment uint8 (nbytes, count, rows) -> float32 (M, rows)
     y = jnp.zeros((x2.shape[0], rows), jnp.float32)
