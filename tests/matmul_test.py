@@ -111,15 +111,16 @@ def test_act_rotate_tiles_rows_and_pads_the_last_tile(monkeypatch, m):
   for another tile width)."""
   qt = itq3s_jax.quantize(_weights(44, 288, seed=3), "itq3_t", seed=1)
   x = np.random.default_rng(4).standard_normal((m, 288)).astype(np.float32)
-  mapped = lambda: "scan" in str(jax.make_jaxpr(xla_matmul.act_rotate_dot)(x, qt))  # noqa: E731
-  whole = np.asarray(jax.jit(xla_matmul.act_rotate_dot)(x, qt))
+  # A fresh function each time: traces are cached by function and shapes, not by module constants.
+  fresh = lambda: lambda x, qt: xla_matmul.act_rotate_dot(x, qt)  # noqa: E731
+  mapped = lambda: "scan" in str(jax.make_jaxpr(fresh())(x, qt))  # noqa: E731
+  whole = np.asarray(jax.jit(fresh())(x, qt))
   assert not mapped()  # one tile
   # 16 rows a tile: 3 tiles (lax.map), 4 pad rows
   monkeypatch.setattr(*((xla_matmul, "MATVEC_TILE") if m == 1 else (codec, "DECODE_TILE")),
                       16 * 288)
-  jax.clear_caches()  # traces are cached by function and shapes, not by module constants
   assert codec.tile_rows(44, 288, 16 * 288) == 16 and mapped()
-  tiled = np.asarray(jax.jit(xla_matmul.act_rotate_dot)(x, qt))
+  tiled = np.asarray(jax.jit(fresh())(x, qt))
   w64, x64 = _oracle_weights_any(qt), x.astype(np.float64)
   tol = 1.25 * (288 + 9) * _U32 * np.outer(np.linalg.norm(x64, axis=-1),
                                            np.linalg.norm(w64, axis=-1))
