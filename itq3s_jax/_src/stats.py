@@ -51,7 +51,7 @@ class Codes:
   digests: np.ndarray
 
   def rows_for(self, w: np.ndarray) -> np.ndarray | None:
-    """For a float weight (N', K), the row of ``data`` coding each of its rows; None unless all are here."""
+    """int64 (N',): the row of ``data`` coding each row of float (N', K) ``w``; None if one is missing."""
     where = {bytes(d): i for i, d in enumerate(self.digests)}
     idx = [where.get(bytes(d)) for d in row_digests(w)]
     return None if any(i is None for i in idx) else np.asarray(idx, np.int64)

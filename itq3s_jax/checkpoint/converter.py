@@ -137,8 +137,9 @@ def quantize_tensor(w: np.ndarray, rule: itq3s_jax.QuantRule, k_axis: int = -1,
   return qt.replace(data=jnp.asarray(data))
 
 
-def _stored_codes(w: np.ndarray, c: stats_lib.Codes | None, rule, gptq) -> qtensor.QuantizedTensor | None:
-  """The calibration file's codes of the (N, K) float weight ``w``, or None unless they are GPTQ's for it here."""
+def _stored_codes(w: np.ndarray, c: stats_lib.Codes | None, rule,
+                  gptq) -> qtensor.QuantizedTensor | None:
+  """The stored codes of the (N, K) float weight ``w``; None unless GPTQ here would give them."""
   if c is None or (c.format, c.seed) != (rule.format, rule.seed):
     return None
   try:
@@ -291,10 +292,10 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
           entries.append(done[info.name])
           bar.update(math.prod(info.shape))
           continue
-        entry, stored = _convert_one(source, info, decision, rules.get(info.name, rule), writer,
-                             expected[info.name], calibration, gptq,
-                             tuned[tuned_of[info.name]] if info.name in tuned_of else None,
-                             codes)
+        entry, stored = _convert_one(
+            source, info, decision, rules.get(info.name, rule), writer, expected[info.name],
+            calibration, gptq, tuned[tuned_of[info.name]] if info.name in tuned_of else None,
+            codes)
         journal.write(json.dumps(entry) + "\n")
         journal.flush()
         os.fsync(journal.fileno())
@@ -515,7 +516,7 @@ def _convert_one(source, info, decision, rule, writer, entry, calibration, gptq,
   stored = None if hessian is None or not codes else _stored_codes(
       x.T if info.k_axis == 0 else x, codes.get(key), rule, gptq)
   try:
-    qt = stored or quantize_tensor(x, rule, info.k_axis, hessian, gptq)
+    qt = stored if stored is not None else quantize_tensor(x, rule, info.k_axis, hessian, gptq)
   except (ValueError, TypeError) as exc:
     raise errors.CheckpointError(f"tensor {info.name!r}: {exc}") from None
   del x

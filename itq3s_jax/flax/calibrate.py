@@ -381,10 +381,11 @@ def tuned_values(model: nnx.Module) -> dict[str, np.ndarray]:
 
 def coded_weights(model: nnx.Module, qmodel: nnx.Module,
                   gptq: config.GptqConfig) -> dict[str, stats.Codes]:
-  """{dotted layer path: the codes of each QuantizedLinear of ``qmodel``, with digests of ``model``'s rows}.
+  """{dotted layer path: ``stats.Codes``} of every GPTQ-coded QuantizedLinear of ``qmodel``.
 
   ``model`` is the float model ``qmodel`` was quantized from (same paths),
-  with GPTQ options ``gptq`` (``quantize_model(..., gptq=gptq)``): each code row is stored with the digest of the float row it codes
+  with GPTQ options ``gptq`` (``quantize_model(..., gptq=gptq)``). Each code
+  row is stored with the digest of the float row it codes
   (``stats.row_digests`` of the (out, in) weight), which ``itq3s convert``
   checks before it writes these codes instead of computing them again.
   """
