@@ -139,3 +139,59 @@ def test_every_projection_is_calibrated_and_quantized():
   assert [s.path for s in report.skipped] == ["embed.embedding"]
   out = np.asarray(nnx.jit(lambda m, t: m(t))(q, tokens))
   assert out.shape == (2, 8, CFG.vocab_size) and np.all(np.isfinite(out))
+
+
+def _spm_metadata() -> dict:
+  tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)] + [
+      "\u2581", "a", "b", "ab"]
+  return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+          "tokenizer.ggml.scores": [0.0] * 260 + [-1.0, -2.0, -3.0, -4.0],
+          "tokenizer.ggml.token_type": [3, 3, 3, 2] + [6] * 256 + [1] * 4,
+          "tokenizer.ggml.unknown_token_id": 3}
+
+
+def test_converted_gemma_gguf_loads_as_the_quantized_model(tmp_path):
+  """A Gemma 3 GGUF loads through models.load as gemma.load_gguf reads it, and an ``itq3s
+  convert`` checkpoint of it loads as a Gemma whose projections are QuantizedLinear, equal to
+  quantizing the float model in memory (same codes, same logits)."""
+  import itq3s_jax  # pylint: disable=g-import-not-at-top
+  from itq3s_jax import checkpoint, models  # pylint: disable=g-import-not-at-top
+  from itq3s_jax._src import gguf_io  # pylint: disable=g-import-not-at-top
+  md = _spm_metadata()
+  cfg = gemma.GemmaConfig(vocab_size=len(md["tokenizer.ggml.tokens"]), d_model=64, n_layers=2,
+                          n_heads=2, n_kv_heads=1, head_dim=32, ffn_dim=96, sliding_window=3)
+  model = gemma.Gemma(cfg, rngs=nnx.Rngs(0))
+  flat = {".".join(map(str, p)): np.asarray(v.get_value())
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  back = {v: k for k, v in gemma._BLOCK_NAMES.items()}  # pylint: disable=protected-access
+  tensors = {"token_embd.weight": flat["embed.embedding"],
+             "output_norm.weight": flat["norm.weight"] + 1.0}
+  for path, v in flat.items():
+    if path.startswith("layers."):
+      i, rest = path[len("layers."):].split(".", 1)
+      module, attr = rest.rsplit(".", 1)
+      tensors[f"blk.{i}.{back[module]}.weight"] = np.ascontiguousarray(
+          v + 1.0 if attr == "weight" else v.T)
+  src = str(tmp_path / "g.gguf")
+  gguf_io.write_gguf(src, tensors, {
+      **md, "general.architecture": "gemma3", "gemma3.embedding_length": cfg.d_model,
+      "gemma3.block_count": cfg.n_layers, "gemma3.attention.head_count": cfg.n_heads,
+      "gemma3.attention.head_count_kv": cfg.n_kv_heads,
+      "gemma3.attention.key_length": cfg.head_dim, "gemma3.feed_forward_length": cfg.ffn_dim,
+      "gemma3.attention.sliding_window": cfg.sliding_window})
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 7)).astype(np.int32)
+  fmodel, tok = models.load(src)
+  direct = gemma.load_gguf(src)[0]
+  assert isinstance(fmodel, gemma.Gemma) and tok.get_vocab_size() == cfg.vocab_size
+  np.testing.assert_array_equal(np.asarray(fmodel(tokens)), np.asarray(direct(tokens)))
+  ckpt = str(tmp_path / "q")
+  checkpoint.convert(src, ckpt, rule=itq3s_jax.QuantRule(min_size=0))
+  loaded, _ = models.load(ckpt)  # config and tokenizer from the recorded source GGUF
+  in_memory, report = qflax.quantize_model(nnx.clone(fmodel))
+  assert len(report.quantized) == 7 * cfg.n_layers
+  for i in range(cfg.n_layers):
+    a, b = loaded.layers[i].attn.q_proj, in_memory.layers[i].attn.q_proj
+    assert isinstance(a, qflax.QuantizedLinear) and a.format == b.format == "itq3_t"
+    np.testing.assert_array_equal(np.asarray(a.weight[...]), np.asarray(b.weight[...]))
+  np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(in_memory(tokens)))
+

@@ -186,15 +186,25 @@ _BLOCK_NAMES = {
 _BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
 
-def model_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def model_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
   """GGUF tensor names -> :class:`Gemma` state paths (kernels transposed to (in, out),
   llama.cpp's + 1 removed from norm weights).
+
+  A projection stored quantized (a ``QuantizedTensor`` (out, in), as ``itq3s
+  convert`` writes it) stays rows, named ``<layer>.kernel``, as
+  ``itq3s_jax.flax.restore_tensors`` takes it.
 
   Raises:
     ValueError: a name that is no Gemma 3 text tensor.
   """
   out = {}
   for name, t in tensors.items():
+    if hasattr(t, "format") and hasattr(t, "data"):  # QuantizedTensor: a coded projection
+      m = _BLK.match(name)
+      if not m or m.group(2) not in llama_names.GGUF_LINEARS:
+        raise ValueError(f"tensor {name!r} is stored quantized but is no Gemma 3 projection.")
+      out[f"layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.kernel"] = t
+      continue
     t = np.asarray(t, np.float32)
     if name == "token_embd.weight":
       out["embed.embedding"] = t

@@ -1,4 +1,4 @@
-"""``load(path) -> (model, tokenizer)``: the checkpoint a user has, as a runnable NNX Llama.
+"""``load(path) -> (model, tokenizer)``: the checkpoint a user has, as a runnable NNX model.
 
 Accepted paths (one call, the kind is detected):
 
@@ -6,7 +6,8 @@ Accepted paths (one call, the kind is detected):
   (with or without ``model.safetensors.index.json``); ``model_type`` llama,
   mistral or qwen2 (GQA, ``rope_theta``, tied or untied head, q/k/v bias).
   Loaded in float32; tokenizer from ``tokenizer.json``.
-* a GGUF file (``general.architecture`` llama): float tensors are decoded to
+* a GGUF file (``general.architecture`` llama, or gemma3 for
+  :class:`itq3s_jax.models.gemma.Gemma`): float tensors are decoded to
   float32; IQ3_S / ITQ3_S tensors (e.g. ``itq3s convert SRC DST.gguf``) stay
   quantized. Tokenizer from the GGUF metadata.
 * a checkpoint written by ``itq3s convert`` from either: quantized weights
@@ -16,7 +17,8 @@ Accepted paths (one call, the kind is detected):
   ``config.json``/``tokenizer.json`` copied into the checkpoint directory, or
   from ``source=``.
 
-The network is :class:`itq3s_jax.models.llama.Llama`: full causal attention
+The network is :class:`itq3s_jax.models.llama.Llama` (a Gemma 3 GGUF, or a
+checkpoint converted from one, gives :class:`itq3s_jax.models.gemma.Gemma`): full causal attention
 (a Mistral sliding window is exact for sequences up to its length) and plain
 RoPE (``rope_scaling`` is not supported).
 """
@@ -102,8 +104,12 @@ def _describe_hf(directory: str):
 
 
 def _describe_gguf(path: str, has_head: bool):
+  """(config, tokenizer) of a GGUF: a GemmaConfig for ``gemma3``, else a LlamaConfig."""
   from itq3s_jax._src import gguf_io  # pylint: disable=g-import-not-at-top
   md = gguf_io.read_metadata(path)
+  if md.get("general.architecture") == "gemma3":
+    from itq3s_jax.models import gemma  # pylint: disable=g-import-not-at-top
+    return gemma.config_from_gguf_metadata(md), gemma.spm_from_gguf_metadata(md)
   cfg = llama.config_from_gguf_metadata(md)
   cfg = dataclasses.replace(cfg, tie_embeddings=not has_head)
   return cfg, tokenizer_lib.bpe_from_gguf_metadata(md)
@@ -138,8 +144,9 @@ def load(path: str | os.PathLike[str], *, source: str | os.PathLike[str] | None 
     progress: show a tqdm bar (stderr) while tensors are read.
 
   Returns:
-    ``(model, tokenizer)``: a :class:`itq3s_jax.models.llama.Llama` (config
-    in ``model.config``) whose linear layers are ``nnx.Linear`` or, when
+    ``(model, tokenizer)``: a :class:`itq3s_jax.models.llama.Llama` (a
+    ``models.gemma.Gemma`` for a Gemma 3 source; config in ``model.config``)
+    whose linear layers are ``nnx.Linear`` or, when
     stored quantized, ``itq3s_jax.flax.QuantizedLinear``; and a
     ``tokenizers.Tokenizer``, or None when the checkpoint has no tokenizer.
 
@@ -152,9 +159,6 @@ def load(path: str | os.PathLike[str], *, source: str | os.PathLike[str] | None 
   try:
     if _is_gguf(path):
       from itq3s_jax._src import gguf_io  # pylint: disable=g-import-not-at-top
-      if gguf_io.read_metadata(path).get("general.architecture") == "gemma3":
-        from itq3s_jax.models import gemma  # pylint: disable=g-import-not-at-top
-        return gemma.load_gguf(path)[:2]
       f = gguf_io.TensorFile(path)
       tensors = {n: f.read_quantized(n) for n in _bar(f.names, progress, "load")}
       cfg, tok = _describe_gguf(path, "output.weight" in tensors)
@@ -173,10 +177,18 @@ def load(path: str | os.PathLike[str], *, source: str | os.PathLike[str] | None 
       raise errors.CheckpointError(
           f"{path}: not a GGUF file, a Hugging Face directory (config.json + safetensors) "
           "or an itq3s checkpoint.")
-    named = llama.model_tensors(cfg, tensors)
+    named, build = _family(cfg, tensors)
   except errors.CheckpointError:
     raise
   except ValueError as exc:
     raise errors.CheckpointError(f"{path}: {exc}") from None
-  abstract = nnx.eval_shape(lambda: llama.Llama(cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
   return flax_checkpoint.restore_tensors(abstract, named, origin=path), tok
+
+
+def _family(cfg, tensors: Mapping[str, Any]):
+  """({model path: tensor}, model class) for a LlamaConfig or a GemmaConfig."""
+  if isinstance(cfg, llama.LlamaConfig):
+    return llama.model_tensors(cfg, tensors), llama.Llama
+  from itq3s_jax.models import gemma  # pylint: disable=g-import-not-at-top
+  return gemma.model_tensors(tensors), gemma.Gemma
