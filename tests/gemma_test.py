@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from itq3s_jax import flax as qflax
+from itq3s_jax._src import gemma_names
 from itq3s_jax.models import gemma
 
 CFG = gemma.GemmaConfig(vocab_size=40, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1,
@@ -150,35 +151,40 @@ def _spm_metadata() -> dict:
           "tokenizer.ggml.unknown_token_id": 3}
 
 
+def _tiny_gguf(path) -> gemma.GemmaConfig:
+  """A random tiny Gemma 3 written as llama.cpp lays it out (norms + 1, kernels (out, in))."""
+  from itq3s_jax._src import gguf_io  # pylint: disable=g-import-not-at-top
+  md = _spm_metadata()
+  cfg = gemma.GemmaConfig(vocab_size=len(md["tokenizer.ggml.tokens"]), d_model=64, n_layers=2,
+                          n_heads=2, n_kv_heads=1, head_dim=32, ffn_dim=96, sliding_window=3)
+  flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in
+          nnx.to_flat_state(nnx.state(gemma.Gemma(cfg, rngs=nnx.Rngs(0)), nnx.Param))}
+  back = {v: k for k, v in gemma_names.BLOCK_NAMES.items()}
+  tensors = {"token_embd.weight": flat["embed.embedding"],
+             "output_norm.weight": flat["norm.weight"] + 1.0}
+  for p, v in flat.items():
+    if p.startswith("layers."):
+      i, rest = p[len("layers."):].split(".", 1)
+      module, attr = rest.rsplit(".", 1)
+      tensors[f"blk.{i}.{back[module]}.weight"] = np.ascontiguousarray(
+          v + 1.0 if attr == "weight" else v.T)
+  gguf_io.write_gguf(str(path), tensors, {
+      **md, "general.architecture": "gemma3", "gemma3.embedding_length": cfg.d_model,
+      "gemma3.block_count": cfg.n_layers, "gemma3.attention.head_count": cfg.n_heads,
+      "gemma3.attention.head_count_kv": cfg.n_kv_heads,
+      "gemma3.attention.key_length": cfg.head_dim, "gemma3.feed_forward_length": cfg.ffn_dim,
+      "gemma3.attention.sliding_window": cfg.sliding_window})
+  return cfg
+
+
 def test_converted_gemma_gguf_loads_as_the_quantized_model(tmp_path):
   """A Gemma 3 GGUF loads through models.load as gemma.load_gguf reads it, and an ``itq3s
   convert`` checkpoint of it loads as a Gemma whose projections are QuantizedLinear, equal to
   quantizing the float model in memory (same codes, same logits)."""
   import itq3s_jax  # pylint: disable=g-import-not-at-top
   from itq3s_jax import checkpoint, models  # pylint: disable=g-import-not-at-top
-  from itq3s_jax._src import gguf_io  # pylint: disable=g-import-not-at-top
-  md = _spm_metadata()
-  cfg = gemma.GemmaConfig(vocab_size=len(md["tokenizer.ggml.tokens"]), d_model=64, n_layers=2,
-                          n_heads=2, n_kv_heads=1, head_dim=32, ffn_dim=96, sliding_window=3)
-  model = gemma.Gemma(cfg, rngs=nnx.Rngs(0))
-  flat = {".".join(map(str, p)): np.asarray(v.get_value())
-          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  back = {v: k for k, v in gemma._BLOCK_NAMES.items()}  # pylint: disable=protected-access
-  tensors = {"token_embd.weight": flat["embed.embedding"],
-             "output_norm.weight": flat["norm.weight"] + 1.0}
-  for path, v in flat.items():
-    if path.startswith("layers."):
-      i, rest = path[len("layers."):].split(".", 1)
-      module, attr = rest.rsplit(".", 1)
-      tensors[f"blk.{i}.{back[module]}.weight"] = np.ascontiguousarray(
-          v + 1.0 if attr == "weight" else v.T)
   src = str(tmp_path / "g.gguf")
-  gguf_io.write_gguf(src, tensors, {
-      **md, "general.architecture": "gemma3", "gemma3.embedding_length": cfg.d_model,
-      "gemma3.block_count": cfg.n_layers, "gemma3.attention.head_count": cfg.n_heads,
-      "gemma3.attention.head_count_kv": cfg.n_kv_heads,
-      "gemma3.attention.key_length": cfg.head_dim, "gemma3.feed_forward_length": cfg.ffn_dim,
-      "gemma3.attention.sliding_window": cfg.sliding_window})
+  cfg = _tiny_gguf(src)
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 7)).astype(np.int32)
   fmodel, tok = models.load(src)
   direct = gemma.load_gguf(src)[0]
@@ -195,3 +201,42 @@ def test_converted_gemma_gguf_loads_as_the_quantized_model(tmp_path):
     np.testing.assert_array_equal(np.asarray(a.weight[...]), np.asarray(b.weight[...]))
   np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(in_memory(tokens)))
 
+
+def test_gemma_norms_tuned_by_calibrate_go_through_convert(tmp_path, capsys):
+  """``itq3s calibrate`` tunes a Gemma's norm gains (q/k norms included) to its GPTQ codes;
+  ``itq3s convert`` writes them back as llama.cpp stores them (1 + w) beside the stored codes,
+  so the loaded checkpoint is the tuned in-memory model."""
+  from itq3s_jax import QuantRule, calibration, cli, models  # pylint: disable=g-import-not-at-top
+  src, stats, ckpt = str(tmp_path / "g.gguf"), str(tmp_path / "s.npz"), str(tmp_path / "q")
+  cfg = _tiny_gguf(src)
+  text = tmp_path / "t.txt"
+  text.write_text(" ".join(np.random.default_rng(1).choice(["a", "b", "ab", "ba"], 300)))
+  assert cli.main(["calibrate", src, stats, "--text", str(text), "--window", "16",
+                   "--tune", "6", "--tune-lr", "1e-2", "--quiet"]) == 0
+  tuned, tuned_for = calibration.load_tuned(stats)
+  assert "layers.1.attn.q_norm.weight" in tuned and tuned_for["format"] == "itq3_t"
+  assert len(tuned) == 6 * cfg.n_layers + 1  # four block norms, q/k norms, the final norm
+  assert cli.main(["convert", src, ckpt, "--calibration", stats]) == 0
+  # convert's default --min-size (calibrate codes as convert will): k/v (32 x 64) stay float
+  assert "10 tensors written with the calibration file's GPTQ codes" in capsys.readouterr().out
+  loaded, _ = models.load(ckpt)
+  fmodel, _ = models.load(src)
+  in_memory, report = qflax.quantize_model(nnx.clone(fmodel), QuantRule(min_size=4096),
+                                           hessians=calibration.load(stats))
+  assert len(report.quantized) == 10
+  changed = 0
+  for p, v in tuned.items():
+    got = np.asarray(_get(loaded, p)[...])
+    # stored as float32(1 + v) and read back minus 1: two roundings, each <= 2^-24 (1 + |v|)
+    assert np.all(np.abs(got - v) <= 2.0**-23 * (1 + np.abs(v))), p
+    changed += not np.array_equal(v, np.asarray(_get(fmodel, p)[...]))
+    _get(in_memory, p)[...] = got
+  assert changed
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 7)).astype(np.int32)
+  np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(in_memory(tokens)))
+
+
+def _get(model, dotted: str):
+  for part in dotted.split("."):
+    model = model[int(part)] if part.isdigit() else getattr(model, part)
+  return model

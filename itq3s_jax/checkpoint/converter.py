@@ -35,6 +35,7 @@ import numpy as np
 import tqdm
 
 import itq3s_jax
+from itq3s_jax._src import gemma_names
 from itq3s_jax._src import llama_names
 from itq3s_jax._src import stats as stats_lib
 from itq3s_jax._src.core import blocks
@@ -254,7 +255,7 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
     plan = _match_calibration(plan, calibration)
   if tuned:
     _check_tuned_codes(tuned_for, rule, gptq, rules, _is_gguf(dst))
-    plan, tuned_of = _match_tuned(plan, tuned)
+    plan, tuned_of = _match_tuned(plan, tuned, _is_gemma(source))
   else:
     tuned_of = {}
   expected = {info.name: _entry(info, decision, rules.get(info.name, rule),
@@ -294,8 +295,7 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
           continue
         entry, stored = _convert_one(
             source, info, decision, rules.get(info.name, rule), writer, expected[info.name],
-            calibration, gptq, tuned[tuned_of[info.name]] if info.name in tuned_of else None,
-            codes)
+            calibration, gptq, tuned_of.get(info.name), codes)
         journal.write(json.dumps(entry) + "\n")
         journal.flush()
         os.fsync(journal.fileno())
@@ -429,34 +429,57 @@ def _check_tuned_codes(tuned_for, rule, gptq, fallback: dict, gguf: bool) -> Non
         "--for-gguf); convert to a .gguf, or calibrate again without --for-gguf.")
 
 
-def _tuned_path(name: str, tuned: Mapping[str, Any]) -> str | None:
-  """The tuned parameter a checkpoint tensor holds (its LLaMA model path), else None."""
-  found = llama_names.to_model(name)
-  return found[0] if found is not None and found[0] in tuned else None
+def _is_gemma(source) -> bool:
+  """A Gemma 3 GGUF source (its norms are named and stored the Gemma way)."""
+  if source.gguf_metadata is None:
+    return False
+  arch = source.gguf_metadata().get("general.architecture")
+  return (arch[0] if isinstance(arch, tuple) else arch) == "gemma3"
 
 
-def _match_tuned(plan, tuned: Mapping[str, Any]):
-  """(the plan with tuned kept tensors marked in their reason, {tensor name: tuned path}).
+def _tuned_path(name: str, tuned: Mapping[str, Any], gemma: bool) -> tuple[str, float] | None:
+  """(the tuned parameter a checkpoint tensor holds, the offset it is stored with), else None.
+
+  LLaMA-family tensors store the model's values; a Gemma GGUF stores a norm
+  weight w as w + 1 (``gemma_names``).
+  """
+  if gemma:
+    found = gemma_names.state_path(name)
+    if found is None or found[1] != "norm":
+      return None
+    path, offset = found[0], gemma_names.NORM_OFFSET
+  else:
+    found = llama_names.to_model(name)
+    if found is None:
+      return None
+    path, offset = found[0], 0.0
+  return (path, offset) if path in tuned else None
+
+
+def _match_tuned(plan, tuned: Mapping[str, Any], gemma: bool = False):
+  """(the plan with tuned kept tensors marked in their reason, {tensor name: values to write}).
 
   Raises:
     CheckpointError: a tuned parameter names no kept tensor of the source (the
-      file belongs to another model, or a rule now quantizes it).
+      file belongs to another model, or a rule now quantizes it), or has
+      another shape than that tensor.
   """
-  tuned_of = {t.name: p for _, t, d in plan if not d.quantize
-              for p in [_tuned_path(t.name, tuned)] if p is not None}
-  missing = sorted(set(tuned) - set(tuned_of.values()))
+  found = {t.name: hit for _, t, d in plan if not d.quantize
+           for hit in [_tuned_path(t.name, tuned, gemma)] if hit is not None}
+  missing = sorted(set(tuned) - {p for p, _ in found.values()})
   if missing:
     raise errors.CheckpointError(
         f"the calibration file's tuned parameters {missing[:3]} match no kept tensor of the "
         "source; calibrate this checkpoint again (or with --tune 0).")
   for _, t, _ in plan:
-    if t.name in tuned_of and tuple(tuned[tuned_of[t.name]].shape) != tuple(t.shape):
+    if t.name in found and tuple(tuned[found[t.name][0]].shape) != tuple(t.shape):
       raise errors.CheckpointError(
           f"tensor {t.name!r} is {list(t.shape)} but its tuned values are "
-          f"{list(tuned[tuned_of[t.name]].shape)}; they belong to another model.")
-  plan = [(i, t, d if t.name not in tuned_of else dataclasses.replace(
+          f"{list(tuned[found[t.name][0]].shape)}; they belong to another model.")
+  plan = [(i, t, d if t.name not in found else dataclasses.replace(
       d, reason=f"{d.reason}; tuned by itq3s calibrate")) for i, t, d in plan]
-  return plan, tuned_of
+  return plan, {name: np.asarray(tuned[p], np.float32) + np.float32(off)
+                for name, (p, off) in found.items()}
 
 
 def _rounding(info, decision, rule, calibration, gptq) -> str | None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from typing import Any, Mapping
 
 import jax
@@ -38,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
-from itq3s_jax._src import llama_names
+from itq3s_jax._src import gemma_names
 from itq3s_jax._src import packages
 from itq3s_jax.flax import state as state_lib
 from itq3s_jax.models import llama
@@ -175,17 +174,6 @@ def config_from_gguf_metadata(md: Mapping[str, Any]) -> GemmaConfig:
       sliding_window=int(g("attention.sliding_window", 512)))
 
 
-# The projections are named as in the LLaMA decoder (one table); the norms are Gemma's own
-# (four per block, where LLaMA's "ffn_norm" is the second of two).
-_BLOCK_NAMES = {
-    "attn_norm": "input_norm", "post_attention_norm": "post_attn_norm",
-    "ffn_norm": "pre_mlp_norm", "post_ffw_norm": "post_mlp_norm",
-    "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm",
-    **{name: f"{module}.{attr}" for name, (module, attr) in llama_names.GGUF_LINEARS.items()},
-}
-_BLK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
-
-
 def model_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
   """GGUF tensor names -> :class:`Gemma` state paths (kernels transposed to (in, out),
   llama.cpp's + 1 removed from norm weights).
@@ -199,27 +187,17 @@ def model_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
   """
   out = {}
   for name, t in tensors.items():
+    found = gemma_names.state_path(name)
+    if found is None:
+      raise ValueError(f"tensor {name!r} is not a Gemma 3 text weight this loader knows.")
+    path, kind = found
     if hasattr(t, "format") and hasattr(t, "data"):  # QuantizedTensor: a coded projection
-      m = _BLK.match(name)
-      if not m or m.group(2) not in llama_names.GGUF_LINEARS:
+      if kind != "kernel":
         raise ValueError(f"tensor {name!r} is stored quantized but is no Gemma 3 projection.")
-      out[f"layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.kernel"] = t
+      out[path] = t
       continue
     t = np.asarray(t, np.float32)
-    if name == "token_embd.weight":
-      out["embed.embedding"] = t
-      continue
-    if name == "output_norm.weight":
-      out["norm.weight"] = t - 1.0
-      continue
-    m = _BLK.match(name)
-    if not m or m.group(2) not in _BLOCK_NAMES:
-      raise ValueError(f"tensor {name!r} is not a Gemma 3 text weight this loader knows.")
-    path = f"layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
-    if m.group(2).endswith("norm"):
-      out[f"{path}.weight"] = t - 1.0
-    else:
-      out[f"{path}.kernel"] = t.T
+    out[path] = t - gemma_names.NORM_OFFSET if kind == "norm" else t.T if kind == "kernel" else t
   return out
 
 

