@@ -177,6 +177,7 @@ def _tiny_gguf(path) -> gemma.GemmaConfig:
   return cfg
 
 
+@pytest.mark.integration  # checkpoint and command-line chains (conftest.py)
 def test_converted_gemma_gguf_loads_as_the_quantized_model(tmp_path):
   """A Gemma 3 GGUF loads through models.load as gemma.load_gguf reads it, and an ``itq3s
   convert`` checkpoint of it loads as a Gemma whose projections are QuantizedLinear, equal to
@@ -202,6 +203,7 @@ def test_converted_gemma_gguf_loads_as_the_quantized_model(tmp_path):
   np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(in_memory(tokens)))
 
 
+@pytest.mark.integration  # checkpoint and command-line chains (conftest.py)
 def test_gemma_norms_tuned_by_calibrate_go_through_convert(tmp_path, capsys):
   """``itq3s calibrate`` tunes a Gemma's norm gains (q/k norms included) to its GPTQ codes;
   ``itq3s convert`` writes them back as llama.cpp stores them (1 + w) beside the stored codes,
