@@ -20,6 +20,7 @@ BLOCK_NAMES = {
     "attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm",
     **{name: f"{module}.{attr}" for name, (module, attr) in llama_names.GGUF_LINEARS.items()},
 }
+ARCH = "gemma3"  # GGUF general.architecture
 BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 NORM_OFFSET = 1.0  # llama.cpp stores a Gemma norm weight w as 1 + w (the gain it multiplies by)
 

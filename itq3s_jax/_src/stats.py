@@ -51,7 +51,10 @@ class Codes:
   digests: np.ndarray
 
   def rows_for(self, w: np.ndarray) -> np.ndarray | None:
-    """int64 (N',): the row of ``data`` coding each row of float (N', K) ``w``; None if one is missing."""
+    """int64 (N',): the row of ``data`` coding each row of float (N', K) ``w``.
+
+    None when a row of ``w`` has no digest here.
+    """
     where = {bytes(d): i for i, d in enumerate(self.digests)}
     idx = [where.get(bytes(d)) for d in row_digests(w)]
     return None if any(i is None for i in idx) else np.asarray(idx, np.int64)

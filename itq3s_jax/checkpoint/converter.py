@@ -208,8 +208,9 @@ def convert(src: str, dst: str, *, rule: itq3s_jax.QuantRule | None = None,
     tuned: optional {LLaMA model state path (``layers.0.input_norm.weight``):
       (n,)} parameters fitted to these codes (``itq3s calibrate --tune``,
       ``calibration.load_tuned``): each kept tensor that is one of them
-      (``llama_names.to_model``) is written with the tuned values, in its own
-      dtype; every tuned path must name a kept tensor of the same shape.
+      (``llama_names.to_model``; ``gemma_names.state_path`` for a Gemma 3 GGUF,
+      whose norms are written as 1 + w) is written with the tuned values, in its
+      own dtype; every tuned path must name a kept tensor of the same shape.
     tuned_for: the codes ``tuned`` was fitted to (``{"format", "seed",
       "gptq"}``, plus ``"gguf": True`` when fitted to a GGUF's per-tensor
       fallback); required with ``tuned``, and they must be the codes this
@@ -434,7 +435,7 @@ def _is_gemma(source) -> bool:
   if source.gguf_metadata is None:
     return False
   arch = source.gguf_metadata().get("general.architecture")
-  return (arch[0] if isinstance(arch, tuple) else arch) == "gemma3"
+  return (arch[0] if isinstance(arch, tuple) else arch) == gemma_names.ARCH
 
 
 def _tuned_path(name: str, tuned: Mapping[str, Any], gemma: bool) -> tuple[str, float] | None:

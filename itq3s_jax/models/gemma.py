@@ -160,7 +160,7 @@ class Gemma(nnx.Module):
 def config_from_gguf_metadata(md: Mapping[str, Any]) -> GemmaConfig:
   """Reads a :class:`GemmaConfig` from GGUF ``gemma3.*`` metadata."""
   arch = md.get("general.architecture")
-  if arch != "gemma3":
+  if arch != gemma_names.ARCH:
     raise NotImplementedError(f"general.architecture={arch!r}: this loader reads 'gemma3' GGUFs.")
   g = lambda k, d=None: md.get(f"gemma3.{k}", d)  # noqa: E731
   heads = int(g("attention.head_count"))

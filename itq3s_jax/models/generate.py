@@ -2,11 +2,12 @@
 
 ``Llama.__call__`` re-runs the whole sequence per token (no cache). This module
 drives the same pieces — ``embed``, each layer's ``input_norm``, ``attn.qkv``,
-``attn.out``, ``feed_forward``, then ``Llama.logits`` — one new token at a time against a cache of the keys and values already
-computed, under ``jax.jit``: a prefill program for the prompt and one decode
-program for every following token. The projections may be ``nnx.Linear`` or
-``itq3s_jax.flax.QuantizedLinear`` (after ``quantize_model``); either way
-every matmul of a decode step has one activation row (M = 1).
+``attn.out``, ``feed_forward``, then ``Llama.logits`` — one new token at a time
+against a cache of the keys and values already computed, under ``jax.jit``: a
+prefill program for the prompt and one decode program for every following
+token. The projections may be ``nnx.Linear`` or ``itq3s_jax.flax.QuantizedLinear``
+(after ``quantize_model``); either way every matmul of a decode step has one
+activation row (M = 1).
 
 The cache holds ``max_len`` positions; the queries of a call at positions
 start .. start + T - 1 attend to cached positions p <= their own (the causal

@@ -18,9 +18,9 @@ Accepted paths (one call, the kind is detected):
   from ``source=``.
 
 The network is :class:`itq3s_jax.models.llama.Llama` (a Gemma 3 GGUF, or a
-checkpoint converted from one, gives :class:`itq3s_jax.models.gemma.Gemma`): full causal attention
-(a Mistral sliding window is exact for sequences up to its length) and plain
-RoPE (``rope_scaling`` is not supported).
+checkpoint converted from one, gives :class:`itq3s_jax.models.gemma.Gemma`):
+full causal attention (a Mistral sliding window is exact for sequences up to
+its length) and plain RoPE (``rope_scaling`` is not supported).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any, Mapping
 import tqdm
 from flax import nnx
 
+from itq3s_jax._src import gemma_names
 from itq3s_jax.checkpoint import errors
 from itq3s_jax.checkpoint import reader
 from itq3s_jax.checkpoint import sources
@@ -107,7 +108,7 @@ def _describe_gguf(path: str, has_head: bool):
   """(config, tokenizer) of a GGUF: a GemmaConfig for ``gemma3``, else a LlamaConfig."""
   from itq3s_jax._src import gguf_io  # pylint: disable=g-import-not-at-top
   md = gguf_io.read_metadata(path)
-  if md.get("general.architecture") == "gemma3":
+  if md.get("general.architecture") == gemma_names.ARCH:
     from itq3s_jax.models import gemma  # pylint: disable=g-import-not-at-top
     return gemma.config_from_gguf_metadata(md), gemma.spm_from_gguf_metadata(md)
   cfg = llama.config_from_gguf_metadata(md)

