@@ -13,6 +13,7 @@ from itq3s_jax import calibration as calibrate
 from itq3s_jax import flax as qflax
 from itq3s_jax._src import stats as stats_lib
 from itq3s_jax.flax import nnx as qnnx
+from tests import helpers
 
 D, F, V = 64, 96, 50  # model width, hidden width, vocabulary
 
@@ -144,7 +145,7 @@ def test_codes_round_trip_beside_the_statistics_and_match_their_rows_only(tmp_pa
   for k, c in codes.items():
     b = back[k]
     assert (b.format, b.seed, b.gptq) == (c.format, c.seed, gptq.resolve(c.format).to_json())
-    np.testing.assert_array_equal(b.data, np.asarray(_get_layer(qmodel, k).weight[...]))
+    np.testing.assert_array_equal(b.data, np.asarray(helpers.submodule(qmodel, k).weight[...]))
     np.testing.assert_array_equal(b.digests, c.digests)
   w = np.asarray(model.b.kernel[...], np.float32).T  # (F, D)
   perm = np.random.default_rng(0).permutation(F)
@@ -161,13 +162,6 @@ def test_codes_round_trip_beside_the_statistics_and_match_their_rows_only(tmp_pa
   np.savez(tmp_path / "cut.npz", **kept)
   with pytest.raises(ValueError, match="cut.npz: corrupt coded weights"):
     calibrate.load_codes(tmp_path / "cut.npz")
-
-
-def _get_layer(model, dotted: str):
-  for path, layer in nnx.iter_modules(model):
-    if ".".join(map(str, path)) == dotted:
-      return layer
-  raise KeyError(dotted)
 
 
 def test_tuning_runs_on_weights_decoded_once_and_updates_the_quantized_model():
@@ -275,7 +269,8 @@ def test_eval_calibrated_rows_use_the_statistics():
                       eval_cmd._rules_for("iq3_s+gptq", {}, stats, None, (_tokens(2), 4)),
                       lambda m: tuned.setdefault("m", m) and {})
   assert row["status"] == "ok", row
-  np.testing.assert_array_equal(np.asarray(tuned["m"].a.qt.data), np.asarray(seen["iq3_s+gptq"].data))
+  np.testing.assert_array_equal(np.asarray(tuned["m"].a.qt.data),
+                                np.asarray(seen["iq3_s+gptq"].data))
   assert not np.array_equal(np.asarray(tuned["m"].b.bias[...]), np.asarray(model.b.bias[...]))
 
 

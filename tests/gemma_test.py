@@ -12,6 +12,7 @@ from flax import nnx
 from itq3s_jax import flax as qflax
 from itq3s_jax._src import gemma_names
 from itq3s_jax.models import gemma
+from tests import helpers
 
 CFG = gemma.GemmaConfig(vocab_size=40, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1,
                         head_dim=32, ffn_dim=96, sliding_window=3, global_every=2,
@@ -228,17 +229,11 @@ def test_gemma_norms_tuned_by_calibrate_go_through_convert(tmp_path, capsys):
   assert len(report.quantized) == 10
   changed = 0
   for p, v in tuned.items():
-    got = np.asarray(_get(loaded, p)[...])
+    got = np.asarray(helpers.submodule(loaded, p)[...])
     # stored as float32(1 + v) and read back minus 1: two roundings, each <= 2^-24 (1 + |v|)
     assert np.all(np.abs(got - v) <= 2.0**-23 * (1 + np.abs(v))), p
-    changed += not np.array_equal(v, np.asarray(_get(fmodel, p)[...]))
-    _get(in_memory, p)[...] = got
+    changed += not np.array_equal(v, np.asarray(helpers.submodule(fmodel, p)[...]))
+    helpers.submodule(in_memory, p)[...] = got
   assert changed
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 7)).astype(np.int32)
   np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(in_memory(tokens)))
-
-
-def _get(model, dotted: str):
-  for part in dotted.split("."):
-    model = model[int(part)] if part.isdigit() else getattr(model, part)
-  return model

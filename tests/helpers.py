@@ -45,3 +45,11 @@ def assert_max_traces(n: int):
     assert count() <= n, f"{count()} jax.jit traces, expected at most {n}"
 
   return check()
+
+
+def submodule(module, dotted: str):
+  """The attribute / list item at a dotted state path (``layers.0.attn.q_proj``) of a model."""
+  for part in dotted.split("."):
+    module = module[int(part)] if part.isdigit() else getattr(module, part)
+  return module
+

@@ -33,6 +33,7 @@ from itq3s_jax import models
 from itq3s_jax._src import gguf_io
 from itq3s_jax.models import llama
 from itq3s_jax.models import loaders
+from tests import helpers
 
 # Every linear weight is 64 x 64 (one GPTQ compilation for the converter); grouped-query
 # attention and other widths are covered by the float loads of test_hf_model_types_load_exactly.
@@ -45,12 +46,6 @@ LINEARS = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj",
            "mlp.down_proj": "mlp.down_proj"}
 WORDS = [f"w{i}" for i in range(1, CFG.vocab_size)]
 _apply = nnx.jit(lambda m, t: m(t))
-
-
-def _get(module, dotted: str):
-  for part in dotted.split("."):
-    module = module[int(part)] if part.isdigit() else getattr(module, part)
-  return module
 
 
 def _hf_tensors(model: llama.Llama) -> dict[str, np.ndarray]:
@@ -66,7 +61,7 @@ def _hf_tensors(model: llama.Llama) -> dict[str, np.ndarray]:
     t[p + "input_layernorm.weight"] = a(layer.input_norm.weight)
     t[p + "post_attention_layernorm.weight"] = a(layer.post_attn_norm.weight)
     for hf, ours in LINEARS.items():
-      lin = _get(layer, ours)
+      lin = helpers.submodule(layer, ours)
       t[p + hf + ".weight"] = a(lin.kernel).T
       if lin.bias is not None:
         t[p + hf + ".bias"] = a(lin.bias)
@@ -125,7 +120,7 @@ def _assert_same_quantized(loaded, in_memory):
   """Every linear of both models is a QuantizedLinear with the same bytes and rounding."""
   for i in range(CFG.n_layers):
     for ours in LINEARS.values():
-      a, b = _get(loaded.layers[i], ours), _get(in_memory.layers[i], ours)
+      a, b = helpers.submodule(loaded.layers[i], ours), helpers.submodule(in_memory.layers[i], ours)
       assert isinstance(a, qflax.QuantizedLinear), (i, ours, type(a))
       assert (a.format, a.seed, a.rounding) == (b.format, b.seed, b.rounding), (i, ours)
       np.testing.assert_array_equal(np.asarray(a.weight[...]), np.asarray(b.weight[...]))
@@ -178,17 +173,18 @@ def test_tuned_norms_go_from_calibrate_through_convert_into_the_model(float_mode
            for n in ("input_norm", "post_attn_norm")} | {"norm.weight"}
   assert set(tuned) == norms and (tuned_for["format"], tuned_for["seed"]) == ("itq3_t", 0)
   fmodel, _ = models.load(hf)
-  assert any(not np.array_equal(tuned[p], np.asarray(_get(fmodel, p)[...])) for p in norms)
+  assert any(not np.array_equal(tuned[p], np.asarray(helpers.submodule(fmodel, p)[...]))
+             for p in norms)
   assert cli.main(["convert", hf, ckpt, "--calibration", stats]) == 0
   # calibrate's GPTQ codes are written, not computed again (and are the in-memory ones below)
   assert "14 tensors written with the calibration file's GPTQ codes" in capsys.readouterr().out
   loaded, _ = models.load(ckpt)
   for p in norms:
-    np.testing.assert_array_equal(np.asarray(_get(loaded, p)[...]), tuned[p])
+    np.testing.assert_array_equal(np.asarray(helpers.submodule(loaded, p)[...]), tuned[p])
   in_memory, _ = qflax.quantize_model(fmodel, hessians=calibration.load(stats))
   _assert_same_quantized(loaded, in_memory)
   for p in norms:  # the in-memory model with the tuned gains is the converted one
-    _get(in_memory, p)[...] = jnp.asarray(tuned[p])
+    helpers.submodule(in_memory, p)[...] = jnp.asarray(tuned[p])
   toks = _tokens()
   np.testing.assert_array_equal(_apply(loaded, toks), _apply(in_memory, toks))
   assert cli.main(["convert", hf, str(tmp_path / "q5"), "--calibration", stats, "--seed", "5",
@@ -222,8 +218,8 @@ def test_stored_codes_are_written_only_for_the_rows_they_code(float_model, tmp_p
   np.testing.assert_array_equal(np.asarray(a.layers[1].mlp.up_proj.weight[...]), data)
   assert not np.array_equal(data, np.asarray(b.layers[1].mlp.up_proj.weight[...]))
   for ours in ("attn.k_proj", "attn.q_proj"):  # k_proj changed: coded here, like q_proj's codes
-    np.testing.assert_array_equal(np.asarray(_get(a.layers[0], ours).weight[...]),
-                                  np.asarray(_get(b.layers[0], ours).weight[...]))
+    np.testing.assert_array_equal(np.asarray(helpers.submodule(a.layers[0], ours).weight[...]),
+                                  np.asarray(helpers.submodule(b.layers[0], ours).weight[...]))
   other_gptq = checkpoint.convert(hf, str(tmp_path / "r"), calibration=stats, codes=codes,
                                   gptq=itq3s_jax.GptqConfig(act_order=False))
   assert other_gptq.codes_reused == 0
@@ -262,12 +258,12 @@ def test_gguf_destination_takes_norms_tuned_to_its_fallback_codes(float_model, t
   assert tuned_for["gguf"] is True and tuned
   loaded, _ = models.load(dst)
   for p, v in tuned.items():
-    np.testing.assert_array_equal(np.asarray(_get(loaded, p)[...]), v)
+    np.testing.assert_array_equal(np.asarray(helpers.submodule(loaded, p)[...]), v)
   in_memory, _ = qflax.quantize_model(models.load(src)[0], itq3s_jax.QuantRule("iq4_nl"),
                                       hessians=calibration.load(for_gguf))
   for i in range(CFG.n_layers):  # a GGUF keeps no rounding label: compare formats and bytes
     for ours in LINEARS.values():
-      a, b = _get(loaded.layers[i], ours), _get(in_memory.layers[i], ours)
+      a, b = helpers.submodule(loaded.layers[i], ours), helpers.submodule(in_memory.layers[i], ours)
       assert a.format == b.format == "iq4_nl", (i, ours)
       np.testing.assert_array_equal(np.asarray(a.weight[...]), np.asarray(b.weight[...]))
   assert cli.main(["convert", src, str(tmp_path / "q"), "--format", "iq3_s", "--calibration",
