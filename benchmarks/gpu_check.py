@@ -42,8 +42,12 @@ from itq3s_jax.pallas_kernels import driver as _driver
 from itq3s_jax.pallas_kernels import weight_ifwht
 
 SHAPES_NK = ((4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192))
-ROWS = (1, 16, 256)
+# 64 and 1024 bracket matmul's AUTO_MAX_ROWS (256): where cuBLAS on a dequantized
+# weight overtakes the fused kernels' Triton dot.
+ROWS = (1, 16, 64, 256, 1024)
 KERNELS = {"weight_ifwht": weight_ifwht.weight_ifwht, "act_rotate": act_rotate.act_rotate}
+# --smoke: the interpreter and one small shape, so the script itself can be checked on a CPU.
+INTERPRET = False
 # Achievable HBM bandwidth, bytes/s (about 90% of spec); unknown cards use 3.0e12.
 _BANDWIDTH = {"H100": 3.0e12, "H200": 4.3e12, "A100": 1.8e12, "B200": 7.2e12}
 _U32 = 2.0**-24
@@ -125,12 +129,16 @@ def check(rng) -> bool:
       norms = np.outer(np.linalg.norm(x64, axis=-1), np.linalg.norm(w64, axis=-1))
       tol = 1.25 * ((k + 256) * _U32 + 2 * u_h + u_h * u_h) * norms
       want = x64 @ w64.T
-      for name, kernel in KERNELS.items():
-        y = np.asarray(jax.jit(functools.partial(kernel, interpret=False))(x, qt))
+      methods = {n: functools.partial(f, interpret=INTERPRET) for n, f in KERNELS.items()}
+      # The GPU's fallbacks (XLA) and the dispatch a user gets, on the same error model.
+      methods["xla_act_rotate"] = functools.partial(itq3s_jax.matmul, method="xla_act_rotate")
+      methods[f"auto={itq3s_jax.choose_method(x, qt)}"] = itq3s_jax.matmul
+      for name, kernel in methods.items():
+        y = np.asarray(jax.jit(kernel)(x, qt))
         err = np.abs(y - want)
         good = bool(np.isfinite(y).all() and (err <= tol).all())
         ok &= good
-        print(f"check {name:12s} {fmt:12s} M={m:<4d} N={n:<5d} K={k:<5d} "
+        print(f"check {name:18s} {fmt:12s} M={m:<4d} N={n:<5d} K={k:<5d} "
               f"{jnp.dtype(dtype).name:8s} max_err/tol={float((err / tol).max()):.3g} "
               f"{'PASS' if good else 'FAIL'}", flush=True)
   # The int4 baseline too, so its timings are for a correct kernel.
@@ -142,7 +150,8 @@ def check(rng) -> bool:
   x64 = np.asarray(x.astype(jnp.float32), np.float64)
   tol = 1.25 * ((k + 8) * _U32 + 2.0**-9) * np.outer(
       np.linalg.norm(x64, axis=-1), np.linalg.norm(w64, axis=-1))
-  good = bool((np.abs(np.asarray(int4_matmul(x, q, s)) - x64 @ w64.T) <= tol).all())
+  y = np.asarray(int4_matmul(x, q, s, interpret=INTERPRET))
+  good = bool((np.abs(y - x64 @ w64.T) <= tol).all())
   ok &= good
   print(f"check int4_baseline {'PASS' if good else 'FAIL'}", flush=True)
   return ok
@@ -171,11 +180,12 @@ def device_time(fn, args, reps: int, trials: int) -> float:
   return statistics.median(times)
 
 
-def bench(args, kind: str) -> list[tuple]:
+def bench(args, kind: str, deadline: float) -> list[tuple]:
+  """Timings per (N, K) and M; rows past ``deadline`` (time.time()) are skipped, not lost."""
   bw = _bandwidth(kind)
   rows = []
   key = jax.random.key(0)
-  for n, k in SHAPES_NK:
+  for n, k in args.shapes:
     # Timing data: random bytes (trit bytes < 243 are valid; any step codes are finite;
     # IQ3_S: bits 2 and 7 of byte 1 cleared keep the fp16 d finite).
     qdata = jax.random.randint(key, (n, itq3s_jax.row_nbytes("itq3_t", k)), 0, 243, jnp.int32)
@@ -185,7 +195,10 @@ def bench(args, kind: str) -> list[tuple]:
     q4 = jax.random.randint(key, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
     s4 = jnp.ones((k // _INT4_GROUP, n), jnp.bfloat16)
     w_bf16 = jax.random.normal(key, (n, k), jnp.bfloat16)
-    for m in ROWS:
+    for m in args.rows:
+      if time.time() > deadline:
+        print(f"M={m:<4d} N={n:<5d} K={k:<6d} skipped: --budget spent", flush=True)
+        continue
       x = jax.random.normal(key, (m, k), jnp.bfloat16)
       io = m * k * 2 + m * n * 4
       floors = {"bf16": (n * k * 2 + io) / bw, "int4": (n * k * 4.125 / 8 + io) / bw,
@@ -196,10 +209,13 @@ def bench(args, kind: str) -> list[tuple]:
           "xla_dequant_dot": (
               lambda x, q: jnp.dot(x, itq3s_jax.dequantize(q, jnp.bfloat16).T,
                                    preferred_element_type=jnp.float32), (x, qt)),
-          "int4_pallas": (int4_matmul, (x, q4, s4)),
-          "weight_ifwht": (functools.partial(weight_ifwht.weight_ifwht, interpret=False), (x, qt)),
-          "act_rotate": (functools.partial(act_rotate.act_rotate, interpret=False), (x, qt)),
-          "act_rotate_itq3_s": (functools.partial(act_rotate.act_rotate, interpret=False),
+          "xla_act_rotate": (functools.partial(itq3s_jax.matmul, method="xla_act_rotate"),
+                             (x, qt)),
+          "int4_pallas": (functools.partial(int4_matmul, interpret=INTERPRET), (x, q4, s4)),
+          "weight_ifwht": (functools.partial(weight_ifwht.weight_ifwht, interpret=INTERPRET),
+                           (x, qt)),
+          "act_rotate": (functools.partial(act_rotate.act_rotate, interpret=INTERPRET), (x, qt)),
+          "act_rotate_itq3_s": (functools.partial(act_rotate.act_rotate, interpret=INTERPRET),
                                 (x, qs)),
       }
       res = {}
@@ -250,22 +266,30 @@ def main(argv=None) -> int:
   p.add_argument("--trials", type=int, default=10, help="timed loops per op (median)")
   p.add_argument("--only", nargs="*", help="time only these ops")
   p.add_argument("--skip-check", action="store_true")
+  p.add_argument("--budget", type=float, default=330.0,
+                 help="seconds for the whole run; timing rows after it are skipped")
+  p.add_argument("--smoke", action="store_true",
+                 help="self-test on any backend: interpreter, one 512x512 shape, M=1, 2 reps")
   p.add_argument("--predicted", default=os.path.join(os.path.dirname(__file__), "results",
                                                      "kernel_report.json"),
                  help="kernel_report.py --json output to compare the timings with")
   args = p.parse_args(argv)
+  global INTERPRET
+  args.shapes, args.rows = SHAPES_NK, ROWS
+  if args.smoke:
+    INTERPRET, args.shapes, args.rows, args.reps, args.trials = True, ((512, 512),), (1,), 2, 1
   dev = jax.devices()[0]
   kind = getattr(dev, "device_kind", str(dev))
   print(f"jax {jax.__version__}, device {kind} ({dev.platform}), python {sys.version.split()[0]}")
-  if dev.platform != "gpu":
-    print("no GPU: this script only makes sense on a GPU machine.")
+  if dev.platform != "gpu" and not args.smoke:
+    print("no GPU: this script only makes sense on a GPU machine (--smoke checks it anywhere).")
     return 2
   t0 = time.time()
   ok = True if args.skip_check else check(np.random.default_rng(0))
   print(f"correctness: {'ALL PASS' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)", flush=True)
-  rows = bench(args, kind)
-  names = ["bf16_dot", "xla_dequant_dot", "int4_pallas", "weight_ifwht", "act_rotate",
-           "act_rotate_itq3_s"]
+  rows = bench(args, kind, t0 + args.budget)
+  names = ["bf16_dot", "xla_dequant_dot", "xla_act_rotate", "int4_pallas", "weight_ifwht",
+           "act_rotate", "act_rotate_itq3_s"]
   print(f"\n## {kind}, jax {jax.__version__}; times in us (median of {args.trials} loops of "
         f"{args.reps}); floor = itq3_t bytes / {_bandwidth(kind)/1e12:.1f} TB/s\n")
   print("| M | N | K | floor itq3_t | " + " | ".join(names) + " | bf16/act_rotate | int4/act_rotate |")
