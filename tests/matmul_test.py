@@ -139,19 +139,29 @@ def test_act_rotate_empty_shapes(n, k, m):
 def test_auto_is_xla_act_rotate_off_gpu():
   qt = itq3s_jax.quantize(_weights(8, 256), "itq3_t")
   x = jax.ShapeDtypeStruct((4, 256), jnp.float32)
-  assert matmul_lib.choose(x, qt) == "xla_act_rotate"
+  assert matmul_lib.choose(x, qt, backend="cpu") == "xla_act_rotate"
   assert matmul_lib.choose(x, qt, backend="tpu") == "xla_act_rotate"
+  if jax.default_backend() != "cpu":  # the rest is what auto runs on this CPU
+    return
   y = itq3s_jax.matmul(np.ones((4, 256), np.float32), qt)
   np.testing.assert_array_equal(y, itq3s_jax.matmul(np.ones((4, 256), np.float32), qt,
                                                     method="xla_act_rotate"))
 
 
-def test_auto_on_gpu_picks_act_rotate_and_falls_back(monkeypatch):
-  qt = itq3s_jax.quantize(_weights(8, 288), "uniform3")
-  small = jax.ShapeDtypeStruct((2, 8, 288), jnp.bfloat16)
+def test_auto_on_gpu_picks_the_measured_kernel_and_falls_back(monkeypatch):
+  qt = itq3s_jax.quantize(_weights(8, 288), "uniform3")  # 2 terms x 128 slots: no widening
+  wide = itq3s_jax.quantize(_weights(8, 288), "itq3_t")  # 4 x 128: a dot twice as wide
+  small = jax.ShapeDtypeStruct((2, matmul_lib.AUTO_GEMV_ROWS // 2, 288), jnp.bfloat16)
+  mid = jax.ShapeDtypeStruct((matmul_lib.AUTO_GEMV_ROWS + 1, 288), jnp.bfloat16)
+  top = jax.ShapeDtypeStruct((matmul_lib.AUTO_MAX_ROWS, 288), jnp.bfloat16)
   big = jax.ShapeDtypeStruct((matmul_lib.AUTO_MAX_ROWS + 1, 288), jnp.bfloat16)
   assert matmul_lib.choose(small, qt, backend="gpu") == "act_rotate"
+  assert matmul_lib.choose(small, wide, backend="gpu") == "act_rotate"
+  for x in (mid, top):
+    assert matmul_lib.choose(x, qt, backend="gpu") == "act_rotate"
+    assert matmul_lib.choose(x, wide, backend="gpu") == "weight_ifwht"
   assert matmul_lib.choose(big, qt, backend="gpu") == "xla"
+  assert matmul_lib.choose(big, wide, backend="gpu") == "xla"
   tiny_k = itq3s_jax.quantize(_weights(8, 128), "itq3_t")
   assert matmul_lib.choose(jax.ShapeDtypeStruct((1, 128), jnp.float32), tiny_k,
                            backend="gpu") == "xla"

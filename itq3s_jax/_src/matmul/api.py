@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from itq3s_jax._src.core import blocks
 from itq3s_jax._src.core import qtensor
 from itq3s_jax._src.matmul import xla
 
@@ -34,10 +35,17 @@ try:
 except ImportError:  # a jax build without Pallas/Triton: the XLA path only
   pallas_kernels = None
 
-# Above this many activation rows the product is compute-bound and cuBLAS on a
-# dequantized weight wins over the fused kernels' Triton dot (not yet measured:
-# benchmarks/gpu_check.py decides it on a GPU).
-AUTO_MAX_ROWS = 256
+# GPU dispatch, measured on an H200 (jax 0.11.2, bf16 x, itq3_t and itq3_s weights,
+# M in {1, 16, 64, 256, 1024}: benchmarks/results/gpu_check_h200.log). Both kernels beat
+# "xla" (dequantize + dot) at every measured M, by 3.2-3.4x still at M = 1024; the
+# kernels' time grows about linearly with M there, xla's is flat, so they cross near
+# 3000 rows (4096^2 and 8192^2): above AUTO_MAX_ROWS rows xla runs. Up to the GEMV tile
+# (AUTO_GEMV_ROWS, block_m 16) act_rotate wins for every format; above it, a decoder that
+# widens the dot (itq3_t: 4 terms x 128 slots = 512 columns per 256-block) makes it lose
+# to weight_ifwht (765 vs 348 us at M = 256, 4096^2), while one that does not (itq3_s:
+# 2 x 128) stays fastest (107 us).
+AUTO_MAX_ROWS = 2048
+AUTO_GEMV_ROWS = 16
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
 
@@ -53,9 +61,11 @@ def choose(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor,
 
   CPU/TPU: ``"xla_act_rotate"`` (the kernels are Triton; interpret mode is
   for tests): no weight-side transform per call, and its column-major decode
-  is the form XLA:CPU vectorises. GPU: ``"act_rotate"`` when the kernel
-  supports the format and shape and x has at most AUTO_MAX_ROWS rows, else
-  ``"xla"``.
+  is the form XLA:CPU vectorises. GPU, where the kernels take the format and
+  shape and x has at most AUTO_MAX_ROWS rows: ``"act_rotate"`` up to
+  AUTO_GEMV_ROWS rows or where its decoder does not widen the dot (terms x
+  slots = 256), else ``"weight_ifwht"``;
+  otherwise ``"xla"``.
   """
   backend = backend or jax.default_backend()
   if backend not in _GPU_BACKENDS:
@@ -65,9 +75,12 @@ def choose(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor,
   rows = 1
   for d in x.shape[:-1]:
     rows *= d
-  if rows <= AUTO_MAX_ROWS and pallas_kernels.act_rotate.supports(x, qt):
+  if rows > AUTO_MAX_ROWS or not pallas_kernels.act_rotate.supports(x, qt):
+    return "xla"
+  dec = pallas_kernels.terms.get(qt.format)
+  if rows <= AUTO_GEMV_ROWS or dec.terms * dec.slots == blocks.QK:
     return "act_rotate"
-  return "xla"
+  return "weight_ifwht"
 
 
 @functools.partial(jax.jit, static_argnames="method")
