@@ -42,7 +42,7 @@ from itq3s_jax.pallas_kernels import driver as _driver
 from itq3s_jax.pallas_kernels import weight_ifwht
 
 SHAPES_NK = ((4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192))
-# 64 and 1024 bracket matmul's AUTO_MAX_ROWS (256): where cuBLAS on a dequantized
+# 64 and 1024 bracket matmul.choose's thresholds on a GPU: where dequantize-then-dot
 # weight overtakes the fused kernels' Triton dot.
 ROWS = (1, 16, 64, 256, 1024)
 KERNELS = {"weight_ifwht": weight_ifwht.weight_ifwht, "act_rotate": act_rotate.act_rotate}
