@@ -128,6 +128,24 @@ def test_act_rotate_tiles_rows_and_pads_the_last_tile(monkeypatch, m):
     assert (np.abs(y - x64 @ w64.T) <= tol).all()
 
 
+def test_accelerators_decode_in_one_tile(monkeypatch):
+  """Off CPU the tiles run one after another with their own launches (measured on an H200),
+  so a weight the CPU tiles at every M decodes in one tile there."""
+  assert codec.tile_values("cpu") == codec.DECODE_TILE
+  assert codec.tile_values("gpu") == codec.tile_values("tpu") == codec.ACCEL_DECODE_TILE
+  qt = itq3s_jax.quantize(_weights(44, 288, seed=3), "itq3_t", seed=1)
+  monkeypatch.setattr(xla_matmul, "MATVEC_TILE", 16 * 288)
+  monkeypatch.setattr(codec, "DECODE_TILE", 16 * 288)
+  traced = lambda x: str(jax.make_jaxpr(  # noqa: E731  (a fresh function: no trace cache)
+      lambda x, qt: xla_matmul.act_rotate_dot(x, qt))(x, qt))
+  for m in (1, 3):
+    x = np.ones((m, 288), np.float32)
+    assert "scan" in traced(x)  # 3 tiles on CPU
+    with monkeypatch.context() as gpu:
+      gpu.setattr(jax, "default_backend", lambda: "gpu")
+      assert "scan" not in traced(x)
+
+
 @pytest.mark.parametrize("n,k,m", [(0, 256, 2), (4, 0, 2), (4, 256, 0)])
 def test_act_rotate_empty_shapes(n, k, m):
   qt = itq3s_jax.quantize(np.ones((n, k), np.float32), "itq3_t")

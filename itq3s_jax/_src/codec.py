@@ -36,6 +36,12 @@ _CHUNK_WEIGHTS = 1 << 17
 # one pass per step over a tensor-sized buffer is memory-bound and pages in a
 # fresh allocation on every call.
 DECODE_TILE = 1 << 18
+# Off CPU the tiles' lax.map runs them one after another, each with its own kernel
+# launches, and no cache needs them small. On an H200 (jax 0.11.2,
+# benchmarks/results/gpu_check_h200.log) a 2^18 tile cost 9-20 us in xla_act_rotate and
+# ~66 us in dequantize whatever it held: a 4096^2 dequantize took 4.2 ms, 64 tiles. There
+# a tile holds up to 2^26 values (256 MiB of float32): most weights decode in one.
+ACCEL_DECODE_TILE = 1 << 26
 _ONES = np.ones(blocks.QK, np.float32)
 
 
@@ -197,14 +203,21 @@ def decoded_segments(data: jax.Array, sig: jax.Array | None, format: str, k: int
     yield seg, (transform(z, fmt, sig, inverse=True) if inverse else z)
 
 
+def tile_values(backend: str | None = None) -> int:
+  """Values per decode tile on ``backend`` (default: jax's): DECODE_TILE on CPU, else
+  ACCEL_DECODE_TILE."""
+  return DECODE_TILE if (backend or jax.default_backend()) == "cpu" else ACCEL_DECODE_TILE
+
+
 def tile_rows(n_rows: int, width: int, weights: int | None = None) -> int:
-  """Rows per decode tile: at most about ``weights`` (DECODE_TILE) values, a multiple of 8, or all rows.
+  """Rows per decode tile: at most about ``weights`` (:func:`tile_values`) values, a
+  multiple of 8, or all rows.
 
   The rows are split evenly over the fewest tiles that fit, so the zero rows
   padding the last tile are fewer than 8 per tile (a fixed tile height padded
   SmolLM2's 1536-row MLP weights to 1792 rows: 17 % of the decode wasted).
   """
-  most = max(8, (weights or DECODE_TILE) // max(width, 1) // 8 * 8)
+  most = max(8, (weights or tile_values()) // max(width, 1) // 8 * 8)
   if most * 2 > n_rows:
     return n_rows
   per_tile = -(-n_rows // -(-n_rows // most))

@@ -35,6 +35,7 @@ from itq3s_jax._src.core import qtensor
 # Measured on the 2-core CPU (benchmarks/layer_profile.py, speed.py): 2^17 at M = 1 takes a
 # 576 x 576 product 0.41 -> 0.24 ms, SmolLM2's decode layer 2.26 -> 2.01 ms, 4096^2 14.0 ->
 # 10.2 ms; at M = 8 / 32 / 256 it was 5-9 % slower than 2^18, and 2^16 slower at M = 1 too.
+# CPU only: elsewhere every M takes codec.tile_values()'s large tiles.
 MATVEC_TILE = 1 << 17
 
 
@@ -64,8 +65,8 @@ def act_rotate_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
   sig = jnp.asarray(codec.signs(qt.format, qt.seed))
   xr = codec.rotate(x2, sig, qt.format)  # (M, Kp) float32
   xs = [_columns_order(xr, seg) for seg in segs]
-  rows = codec.tile_rows(n_out, blocks.coded_length(segs),
-                         MATVEC_TILE if x2.shape[0] == 1 else None)
+  matvec = x2.shape[0] == 1 and jax.default_backend() == "cpu"
+  rows = codec.tile_rows(n_out, blocks.coded_length(segs), MATVEC_TILE if matvec else None)
 
   def tile(bts):  # per segment uint8 (nbytes, count, rows) -> float32 (M, rows)
     y = jnp.zeros((x2.shape[0], rows), jnp.float32)
