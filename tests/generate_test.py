@@ -17,6 +17,7 @@ from flax import nnx
 
 import itq3s_jax
 from itq3s_jax import flax as qflax
+from itq3s_jax._src import codec
 from itq3s_jax.models import generate
 from itq3s_jax.models import llama
 
@@ -55,6 +56,21 @@ def test_greedy_matches_llama_greedy_generate_float_and_quantized():
   out = generate.Generator(qmodel, 16).greedy(PROMPT, 6)
   assert out.tokens == qref
   assert out.prefill_s > 0 and out.decode_s > 0 and out.decode_tokens_per_s > 0
+
+
+def test_decode_steps_read_codes_prepared_once(monkeypatch):
+  """Off GPU the Generator rearranges the codes into decode tiles at construction; its
+  one-row steps then never transpose codes (a prompt of one token makes every step one
+  row), and the logits stay those of the model (the tokens above)."""
+  qmodel, _ = qflax.quantize_model(_model(), itq3s_jax.QuantRule(format="itq3_t"))
+  gen = generate.Generator(qmodel, 16)
+  assert len(gen._tiles) == 7 * CFG.n_layers
+  calls = []
+  original = codec.column_tiles
+  monkeypatch.setattr(codec, "column_tiles", lambda *a: calls.append(1) or original(*a))
+  out = gen.greedy([5], 4)
+  assert not calls
+  assert out.tokens == llama.greedy_generate(qmodel, [5], 4)
 
 
 def test_greedy_stops_at_eos_and_checks_lengths():

@@ -146,6 +146,23 @@ def test_accelerators_decode_in_one_tile(monkeypatch):
       assert "scan" not in traced(x)
 
 
+@pytest.mark.parametrize("fmt", itq3s_jax.formats())
+def test_prepared_decode_tiles_give_the_same_product(fmt, monkeypatch):
+  """decode_tiles hands act_rotate_dot the bytes it would rearrange itself: same result bit
+  for bit, on a weight cut into several tiles; tiles of another shape are refused."""
+  monkeypatch.setattr(xla_matmul, "MATVEC_TILE", 16 * 288)  # 44 rows: several tiles at M = 1
+  qt = itq3s_jax.quantize(_weights(44, 288, seed=3), fmt, seed=1)
+  x = np.random.default_rng(4).standard_normal((1, 288)).astype(np.float32)
+  tiles = xla_matmul.decode_tiles(qt, 1)
+  assert tiles[0].shape[0] > 1
+  f = jax.jit(xla_matmul.act_rotate_dot)
+  np.testing.assert_array_equal(np.asarray(f(x, qt, tiles)).view(np.uint32),
+                                np.asarray(f(x, qt)).view(np.uint32))
+  other = itq3s_jax.quantize(_weights(8, 288, seed=3), fmt, seed=1)  # one tile of 8 rows
+  with pytest.raises(ValueError, match="decode_tiles"):
+    xla_matmul.act_rotate_dot(x, qt, xla_matmul.decode_tiles(other, 1))
+
+
 @pytest.mark.parametrize("n,k,m", [(0, 256, 2), (4, 0, 2), (4, 256, 0)])
 def test_act_rotate_empty_shapes(n, k, m):
   qt = itq3s_jax.quantize(np.ones((n, k), np.float32), "itq3_t")

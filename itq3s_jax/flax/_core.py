@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 import itq3s_jax
+from itq3s_jax._src.matmul import xla
 
 
 def quantize_kernel(kernel: ArrayLike, format: str, seed: int, *,
@@ -57,7 +59,8 @@ def output_dtype(x_dtype, dtype, param_dtype):
 
 @functools.partial(jax.jit, static_argnames=("dtype", "param_dtype", "method"))
 def dense(x: ArrayLike, qt: itq3s_jax.QuantizedTensor, bias: ArrayLike | None, *,
-          dtype=None, param_dtype=jnp.float32, method: str = "auto") -> jax.Array:
+          dtype=None, param_dtype=jnp.float32, method: str = "auto",
+          tiles: tuple[jax.Array, ...] | None = None) -> jax.Array:
   """``x @ dequantize(qt).T + bias`` computed in float32, cast to the layer dtype.
 
   Jitted so that eager layer calls compile once per shape rather than once
@@ -70,13 +73,20 @@ def dense(x: ArrayLike, qt: itq3s_jax.QuantizedTensor, bias: ArrayLike | None, *
     dtype: output dtype; None promotes x's dtype with ``param_dtype``.
     param_dtype: dtype of the layer's float parameters (the bias).
     method: ``itq3s_jax.matmul`` method.
+    tiles: None, or the weight's codes prepared for one activation row
+      (``matmul.xla.decode_tiles(qt, 1)``): used when x has one row and
+      ``method`` runs ``"xla_act_rotate"``, ignored otherwise.
 
   Returns:
     (..., out_features) of the output dtype.
   """
   x = jnp.asarray(x)
   out_dtype = output_dtype(x.dtype, dtype, param_dtype)
-  y = itq3s_jax.matmul(x, qt, method=method)
+  if (tiles is not None and math.prod(x.shape[:-1]) == 1
+      and (method if method != "auto" else itq3s_jax.choose_method(x, qt)) == "xla_act_rotate"):
+    y = xla.act_rotate_dot(x, qt, tiles)
+  else:
+    y = itq3s_jax.matmul(x, qt, method=method)
   if bias is not None:
     y = y + jnp.asarray(bias).astype(jnp.float32)
   return y.astype(out_dtype)

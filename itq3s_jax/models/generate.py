@@ -7,7 +7,9 @@ against a cache of the keys and values already computed, under ``jax.jit``: a
 prefill program for the prompt and one decode program for every following
 token. The projections may be ``nnx.Linear`` or ``itq3s_jax.flax.QuantizedLinear``
 (after ``quantize_model``); either way every matmul of a decode step has one
-activation row (M = 1).
+activation row (M = 1). Where such a product runs ``"xla_act_rotate"`` (off
+GPU), :class:`Generator` rearranges each quantized weight's codes into the
+decode tiles once (``matmul.xla.decode_tiles``) instead of in every step.
 
 The cache holds ``max_len`` positions; the queries of a call at positions
 start .. start + T - 1 attend to cached positions p <= their own (the causal
@@ -25,6 +27,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import itq3s_jax
+from itq3s_jax._src.matmul import xla
+from itq3s_jax.flax import _core
+from itq3s_jax.flax import nnx as qnnx
+from itq3s_jax.flax import state as state_lib
 from itq3s_jax.models import llama
 
 
@@ -90,6 +97,28 @@ class Generation:
     return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
 
+class _Prepared(nnx.Module):
+  """A QuantizedLinear whose one-row products read its codes already in decode tiles."""
+
+  def __init__(self, layer: qnnx.QuantizedLinear, tiles: tuple[jax.Array, ...]):
+    self.layer = layer
+    self.tiles = nnx.data(tiles)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    layer = self.layer
+    bias = layer.bias[...] if layer.bias is not None else None
+    return _core.dense(x, layer.qt, bias, dtype=layer.dtype, param_dtype=layer.param_dtype,
+                       method=layer.method, tiles=self.tiles)
+
+
+def _one_row_xla(layer: qnnx.QuantizedLinear) -> bool:
+  """Whether the layer's product with one activation row runs ``"xla_act_rotate"``."""
+  if layer.method != "auto":
+    return layer.method == "xla_act_rotate"
+  x = jax.ShapeDtypeStruct((1, layer.in_features), jnp.float32)
+  return itq3s_jax.choose_method(x, layer.qt) == "xla_act_rotate"
+
+
 class Generator:
   """Jitted prefill and decode programs for one model and cache length.
 
@@ -108,12 +137,19 @@ class Generator:
     self.max_len = int(max_len)
     graphdef, state = nnx.split(model)
     self._state = state
+    paths = [p for p, layer in nnx.iter_modules(model)
+             if isinstance(layer, qnnx.QuantizedLinear) and _one_row_xla(layer)]
+    self._tiles = jax.jit(lambda qts: [xla.decode_tiles(qt, 1) for qt in qts])(
+        [state_lib.get_submodule(model, p).qt for p in paths])
 
-    def step(state, cache, tokens, start):
-      logits, cache = forward(nnx.merge(graphdef, state), tokens, cache, start)
+    def step(state, tiles, cache, tokens, start):
+      model = nnx.merge(graphdef, state)
+      for path, t in zip(paths, tiles):
+        state_lib.set_submodule(model, path, _Prepared(state_lib.get_submodule(model, path), t))
+      logits, cache = forward(model, tokens, cache, start)
       return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
-    self._step = jax.jit(step, donate_argnums=1)
+    self._step = jax.jit(step, donate_argnums=2)
 
   def greedy(self, prompt: list[int], n_new: int, *, eos: int | None = None,
              clock: Callable[[], float] = time.perf_counter) -> Generation:
@@ -129,13 +165,13 @@ class Generator:
                        f"{self.max_len}; build the Generator with a larger max_len.")
     cache = KVCache.zeros(self.config, 1, self.max_len)
     t0 = clock()
-    tok, cache = self._step(self._state, cache, jnp.asarray([prompt], jnp.int32),
+    tok, cache = self._step(self._state, self._tiles, cache, jnp.asarray([prompt], jnp.int32),
                             jnp.int32(0))
     out = [int(tok[0])]
     t1 = clock()
     pos = len(prompt)
     while len(out) < n_new and (eos is None or out[-1] != eos):
-      tok, cache = self._step(self._state, cache, tok[:, None], jnp.int32(pos))
+      tok, cache = self._step(self._state, self._tiles, cache, tok[:, None], jnp.int32(pos))
       out.append(int(tok[0]))
       pos += 1
     return Generation(out, t1 - t0, clock() - t1)

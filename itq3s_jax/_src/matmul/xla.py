@@ -46,15 +46,44 @@ def dequantize_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
                  preferred_element_type=jnp.float32)
 
 
-def act_rotate_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
+def _tile_rows(m: int, qt: qtensor.QuantizedTensor) -> int:
+  """Weight rows per decode tile of act_rotate_dot for x of ``m`` rows."""
+  matvec = m == 1 and jax.default_backend() == "cpu"
+  return codec.tile_rows(qt.shape[0], blocks.coded_length(qtensor.segments(qt.format, qt.k)),
+                         MATVEC_TILE if matvec else None)
+
+
+def decode_tiles(qt: qtensor.QuantizedTensor, m: int = 1) -> tuple[jax.Array, ...]:
+  """The codes of ``qt`` in the column-major tiles act_rotate_dot decodes for x of ``m`` rows.
+
+  A decode loop that multiplies the same weights by one activation row per
+  step computes these once and passes them back (``act_rotate_dot(x, qt,
+  tiles=...)``): each call then skips transposing the codes, ~15 % of
+  SmolLM2's decode step on the 2-core CPU (benchmarks/generate.py). The same
+  bytes as ``qt.data``, rearranged: as much memory again as the codes.
+
+  Returns:
+    per segment uint8 (tiles, nbytes, count, rows) (``codec.column_tiles``).
+  """
+  qtensor.validate(qt)
+  return tuple(codec.column_tiles(qt.data, qt.format, qt.k, _tile_rows(m, qt)))
+
+
+def act_rotate_dot(x: jax.Array, qt: qtensor.QuantizedTensor,
+                   tiles: tuple[jax.Array, ...] | None = None) -> jax.Array:
   """float32 (..., N): rotated activations . coding-domain weights, decoded in row tiles.
 
   Args:
     x: float (..., K) activations.
     qt: 2-D quantized weight (N, K).
+    tiles: None, or :func:`decode_tiles` of ``qt`` for x's number of rows (not
+      checked against qt's bytes; shapes must match).
 
   Returns:
     float32 (..., N), equal to ``x @ dequantize(qt).T`` up to rounding.
+
+  Raises:
+    ValueError: ``tiles`` shaped for another weight or number of rows.
   """
   n_out, k = qt.shape
   lead = x.shape[:-1]
@@ -65,8 +94,15 @@ def act_rotate_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
   sig = jnp.asarray(codec.signs(qt.format, qt.seed))
   xr = codec.rotate(x2, sig, qt.format)  # (M, Kp) float32
   xs = [_columns_order(xr, seg) for seg in segs]
-  matvec = x2.shape[0] == 1 and jax.default_backend() == "cpu"
-  rows = codec.tile_rows(n_out, blocks.coded_length(segs), MATVEC_TILE if matvec else None)
+  rows = _tile_rows(x2.shape[0], qt)
+  if tiles is None:
+    tiles = codec.column_tiles(qt.data, qt.format, k, rows)
+  else:
+    want = [(-(-n_out // rows), s.nbytes, s.count, rows) for s in segs]
+    if [tuple(t.shape) for t in tiles] != want:
+      raise ValueError(f"tiles have shapes {[tuple(t.shape) for t in tiles]}, expected {want} "
+                       f"for this weight and {x2.shape[0]} activation rows: "
+                       "decode_tiles(qt, m) with the same m.")
 
   def tile(bts):  # per segment uint8 (nbytes, count, rows) -> float32 (M, rows)
     y = jnp.zeros((x2.shape[0], rows), jnp.float32)
@@ -76,7 +112,7 @@ def act_rotate_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
                       precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     return y
 
-  y = codec.map_tiles(tile, codec.column_tiles(qt.data, qt.format, k, rows))  # (tiles, M, rows)
+  y = codec.map_tiles(tile, list(tiles))  # (tiles, M, rows)
   y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], -1)[:, :n_out]
   return y.reshape(*lead, n_out)
 
