@@ -180,18 +180,23 @@ def device_time(fn, args, reps: int, trials: int) -> float:
   return statistics.median(times)
 
 
+def random_weight(key, n: int, k: int, fmt: str) -> itq3s_jax.QuantizedTensor:
+  """Timing data: random bytes (itq3_t: trit bytes < 243 are valid, any step code is finite;
+  itq3_s, same 110-byte blocks: byte 1 = 0x3B keeps the fp16 d finite)."""
+  q = jax.random.randint(key, (n, itq3s_jax.row_nbytes("itq3_t", k)), 0, 243,
+                         jnp.int32).astype(jnp.uint8)
+  if fmt == "itq3_s":
+    q = q.reshape(n, -1, 110).at[:, :, 1].set(0x3B).reshape(n, -1)
+  return itq3s_jax.QuantizedTensor(data=q, format=fmt, k=k, seed=0)
+
+
 def bench(args, kind: str, deadline: float) -> list[tuple]:
   """Timings per (N, K) and M; rows past ``deadline`` (time.time()) are skipped, not lost."""
   bw = _bandwidth(kind)
   rows = []
   key = jax.random.key(0)
   for n, k in args.shapes:
-    # Timing data: random bytes (trit bytes < 243 are valid; any step codes are finite;
-    # IQ3_S: bits 2 and 7 of byte 1 cleared keep the fp16 d finite).
-    qdata = jax.random.randint(key, (n, itq3s_jax.row_nbytes("itq3_t", k)), 0, 243, jnp.int32)
-    qt = itq3s_jax.QuantizedTensor(data=qdata.astype(jnp.uint8), format="itq3_t", k=k, seed=0)
-    sdata = qdata.astype(jnp.uint8).reshape(n, -1, 110).at[:, :, 1].set(0x3B).reshape(n, -1)
-    qs = itq3s_jax.QuantizedTensor(data=sdata, format="itq3_s", k=k, seed=0)
+    qt, qs = random_weight(key, n, k, "itq3_t"), random_weight(key, n, k, "itq3_s")
     q4 = jax.random.randint(key, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
     s4 = jnp.ones((k // _INT4_GROUP, n), jnp.bfloat16)
     w_bf16 = jax.random.normal(key, (n, k), jnp.bfloat16)

@@ -31,7 +31,7 @@ from itq3s_jax.pallas_kernels import act_rotate
 from itq3s_jax.pallas_kernels import tiling
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-import gpu_check  # noqa: E402  (device_time: the same dependent-call timing loop)
+import gpu_check  # noqa: E402  (the same timing loop and timing data)
 
 CASES = ((1, 4096, 4096, "itq3_t"), (1, 8192, 28672, "itq3_t"), (1, 8192, 8192, "itq3_s"),
          (16, 8192, 8192, "itq3_t"))
@@ -43,15 +43,6 @@ def candidates(m: int) -> list[tiling.Config]:
   grid = itertools.product((3, 1), (16, 4, 1), (32, 64, 16))
   return [tiling.Config(block_m=bm, block_n=bn, num_warps=4, num_stages=st, split_k=sk)
           for st, sk, bn in grid]
-
-
-def weight(n: int, k: int, fmt: str) -> itq3s_jax.QuantizedTensor:
-  """Random valid bytes (as gpu_check.bench): trit bytes < 243, IQ3_S d kept finite."""
-  q = jax.random.randint(jax.random.key(1), (n, itq3s_jax.row_nbytes("itq3_t", k)), 0, 243,
-                         jnp.int32).astype(jnp.uint8)
-  if fmt == "itq3_s":
-    q = q.reshape(n, -1, 110).at[:, :, 1].set(0x3B).reshape(n, -1)
-  return itq3s_jax.QuantizedTensor(data=q, format=fmt, k=k, seed=0)
 
 
 def main(argv=None) -> int:
@@ -68,7 +59,7 @@ def main(argv=None) -> int:
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}", flush=True)
   ok = True
   for m, n, k, fmt in cases:
-    qt = weight(n, k, fmt)
+    qt = gpu_check.random_weight(jax.random.key(1), n, k, fmt)
     x = jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
     ref = jax.jit(functools.partial(itq3s_jax.matmul, method="xla_act_rotate"))(x, qt)
     w_norm = jnp.linalg.norm(itq3s_jax.dequantize(qt), axis=-1)
