@@ -4,7 +4,8 @@ Text slices of the ``itq3s eval`` protocol stream (pydoc topics, the model's tok
 
   eval   [0, 8192)       the scored tokens of ``itq3s eval`` (never used for choices)
   val    [8192, 12288)   validation: every hyper-parameter was chosen here
-  calib  [16384, 24576)  calibration: statistics and norm tuning
+  calib  [16384, 24576)  calibration: statistics (and the start of the tuning text)
+  tune   [16384, 49152)  norm tuning (``calibration.TUNING_SLICE``, as ``itq3s calibrate``)
 
 Rows (``--rows``; models: smollm2 and gemma score perplexity, minilm the mean
 cosine of ``itq3s eval``'s sentence embeddings):
@@ -24,7 +25,7 @@ and modifiers after gptq or sequential, combined freely (``gptq+tokens=32768+tun
                    (default 8192; beyond 24576 they run on past that slice, still
                    disjoint from eval and val)
   +tune_tokens=N   the tuning alone on N tokens from the same start (statistics keep
-                   +tokens); default: the statistics' tokens
+                   +tokens); default: the tune slice (MiniLM: the statistics' tokens)
   +damp=X          lever 4: GPTQ damping X
 
 Columns: Δppl (or cosine), bpw over the quantized linear layers with every byte
@@ -56,7 +57,7 @@ from itq3s_jax import flax as qflax
 from itq3s_jax.flax import state as state_lib
 
 SLICES = {"eval": (0, 8192), "val": (8192, 12288)}
-CALIB = (16384, 24576)
+CALIB = calibration.CALIBRATION_SLICE
 MINILM_CALIB = 8192  # leading MiniLM tokens, windows of 128 (as itq3s eval)
 
 
@@ -113,7 +114,7 @@ def quantized_row(row: str, model, tok, ids, forward, window, batch, args):
     cal = ids[:int(opts.get("tokens", MINILM_CALIB))]
   else:
     cal = ids[CALIB[0]:CALIB[0] + int(opts.get("tokens", CALIB[1] - CALIB[0]))]
-  tune_cal = cal
+  tune_cal = cal if args.model == "minilm" else ids[slice(*calibration.TUNING_SLICE)]
   if "tune_tokens" in opts:
     start = 0 if args.model == "minilm" else CALIB[0]
     tune_cal = ids[start:start + int(opts["tune_tokens"])]
@@ -166,7 +167,8 @@ def main() -> None:
   p.add_argument("--model", choices=("smollm2", "gemma", "minilm"), default="smollm2")
   p.add_argument("--rows", default="rtn,gptq,gptq+tune,gptq+refit,sequential")
   p.add_argument("--slice", choices=tuple(SLICES), default="eval")
-  p.add_argument("--tune-steps", type=int, default=32)
+  p.add_argument("--tune-steps", type=int, default=64,
+                 help="Adam steps of +tune (default %(default)s, as itq3s calibrate)")
   p.add_argument("--tune-lr", type=float, default=1e-3)
   p.add_argument("--ref-nlls", help=".npy of the float model's window NLLs on the slice "
                  "(read if present, else written)")

@@ -19,6 +19,7 @@ from itq3s_jax._src.gptq import output_error
 from itq3s_jax._src.gptq import quantize as gptq_quantize
 from itq3s_jax._src.gptq import rotate_hessian
 from itq3s_jax._src.stats import CALIBRATION_SLICE
+from itq3s_jax._src.stats import TUNING_SLICE
 from itq3s_jax._src.stats import Codes
 from itq3s_jax._src.stats import load
 from itq3s_jax._src.stats import load_codes
@@ -36,6 +37,7 @@ from itq3s_jax.flax.calibrate import quantize_weights
 
 __all__ = [
     "CALIBRATION_SLICE",
+    "TUNING_SLICE",
     "Codes",
     "GptqConfig",
     "ROUNDINGS",

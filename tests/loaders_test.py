@@ -192,6 +192,22 @@ def test_tuned_norms_go_from_calibrate_through_convert_into_the_model(float_mode
   assert "tuned to itq3_t seed 0 codes" in capsys.readouterr().err
 
 
+def test_norms_are_tuned_on_the_tune_tokens_range(float_model, tmp_path, capsys):
+  """--tune-tokens picks the tuning text apart from the statistics' (--tokens); by default
+  with --text both are the --tokens range; a range past the text is refused by name."""
+  hf = write_hf(tmp_path / "hf", float_model)
+  text, stats = _text(tmp_path / "t.txt", n_words=400), str(tmp_path / "s.npz")
+  assert cli.main(["calibrate", hf, stats, "--text", text, "--window", "32", "--tune", "2",
+                   "--tokens", "0:128", "--quiet"]) == 0
+  assert "2 steps on 128 tokens" in capsys.readouterr().out
+  assert cli.main(["calibrate", hf, stats, "--text", text, "--window", "32", "--tune", "2",
+                   "--tokens", "0:128", "--tune-tokens", "64:320", "--quiet"]) == 0
+  assert "2 steps on 256 tokens" in capsys.readouterr().out
+  assert cli.main(["calibrate", hf, stats, "--text", text, "--window", "32", "--tune", "2",
+                   "--tune-tokens", "0:100000", "--quiet"]) == 2
+  assert "fewer than --tune-tokens STOP=100000" in capsys.readouterr().err
+
+
 def test_stored_codes_are_written_only_for_the_rows_they_code(float_model, tmp_path):
   """convert writes a calibration file's codes as they are (a flipped byte shows up in the
   checkpoint) for the weights whose rows they code; a weight changed in one value, or codes of

