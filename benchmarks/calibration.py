@@ -5,7 +5,7 @@ Text slices of the ``itq3s eval`` protocol stream (pydoc topics, the model's tok
   eval   [0, 8192)       the scored tokens of ``itq3s eval`` (never used for choices)
   val    [8192, 12288)   validation: every hyper-parameter was chosen here
   calib  [16384, 24576)  calibration: statistics (and the start of the tuning text)
-  tune   [16384, 49152)  norm tuning (``calibration.TUNING_SLICE``, as ``itq3s calibrate``)
+  tune   [16384, 40960)  norm tuning (``calibration.TUNING_SLICE``, as ``itq3s calibrate``)
 
 Rows (``--rows``; models: smollm2 and gemma score perplexity, minilm the mean
 cosine of ``itq3s eval``'s sentence embeddings):
@@ -13,7 +13,7 @@ cosine of ``itq3s eval``'s sentence embeddings):
   rtn              round to nearest, no statistics
   gptq             float-model statistics, GPTQ two-neighbour + act-order (``itq3s
                    calibrate --tune 0`` / ``itq3s convert --calibration``); gptq+tune
-                   is what the two commands give by default (``--tune 32``)
+                   is what the two commands give by default (``--tune 48``)
   sequential       lever 2: statistics on the quantized prefix (``itq3s calibrate
                    --sequential``; ``itq3s convert --calibration`` writes these codes)
 
@@ -167,7 +167,7 @@ def main() -> None:
   p.add_argument("--model", choices=("smollm2", "gemma", "minilm"), default="smollm2")
   p.add_argument("--rows", default="rtn,gptq,gptq+tune,gptq+refit,sequential")
   p.add_argument("--slice", choices=tuple(SLICES), default="eval")
-  p.add_argument("--tune-steps", type=int, default=64,
+  p.add_argument("--tune-steps", type=int, default=48,
                  help="Adam steps of +tune (default %(default)s, as itq3s calibrate)")
   p.add_argument("--tune-lr", type=float, default=1e-3)
   p.add_argument("--ref-nlls", help=".npy of the float model's window NLLs on the slice "

@@ -17,11 +17,11 @@ same format and seed then writes exactly those codes. On SmolLM2 it is worse
 (validation slice, ``benchmarks/calibration.py --slice val --rows
 gptq,sequential``: +2.00 +- 0.21 vs +1.43 +- 0.21 ppl), so it is not the default.
 
-Norm tuning (default ``--tune 64``): the model is then GPTQ-coded in memory
+Norm tuning (default ``--tune 48``): the model is then GPTQ-coded in memory
 with ``--format``/``--seed`` exactly as ``itq3s convert --calibration`` will
 code it, and its RMSNorm gains (and any biases) are fitted by Adam on
 KL(float || quantized) over the windows of the tuning text (``--tune-tokens``;
-by default the statistics' tokens and the 24,576 after them, one window a step)
+by default the statistics' tokens and the 16,384 after them, one window a step)
 (``calibration.tune_unquantized``); the fitted values go into the same file
 and ``itq3s convert`` writes them in place of the checkpoint's, refusing other
 codes (format, seed, rounding) than they were fitted to. The codes themselves
@@ -29,11 +29,11 @@ are stored too, with a digest of each float row they code, and convert writes
 them for the rows whose digests match instead of running GPTQ again. The coded
 weights are untouched, so the certified bound is the same. On SmolLM2 (validation slice,
 ``benchmarks/calibration.py --slice val --rows gptq,gptq+tune``) it takes the
-loss from +1.43 to +0.84 ppl; ``--tune 0`` writes the statistics alone.
+loss from +1.43 to +0.83 ppl; ``--tune 0`` writes the statistics alone.
 
 Text: ``--text FILE`` (all its tokens unless ``--tokens``), or by default tokens
 16384..24575 of the perplexity protocol's stream for the statistics and
-16384..49151 for the tuning, disjoint from the scored tokens 0..8191.
+16384..40959 for the tuning, disjoint from the scored tokens 0..8191.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=False,
                  help="statistics on the quantized prefix (convert with the same "
                  "--format/--seed) instead of the float model's (default)")
-  p.add_argument("--tune", type=int, default=64, metavar="STEPS",
+  p.add_argument("--tune", type=int, default=48, metavar="STEPS",
                  help="Adam steps fitting the norm gains to the GPTQ-coded model (convert with "
                  "the same --format/--seed), one --window of the tuning text each; 0: "
                  "statistics only (default: %(default)s)")
@@ -193,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
         + (f"; sequential for {args.format} seed {args.seed}" if args.sequential else "")
         + (f"; {len(tuned)} norm parameters tuned ({args.tune} steps on "
            f"{len(picked['--tune-tokens'])} tokens, KL "
-           f"{losses[0]:.4f} -> {losses[-1]:.4f})" if tuned else "")
+           f"{losses[0]:.4f} -> {losses[-1]:.4f} at the first and last step, each on its own "
+           "window)" if tuned else "")
         + ("; convert with the same --format and --seed" if tuned or args.sequential else ""))
   return 0
 
