@@ -136,14 +136,16 @@ class Generator:
     self.config = model.config
     self.max_len = int(max_len)
     graphdef, state = nnx.split(model)
-    self._state = state
+    # Flat leaves, not the nnx State: flattening its Variables on every call showed in a
+    # profile of SmolLM2's decode loop (float 30.2 -> 31.0, itq3_t 15.7 -> 16.3 tokens/s).
+    self._state, treedef = jax.tree.flatten(state)
     paths = [p for p, layer in nnx.iter_modules(model)
              if isinstance(layer, qnnx.QuantizedLinear) and _one_row_xla(layer)]
     self._tiles = jax.jit(lambda qts: [xla.decode_tiles(qt, 1) for qt in qts])(
         [state_lib.get_submodule(model, p).qt for p in paths])
 
-    def step(state, tiles, cache, tokens, start):
-      model = nnx.merge(graphdef, state)
+    def step(leaves, tiles, cache, tokens, start):
+      model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
       for path, t in zip(paths, tiles):
         state_lib.set_submodule(model, path, _Prepared(state_lib.get_submodule(model, path), t))
       logits, cache = forward(model, tokens, cache, start)
