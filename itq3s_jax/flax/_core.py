@@ -57,6 +57,16 @@ def output_dtype(x_dtype, dtype, param_dtype):
   return jnp.result_type(x_dtype, param_dtype)
 
 
+def takes_decode_tiles(x: jax.Array | jax.ShapeDtypeStruct, qt: itq3s_jax.QuantizedTensor,
+                       method: str) -> bool:
+  """Whether ``dense(x, qt, ..., method=method)`` reads decode tiles prepared once
+  (``matmul.xla.decode_tiles(qt, 1)``): x has one row and the product runs
+  ``"xla_act_rotate"``."""
+  if math.prod(x.shape[:-1]) != 1:
+    return False
+  return (method if method != "auto" else itq3s_jax.choose_method(x, qt)) == "xla_act_rotate"
+
+
 @functools.partial(jax.jit, static_argnames=("dtype", "param_dtype", "method"))
 def dense(x: ArrayLike, qt: itq3s_jax.QuantizedTensor, bias: ArrayLike | None, *,
           dtype=None, param_dtype=jnp.float32, method: str = "auto",
@@ -82,8 +92,7 @@ def dense(x: ArrayLike, qt: itq3s_jax.QuantizedTensor, bias: ArrayLike | None, *
   """
   x = jnp.asarray(x)
   out_dtype = output_dtype(x.dtype, dtype, param_dtype)
-  if (tiles is not None and math.prod(x.shape[:-1]) == 1
-      and (method if method != "auto" else itq3s_jax.choose_method(x, qt)) == "xla_act_rotate"):
+  if tiles is not None and takes_decode_tiles(x, qt, method):
     y = xla.act_rotate_dot(x, qt, tiles)
   else:
     y = itq3s_jax.matmul(x, qt, method=method)

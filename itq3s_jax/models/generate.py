@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import itq3s_jax
 from itq3s_jax._src.matmul import xla
 from itq3s_jax.flax import _core
 from itq3s_jax.flax import nnx as qnnx
@@ -111,14 +110,6 @@ class _Prepared(nnx.Module):
                        method=layer.method, tiles=self.tiles)
 
 
-def _one_row_xla(layer: qnnx.QuantizedLinear) -> bool:
-  """Whether the layer's product with one activation row runs ``"xla_act_rotate"``."""
-  if layer.method != "auto":
-    return layer.method == "xla_act_rotate"
-  x = jax.ShapeDtypeStruct((1, layer.in_features), jnp.float32)
-  return itq3s_jax.choose_method(x, layer.qt) == "xla_act_rotate"
-
-
 class Generator:
   """Jitted prefill and decode programs for one model and cache length.
 
@@ -139,8 +130,10 @@ class Generator:
     # Flat leaves, not the nnx State: flattening its Variables on every call showed in a
     # profile of SmolLM2's decode loop (float 30.2 -> 31.0, itq3_t 15.7 -> 16.3 tokens/s).
     self._state, treedef = jax.tree.flatten(state)
+    one_row = lambda layer: jax.ShapeDtypeStruct((1, layer.in_features), jnp.float32)  # noqa: E731
     paths = [p for p, layer in nnx.iter_modules(model)
-             if isinstance(layer, qnnx.QuantizedLinear) and _one_row_xla(layer)]
+             if isinstance(layer, qnnx.QuantizedLinear)
+             and _core.takes_decode_tiles(one_row(layer), layer.qt, layer.method)]
     self._tiles = jax.jit(lambda qts: [xla.decode_tiles(qt, 1) for qt in qts])(
         [state_lib.get_submodule(model, p).qt for p in paths])
 

@@ -115,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
   from itq3s_jax.models import llama  # pylint: disable=g-import-not-at-top
   from itq3s_jax.models import loaders  # pylint: disable=g-import-not-at-top
   model_path, out = _model_path(args)
+  specs = {"--tokens": args.tokens, "--tune-tokens": args.tune_tokens}
   ranges = {"--tokens": _token_range("--tokens", args.tokens,
                                      None if args.text else stats.CALIBRATION_SLICE)}
   ranges["--tune-tokens"] = _token_range("--tune-tokens", args.tune_tokens,
@@ -123,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
     if args.window < 1 or args.batch < 1 or start < 0 or (stop is not None and (
         stop <= start or stop - start < args.window)):
       raise cli.CommandError(f"need 0 <= START < STOP with at least one --window={args.window} "
-                             f"of tokens and --batch >= 1 (got {flag}="
-                             f"{getattr(args, flag[2:].replace('-', '_'))}, {args.batch}).")
+                             f"of tokens and --batch >= 1 (got {flag}={specs[flag]}, "
+                             f"{args.batch}).")
   progress = not args.quiet
   try:
     text = evaluation.protocol_text()

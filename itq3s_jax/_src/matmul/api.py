@@ -32,6 +32,7 @@ from itq3s_jax._src.matmul import xla
 
 try:
   from itq3s_jax import pallas_kernels
+  from itq3s_jax.pallas_kernels import terms as kernel_terms
 except ImportError:  # a jax build without Pallas/Triton: the XLA path only
   pallas_kernels = None
 
@@ -77,7 +78,7 @@ def choose(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor,
     rows *= d
   if rows > AUTO_MAX_ROWS or not pallas_kernels.act_rotate.supports(x, qt):
     return "xla"
-  dec = pallas_kernels.terms.get(qt.format)
+  dec = kernel_terms.get(qt.format)
   if rows <= AUTO_GEMV_ROWS or dec.terms * dec.slots == blocks.QK:
     return "act_rotate"
   return "weight_ifwht"
