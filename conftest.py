@@ -22,9 +22,15 @@ workers. JAX's persistent compilation cache, in ``.jax_cache/`` at the
 repository root, lets them share executables: same HLO, same compiled code, so
 no result can change. Set JAX_COMPILATION_CACHE_DIR to use another directory, or
 to "" to disable it.
+
+Temporary files: TMPDIR points under pytest's own temporary directory for the whole
+session, so what a notebook or a doctest leaves behind with ``tempfile.mkdtemp`` (a
+51 MB checkpoint per run of 04_conversion) is pruned with pytest's old runs instead of
+piling up in /tmp until a CI disk fills.
 """
 
 import os
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -72,6 +78,21 @@ def _tier(item) -> str:
   if name in KERNEL:
     return "kernel"
   return "unit"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tmpdir_under_pytest(tmp_path_factory):
+  old = os.environ.get("TMPDIR")
+  # Subprocesses (notebook kernels, command-line tests) inherit the variable; this
+  # process reads it again once tempfile's cached choice is cleared.
+  os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
+  tempfile.tempdir = None
+  yield
+  if old is None:
+    os.environ.pop("TMPDIR", None)
+  else:
+    os.environ["TMPDIR"] = old
+  tempfile.tempdir = None
 
 
 def pytest_configure(config):
