@@ -10,6 +10,7 @@ by <= d_model u |logit|-scale terms: 64 * 2^-24 * (sum of |terms| <= 8 here)
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from flax import nnx
 import itq3s_jax
 from itq3s_jax import flax as qflax
 from itq3s_jax._src import codec
+from itq3s_jax._src.matmul import native
 from itq3s_jax.models import generate
 from itq3s_jax.models import llama
 
@@ -59,9 +61,11 @@ def test_greedy_matches_llama_greedy_generate_float_and_quantized():
 
 
 def test_decode_steps_read_codes_prepared_once(monkeypatch):
-  """Off GPU the Generator rearranges the codes into decode tiles at construction; its
-  one-row steps then never transpose codes (a prompt of one token makes every step one
-  row), and the logits stay those of the model (the tokens above)."""
+  """Where the one-row products run xla_act_rotate (here: the native CPU kernel switched
+  off) the Generator rearranges the codes into decode tiles at construction; its one-row
+  steps then never transpose codes (a prompt of one token makes every step one row), and
+  the logits stay those of the model (the tokens above)."""
+  monkeypatch.setattr(native, "available", lambda: False)
   qmodel, _ = qflax.quantize_model(_model(), itq3s_jax.QuantRule(format="itq3_t"))
   gen = generate.Generator(qmodel, 16)
   assert len(gen._tiles) == 7 * CFG.n_layers
@@ -71,6 +75,19 @@ def test_decode_steps_read_codes_prepared_once(monkeypatch):
   out = gen.greedy([5], 4)
   assert not calls
   assert out.tokens == llama.greedy_generate(qmodel, [5], 4)
+
+
+def test_native_decode_steps_prepare_no_tiles(monkeypatch):
+  """Where the native CPU kernel runs the one-row products (one device: conftest.py's 8
+  virtual ones are hidden from the dispatch) it reads the codes as stored: the Generator
+  prepares nothing, and gives the model's greedy tokens."""
+  if not native.available():
+    pytest.skip(f"native CPU kernel unavailable: {native.unavailable_reason()}")
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  qmodel, _ = qflax.quantize_model(_model(), itq3s_jax.QuantRule(format="itq3_t"))
+  gen = generate.Generator(qmodel, 16)
+  assert gen._tiles == []
+  assert gen.greedy([5], 4).tokens == llama.greedy_generate(qmodel, [5], 4)
 
 
 def test_greedy_stops_at_eos_and_checks_lengths():

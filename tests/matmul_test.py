@@ -33,7 +33,7 @@ from itq3s_jax._src.matmul import api as matmul_lib
 from itq3s_jax._src.matmul import xla as xla_matmul
 
 _U32 = 2.0**-24
-METHODS = ("xla", "xla_act_rotate", "weight_ifwht", "act_rotate")
+METHODS = ("xla", "xla_act_rotate", "cpu_native", "weight_ifwht", "act_rotate")
 
 
 def _oracle_weights(qt) -> np.ndarray:
@@ -171,7 +171,9 @@ def test_act_rotate_empty_shapes(n, k, m):
   np.testing.assert_array_equal(y, np.zeros((m, n), np.float32))
 
 
-def test_auto_is_xla_act_rotate_off_gpu():
+def test_auto_is_xla_act_rotate_off_gpu_without_the_native_kernel(monkeypatch):
+  """(With it, CPU dispatch is native_test.py's.)"""
+  monkeypatch.setattr(matmul_lib.native, "available", lambda: False)
   qt = itq3s_jax.quantize(_weights(8, 256), "itq3_t")
   x = jax.ShapeDtypeStruct((4, 256), jnp.float32)
   assert matmul_lib.choose(x, qt, backend="cpu") == "xla_act_rotate"
@@ -226,6 +228,8 @@ def test_three_dim_weight_rejected():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_methods_agree_under_jit_without_recompiling(method):
+  if method == "cpu_native" and not matmul_lib.native.available():
+    pytest.skip(f"native CPU kernel unavailable: {matmul_lib.native.unavailable_reason()}")
   qt = itq3s_jax.quantize(_weights(20, 320, seed=1), "itq3_t", seed=2)
   rng = np.random.default_rng(3)
   x1, x2 = (rng.standard_normal((3, 320)).astype(np.float32) for _ in range(2))

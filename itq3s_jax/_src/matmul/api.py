@@ -5,7 +5,13 @@ Methods (the implementations table :data:`METHODS`):
     backend, any format (``xla.py``).
   ``"xla_act_rotate"``: the act_rotate algebra in XLA: rotate x once per
     block, decode the codes to the coding domain (no weight transform), dot;
-    any backend, any format (``xla.py``). The default off GPU.
+    any backend, any format (``xla.py``). The default off GPU where the next
+    method does not apply.
+  ``"cpu_native"``: the same algebra with the codes decoded inside a C++ loop
+    (``native.py``, ``cpu_itq3t.cc``: an XLA FFI custom call, built at first use
+    with the machine's compiler); CPU, ``itq3_t``. The default on CPU up to
+    NATIVE_MAX_ROWS activation rows in a single-device process when it could be
+    built.
   ``"weight_ifwht"``: Pallas kernel (``itq3s_jax/pallas_kernels/weight_ifwht.py``)
     that decodes 256-wide weight tiles, inverse-transforms them and dots.
   ``"act_rotate"``: Pallas kernel (``itq3s_jax/pallas_kernels/act_rotate.py``) that
@@ -28,6 +34,7 @@ from jax.typing import ArrayLike
 
 from itq3s_jax._src.core import blocks
 from itq3s_jax._src.core import qtensor
+from itq3s_jax._src.matmul import native
 from itq3s_jax._src.matmul import xla
 
 try:
@@ -48,9 +55,15 @@ except ImportError:  # a jax build without Pallas/Triton: the XLA path only
 AUTO_MAX_ROWS = 2048
 AUTO_GEMV_ROWS = 16
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
+# CPU dispatch, measured on the 2-core x86-64 CPU (benchmarks/speed.py): the native kernel
+# decodes each block once for all activation rows, so it wins by most at M = 1 (2.6-2.9x
+# faster than xla_act_rotate on SmolLM2's and 4096^2 weights) and by less as the rows grow
+# (2.1-2.3x at M = 8, 0.96-1.2x at M = 32), where XLA's dot reuses each decoded tile well.
+NATIVE_MAX_ROWS = 16
 
 
-METHODS = {"xla": xla.dequantize_dot, "xla_act_rotate": xla.act_rotate_dot}
+METHODS = {"xla": xla.dequantize_dot, "xla_act_rotate": xla.act_rotate_dot,
+           "cpu_native": native.native_dot}
 if pallas_kernels is not None:
   METHODS.update(weight_ifwht=pallas_kernels.weight_ifwht.weight_ifwht,
                  act_rotate=pallas_kernels.act_rotate.act_rotate)
@@ -60,22 +73,29 @@ def choose(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor,
            backend: str | None = None) -> str:
   """The method ``"auto"`` runs for this x (..., K), weight and backend.
 
-  CPU/TPU: ``"xla_act_rotate"`` (the kernels are Triton; interpret mode is
-  for tests): no weight-side transform per call, and its column-major decode
-  is the form XLA:CPU vectorises. GPU, where the kernels take the format and
+  CPU: ``"cpu_native"`` for an itq3_t weight and at most NATIVE_MAX_ROWS
+  rows of x in a single-device process when the kernel could be built
+  (``native.available()``; the first call builds it), else ``"xla_act_rotate"``. TPU: ``"xla_act_rotate"`` (the
+  kernels are Triton; interpret mode is for tests): no weight-side transform
+  per call. GPU, where the kernels take the format and
   shape and x has at most AUTO_MAX_ROWS rows: ``"act_rotate"`` up to
   AUTO_GEMV_ROWS rows or where its decoder does not widen the dot (terms x
   slots = 256), else ``"weight_ifwht"``;
   otherwise ``"xla"``.
   """
   backend = backend or jax.default_backend()
+  rows = 1
+  for d in x.shape[:-1]:
+    rows *= d
+  # The custom call has no partitioning rule: with several devices (a mesh) XLA would
+  # gather its operands onto each, so there the XLA method, which shards, stays.
+  if (backend == "cpu" and rows <= NATIVE_MAX_ROWS and native.supports(qt)
+      and jax.device_count() == 1 and native.available()):
+    return "cpu_native"
   if backend not in _GPU_BACKENDS:
     return "xla_act_rotate"
   if pallas_kernels is None:
     return "xla"
-  rows = 1
-  for d in x.shape[:-1]:
-    rows *= d
   if rows > AUTO_MAX_ROWS or not pallas_kernels.act_rotate.supports(x, qt):
     return "xla"
   dec = kernel_terms.get(qt.format)
@@ -92,7 +112,7 @@ def matmul(x: ArrayLike, qt: qtensor.QuantizedTensor, *, method: str = "auto") -
     x: float activations (..., K).
     qt: a 2-D quantized weight of shape (N, K).
     method: ``"auto"`` (:func:`choose`) or one of ``"xla"``, ``"xla_act_rotate"``,
-      ``"weight_ifwht"``, ``"act_rotate"``.
+      ``"cpu_native"``, ``"weight_ifwht"``, ``"act_rotate"``.
 
   Returns:
     float32 (..., N).
@@ -100,7 +120,8 @@ def matmul(x: ArrayLike, qt: qtensor.QuantizedTensor, *, method: str = "auto") -
   Raises:
     ValueError: unknown method, weight not 2-D, K mismatch.
     NotImplementedError: a Pallas method for a format without a kernel decoder
-      (e.g. ``itq3_s``), K < 256, or a non-GPU, non-CPU backend.
+      (e.g. ``itq3_s``), K < 256, or a non-GPU, non-CPU backend; ``"cpu_native"``
+      for a format other than itq3_t or where the kernel could not be built.
 
   >>> import jax.numpy as jnp, itq3s_jax
   >>> qt = itq3s_jax.quantize(jnp.eye(2, 256))
