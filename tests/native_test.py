@@ -137,6 +137,7 @@ np.testing.assert_array_equal(itq3s_jax.matmul(x, qt), itq3s_jax.matmul(x, qt, m
 """
 
 
+@pytest.mark.integration  # subprocesses: the tier CI runs once, not on both Pythons
 @pytest.mark.parametrize("env,reason", [
     ({"ITQ3S_NATIVE": "0"}, "switched off (ITQ3S_NATIVE=0)"),
     ({"CXX": "false"}, "false failed"),
@@ -154,6 +155,7 @@ def test_without_the_kernel_auto_falls_back(tmp_path, env, reason):
   assert not list(tmp_path.glob("*.so"))
 
 
+@pytest.mark.integration
 @needs_kernel
 def test_kernel_is_built_once_and_cached(tmp_path):
   """A fresh cache directory gets one library; a second process loads it without building."""
