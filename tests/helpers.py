@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 
 import jax
+import numpy as np
+import scipy.linalg
+
+import itq3s_jax
 
 _TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 _traces = [0]
@@ -53,3 +57,20 @@ def submodule(module, dotted: str):
     module = module[int(part)] if part.isdigit() else getattr(module, part)
   return module
 
+
+def oracle_weights(qt) -> np.ndarray:
+  """float64 (N, K) of any format from its exact coding-domain values, inverse-transformed
+  with scipy's Hadamard matrix (no transform code shared with the library); pad256 blocks
+  are transformed whole, then cut to K."""
+  z = np.asarray(itq3s_jax.decode_rotated(qt), np.float64)
+  fmt = itq3s_jax.get_format(qt.format)
+  out, start = [], 0
+  for lo, hi in itq3s_jax.block_columns(qt.format, qt.shape[-1]):
+    n = 256 if fmt.tail == "pad256" else hi - lo
+    zb = z[:, start:start + n]
+    start += n
+    if fmt.transform != "none":
+      sig = itq3s_jax.sign_vector(qt.seed, n) if fmt.transform == "rht" else np.ones(n)
+      zb = sig * (zb @ scipy.linalg.hadamard(n).T / np.sqrt(n))
+    out.append(zb[:, :hi - lo])
+  return np.concatenate(out, axis=-1)

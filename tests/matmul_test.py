@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.linalg
 from jax.sharding import PartitionSpec as P
 
 import itq3s_jax
@@ -31,43 +30,10 @@ from itq3s_jax._src import codec
 from itq3s_jax._src.core import registry
 from itq3s_jax._src.matmul import api as matmul_lib
 from itq3s_jax._src.matmul import xla as xla_matmul
+from tests import helpers
 
 _U32 = 2.0**-24
 METHODS = ("xla", "xla_act_rotate", "cpu_native", "weight_ifwht", "act_rotate")
-
-
-def _oracle_weights(qt) -> np.ndarray:
-  """float64 (N, K) from the coding-domain values, inverse transform by scipy.
-
-  For the pow2-tail formats under test every block is whole (n = stop - start).
-  """
-  z = np.asarray(itq3s_jax.decode_rotated(qt), np.float64)
-  fmt = itq3s_jax.get_format(qt.format)
-  out = []
-  for lo, hi in itq3s_jax.block_columns(qt.format, qt.shape[-1]):
-    zb, n = z[:, lo:hi], hi - lo
-    if fmt.transform == "none":
-      out.append(zb)
-      continue
-    sig = itq3s_jax.sign_vector(qt.seed, n) if fmt.transform == "rht" else np.ones(n)
-    out.append(sig * (zb @ scipy.linalg.hadamard(n).T / np.sqrt(n)))
-  return np.concatenate(out, axis=-1)
-
-
-def _oracle_weights_any(qt) -> np.ndarray:
-  """float64 (N, K) for any format: pad256 blocks are transformed whole, then cut."""
-  z = np.asarray(itq3s_jax.decode_rotated(qt), np.float64)
-  fmt = itq3s_jax.get_format(qt.format)
-  out, start = [], 0
-  for lo, hi in itq3s_jax.block_columns(qt.format, qt.shape[-1]):
-    n = 256 if fmt.tail == "pad256" else hi - lo
-    zb = z[:, start:start + n]
-    start += n
-    if fmt.transform != "none":
-      sig = itq3s_jax.sign_vector(qt.seed, n) if fmt.transform == "rht" else np.ones(n)
-      zb = sig * (zb @ scipy.linalg.hadamard(n).T / np.sqrt(n))
-    out.append(zb[:, :hi - lo])
-  return np.concatenate(out, axis=-1)
 
 
 def _weights(n, k, seed=0):
@@ -79,7 +45,7 @@ def _weights(n, k, seed=0):
 def test_xla_matches_float64_oracle(fmt, k):
   qt = itq3s_jax.quantize(_weights(12, k), fmt, seed=7)
   x = np.random.default_rng(k).standard_normal((2, 5, k)).astype(np.float32)
-  w64 = _oracle_weights(qt)
+  w64 = helpers.oracle_weights(qt)
   x64 = x.reshape(-1, k).astype(np.float64)
   y = np.asarray(itq3s_jax.matmul(x, qt, method="xla")).reshape(-1, 12)
   tol = 1.25 * (k + 128) * _U32 * np.outer(np.linalg.norm(x64, axis=-1),
@@ -93,7 +59,7 @@ def test_act_rotate_matches_float64_oracle_on_every_format(fmt):
   k = 352
   qt = itq3s_jax.quantize(_weights(12, k), fmt, seed=7)
   kp = -(-k // 256) * 256 if itq3s_jax.get_format(fmt).tail == "pad256" else k
-  w64 = _oracle_weights_any(qt)
+  w64 = helpers.oracle_weights(qt)
   for x in (np.random.default_rng(1).standard_normal((1, k)),
             np.random.default_rng(2).standard_normal((2, 3, k))):
     x = x.astype(np.float32)
@@ -121,7 +87,7 @@ def test_act_rotate_tiles_rows_and_pads_the_last_tile(monkeypatch, m):
                       16 * 288)
   assert codec.tile_rows(44, 288, 16 * 288) == 16 and mapped()
   tiled = np.asarray(jax.jit(fresh())(x, qt))
-  w64, x64 = _oracle_weights_any(qt), x.astype(np.float64)
+  w64, x64 = helpers.oracle_weights(qt), x.astype(np.float64)
   tol = 1.25 * (288 + 9) * _U32 * np.outer(np.linalg.norm(x64, axis=-1),
                                            np.linalg.norm(w64, axis=-1))
   for y in (whole, tiled):

@@ -9,6 +9,7 @@ in any order: 1.25 (Kp + 9) u ||x_m|| ||w_n|| against the float64 oracle.
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -20,24 +21,12 @@ import pytest
 import itq3s_jax
 from itq3s_jax._src.matmul import api as matmul_lib
 from itq3s_jax._src.matmul import native
-from itq3s_jax._src.matmul import xla as xla_matmul
+from tests import helpers
 
 _U32 = 2.0**-24
 
 needs_kernel = pytest.mark.skipif(not native.available(),
                                   reason=f"native kernel unavailable: {native.unavailable_reason()}")
-
-
-def _oracle(qt) -> np.ndarray:
-  """float64 (N, K): the exact coding-domain values through scipy's Hadamard matrix."""
-  import scipy.linalg  # pylint: disable=g-import-not-at-top
-  z = np.asarray(itq3s_jax.decode_rotated(qt), np.float64)
-  out = []
-  for lo, hi in itq3s_jax.block_columns(qt.format, qt.shape[-1]):
-    n = hi - lo
-    h = scipy.linalg.hadamard(n) / np.sqrt(n)
-    out.append(itq3s_jax.sign_vector(qt.seed, n) * (z[:, lo:hi] @ h.T))
-  return np.concatenate(out, axis=-1)
 
 
 def _tol(x, w64, kp):
@@ -46,20 +35,40 @@ def _tol(x, w64, kp):
                                            np.linalg.norm(w64, axis=-1))
 
 
+def _kp(fmt: str, k: int) -> int:
+  """Coded length: pad256 formats (iq3_s, itq3_s) zero-pad the last block to 256."""
+  return -(-k // 256) * 256 if itq3s_jax.get_format(fmt).tail == "pad256" else k
+
+
 @needs_kernel
+@pytest.mark.parametrize("fmt", native.FORMATS)
 @pytest.mark.parametrize("n,k", [(12, 256), (33, 352), (40, 576), (7, 1056), (5, 32)])
 @pytest.mark.parametrize("lead", [(1,), (2, 3), ()])
-def test_matches_float64_oracle(n, k, lead):
-  """Every tail length (352 = 256 + 64 + 32, 1056 = 4 x 256 + 32, K = 32 alone), one row,
-  batched rows and a 1-D x; several row chunks (33 rows) and fewer rows than chunks."""
-  qt = itq3s_jax.quantize(np.random.default_rng(k).standard_normal((n, k)).astype(np.float32),
-                          "itq3_t", seed=3)
+def test_matches_float64_oracle(fmt, n, k, lead):
+  """Every tail (itq3_t: 352 = 256 + 64 + 32, 1056 = 4 x 256 + 32, K = 32 alone; the IQ3_S
+  formats: a zero-padded last block), one row, batched rows and a 1-D x; several row
+  chunks (33 rows) and fewer rows than chunks."""
+  w = np.random.default_rng(k).standard_normal((n, k)).astype(np.float32)
+  qt = itq3s_jax.quantize(w, fmt, seed=3)
   x = np.random.default_rng(n).standard_normal((*lead, k)).astype(np.float32)
   y = np.asarray(jax.jit(lambda x, qt: itq3s_jax.matmul(x, qt, method="cpu_native"))(x, qt))
   assert y.shape == (*lead, n) and y.dtype == np.float32
-  w64 = _oracle(qt)
+  w64 = helpers.oracle_weights(qt)
   want = np.asarray(x, np.float64).reshape(-1, k) @ w64.T
-  assert (np.abs(y.reshape(-1, n) - want) <= _tol(x, w64, k)).all()
+  assert (np.abs(y.reshape(-1, n) - want) <= _tol(x, w64, _kp(fmt, k))).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", native.FORMATS)
+def test_decodes_the_same_numbers_as_the_xla_decoder(fmt):
+  """Rotated activations = the identity: each output is one decoded value times 1 plus
+  exact zeros, so the kernel's decoded values are compared bit for bit."""
+  w = np.random.default_rng(5).standard_normal((9, 352)).astype(np.float32) * 1e-3
+  w[0, :32] = 0  # a zero sub-block (IQ3_S codes it as +d) and small scales
+  qt = itq3s_jax.quantize(w, fmt, seed=2)
+  z = np.asarray(itq3s_jax.decode_rotated(qt))
+  got = np.asarray(native._call(jnp.eye(z.shape[1], dtype=jnp.float32), qt))
+  np.testing.assert_array_equal(got.T.view(np.uint32), z.view(np.uint32))
 
 
 @needs_kernel
@@ -69,7 +78,7 @@ def test_bf16_activations_and_many_rows():
   qt = itq3s_jax.quantize(np.random.default_rng(0).standard_normal((64, 512)), "itq3_t")
   x = jnp.asarray(np.random.default_rng(1).standard_normal((40, 512)), jnp.bfloat16)
   y = np.asarray(itq3s_jax.matmul(x, qt, method="cpu_native"))
-  w64 = _oracle(qt)
+  w64 = helpers.oracle_weights(qt)
   x64 = np.asarray(x.astype(jnp.float32), np.float64)
   assert (np.abs(y - x64 @ w64.T) <= _tol(x64, w64, 512)).all()
 
@@ -85,7 +94,7 @@ def test_gradient_and_vmap_match_the_xla_method():
   # Both are the same transpose computation; only the forward differed.
   np.testing.assert_array_equal(got, want)
   batched = jax.vmap(lambda v: itq3s_jax.matmul(v, qt, method="cpu_native"))(x[:, None])
-  w64 = _oracle(qt)
+  w64 = helpers.oracle_weights(qt)
   assert (np.abs(np.asarray(batched)[:, 0] - x.astype(np.float64) @ w64.T)
           <= _tol(x, w64, 288)).all()
 
@@ -100,14 +109,14 @@ def test_empty_shapes(n, m):
 
 
 def test_other_formats_are_refused():
-  qt = itq3s_jax.quantize(np.ones((4, 256), np.float32), "itq3_s")
-  with pytest.raises(NotImplementedError, match="takes .'itq3_t'"):
+  qt = itq3s_jax.quantize(np.ones((4, 256), np.float32), "uniform3")
+  with pytest.raises(NotImplementedError, match="takes .'itq3_t', 'itq3_s', 'iq3_s'"):
     itq3s_jax.matmul(np.ones((1, 256), np.float32), qt, method="cpu_native")
 
 
 def test_auto_picks_the_kernel_for_few_rows_on_one_device(monkeypatch):
   qt = itq3s_jax.quantize(np.ones((8, 256), np.float32), "itq3_t")
-  other = itq3s_jax.quantize(np.ones((8, 256), np.float32), "itq3_s")
+  other = itq3s_jax.quantize(np.ones((8, 256), np.float32), "uniform3")
   few = jax.ShapeDtypeStruct((2, matmul_lib.NATIVE_MAX_ROWS // 2, 256), jnp.float32)
   many = jax.ShapeDtypeStruct((matmul_lib.NATIVE_MAX_ROWS + 1, 256), jnp.float32)
   monkeypatch.setattr(native, "available", lambda: True)
@@ -165,8 +174,43 @@ def test_kernel_is_built_once_and_cached(tmp_path):
   run = lambda: subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,  # noqa: E731
                                text=True, timeout=600, check=True).stdout.split()
   assert run()[0] == "True"
-  libs = list(tmp_path.glob("cpu_itq3t-*.so"))
+  libs = list(tmp_path.glob("cpu_dot-*.so"))
   assert len(libs) == 1
   mtime = libs[0].stat().st_mtime_ns
   assert run()[0] == "True"
-  assert [p.stat().st_mtime_ns for p in tmp_path.glob("cpu_itq3t-*.so")] == [mtime]
+  assert [p.stat().st_mtime_ns for p in tmp_path.glob("cpu_dot-*.so")] == [mtime]
+
+
+_PORTABLE = """
+import numpy as np, jax.numpy as jnp, itq3s_jax
+from itq3s_jax._src.matmul import native
+from tests import helpers
+assert native.available(), native.unavailable_reason()
+for fmt in native.FORMATS:
+  qt = itq3s_jax.quantize(np.random.default_rng(0).standard_normal((9, 352)), fmt, seed=2)
+  z = np.asarray(itq3s_jax.decode_rotated(qt))
+  got = np.asarray(native._call(jnp.eye(z.shape[1], dtype=jnp.float32), qt))
+  np.testing.assert_array_equal(got.T.view(np.uint32), z.view(np.uint32))
+  x = np.random.default_rng(1).standard_normal((3, 352)).astype(np.float32)
+  y = np.asarray(itq3s_jax.matmul(x, qt, method="cpu_native"))
+  w64 = helpers.oracle_weights(qt)
+  x64 = x.astype(np.float64)
+  tol = 1.25 * (z.shape[1] + 9) * 2.0**-24 * np.outer(np.linalg.norm(x64, axis=-1),
+                                                       np.linalg.norm(w64, axis=-1))
+  assert (np.abs(y - x64 @ w64.T) <= tol).all(), fmt
+print("ok")
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 targets")
+@needs_kernel
+def test_portable_code_without_avx2(tmp_path):
+  """Built for plain x86-64 (no AVX2, no FMA) the scalar decoders run: the same decoded
+  numbers bit for bit, and products within test_matches_float64_oracle's tolerance."""
+  env = {**os.environ, "ITQ3S_CACHE_DIR": str(tmp_path), "ITQ3S_NATIVE_MARCH": "x86-64",
+         "XLA_FLAGS": ""}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", _PORTABLE], env=env, capture_output=True,
+                       text=True, timeout=600, check=False, cwd=root)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

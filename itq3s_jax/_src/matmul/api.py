@@ -8,7 +8,7 @@ Methods (the implementations table :data:`METHODS`):
     any backend, any format (``xla.py``). The default off GPU where the next
     method does not apply.
   ``"cpu_native"``: the same algebra with the codes decoded inside a C++ loop
-    (``native.py``, ``cpu_itq3t.cc``: an XLA FFI custom call, built at first use
+    (``native.py``, ``cpu_dot.cc``: an XLA FFI custom call, built at first use
     with the machine's compiler); CPU, ``itq3_t``. The default on CPU up to
     NATIVE_MAX_ROWS activation rows in a single-device process when it could be
     built.

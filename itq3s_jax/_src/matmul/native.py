@@ -2,12 +2,15 @@
 
 Method ``"cpu_native"``: the act_rotate algebra of ``xla.act_rotate_dot`` (rotate
 the activations in XLA, multiply by coding-domain values), but the codes are
-decoded block by block inside a C++ loop (``cpu_itq3t.cc``, an XLA FFI custom
-call on the CPU) instead of being written out by XLA and read back by a dot.
-Formats: ``itq3_t``. Rows of x: any; the decode is shared by every row.
+decoded block by block inside a C++ loop (``cpu_dot.cc``, XLA FFI custom calls
+on the CPU) instead of being written out by XLA and read back by a dot.
+Formats: ``itq3_t`` (its own decoder), ``itq3_s`` and ``iq3_s`` (the IQ3_S
+decoder; the rotation, or none, is the XLA side's). Rows of x: any; the decode
+is shared by every row.
 
 The kernel is built the first time it is needed, with the machine's C++
-compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the installed
+compiler (``$CXX``, else ``c++``/``g++``/``clang++``; ``-march=native`` unless
+``$ITQ3S_NATIVE_MARCH`` names another target) against the installed
 jaxlib's FFI headers, and cached in ``$ITQ3S_CACHE_DIR`` (default
 ``~/.cache/itq3s_jax``) under a key of the source, the headers, the compiler
 and the CPU, so a later process only loads it. :func:`available` says whether
@@ -36,13 +39,25 @@ import numpy as np
 
 from itq3s_jax._src import codec
 from itq3s_jax._src.core import qtensor
+from itq3s_jax._src.formats import iq3s_grid
 from itq3s_jax._src.formats import itq3_t
 from itq3s_jax._src.matmul import xla
 
-FORMATS = ("itq3_t",)
-TARGET = "itq3s_itq3t_cpu_dot"
-SOURCE = pathlib.Path(__file__).with_name("cpu_itq3t.cc")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+# format -> the library symbol of its handler (cpu_dot.cc) and the table it reads.
+_DECODERS = {
+    "itq3_t": ("Itq3tCpuDot", lambda: np.concatenate([itq3_t.SUPER, itq3_t.MULT])),
+    "itq3_s": ("Iq3sCpuDot", lambda: iq3s_grid.grid().reshape(-1)),
+    "iq3_s": ("Iq3sCpuDot", lambda: iq3s_grid.grid().reshape(-1)),
+}
+FORMATS = tuple(_DECODERS)
+SOURCE = pathlib.Path(__file__).with_name("cpu_dot.cc")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
+
+
+def _flags() -> tuple[str, ...]:
+  """FLAGS and the target: -march=native, or $ITQ3S_NATIVE_MARCH (e.g. x86-64, which has no
+  AVX2: the portable scalar code, tested so)."""
+  return (*FLAGS, f"-march={os.environ.get('ITQ3S_NATIVE_MARCH', 'native')}")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -80,9 +95,9 @@ def _build() -> pathlib.Path:
   header = include / "xla" / "ffi" / "api"
   h = hashlib.sha256()
   for part in (SOURCE.read_bytes(), *(p.read_bytes() for p in sorted(header.glob("*.h"))),
-               cxx.encode(), " ".join(FLAGS).encode(), _cpu_key().encode()):
+               cxx.encode(), " ".join(_flags()).encode(), _cpu_key().encode()):
     h.update(hashlib.sha256(part).digest())
-  out = _cache_dir() / f"cpu_itq3t-{h.hexdigest()[:24]}.so"
+  out = _cache_dir() / f"cpu_dot-{h.hexdigest()[:24]}.so"
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +106,7 @@ def _build() -> pathlib.Path:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
   try:
-    res = subprocess.run([cxx, *FLAGS, "-I", str(include), str(SOURCE), "-o", tmp],
+    res = subprocess.run([cxx, *_flags(), "-I", str(include), str(SOURCE), "-o", tmp],
                          capture_output=True, text=True, timeout=600, check=False)
     if res.returncode:
       raise RuntimeError(f"{os.path.basename(cxx)} failed: {res.stderr.strip()[-2000:]}")
@@ -112,8 +127,9 @@ def _load() -> str | None:
       else:
         try:
           lib = ctypes.cdll.LoadLibrary(str(_build()))
-          jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Itq3tCpuDot),
-                                      platform="cpu")
+          for symbol in sorted({s for s, _ in _DECODERS.values()}):
+            jax.ffi.register_ffi_target(_target(symbol), jax.ffi.pycapsule(getattr(lib, symbol)),
+                                        platform="cpu")
           _state["lib"] = lib  # keep the library loaded for the process
         except (RuntimeError, OSError, AttributeError, subprocess.SubprocessError) as e:
           reason = str(e) or type(e).__name__
@@ -136,6 +152,10 @@ def supports(qt: qtensor.QuantizedTensor) -> bool:
   return qt.format in FORMATS and len(qt.shape) == 2
 
 
+def _target(symbol: str) -> str:
+  return f"itq3s_{symbol}"
+
+
 def _plan(qt: qtensor.QuantizedTensor) -> np.ndarray:
   segs = qtensor.segments(qt.format, qt.k)
   return np.asarray([(s.n, s.count, s.nbytes, s.byte_start, s.coded_start) for s in segs],
@@ -143,10 +163,10 @@ def _plan(qt: qtensor.QuantizedTensor) -> np.ndarray:
 
 
 def _call(xr: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
+  symbol, table = _DECODERS[qt.format]
   out = jax.ShapeDtypeStruct((xr.shape[0], qt.shape[0]), jnp.float32)
-  return jax.ffi.ffi_call(TARGET, out, vmap_method="sequential")(
-      xr, qt.data, _plan(qt), np.asarray(itq3_t.SUPER, np.float32),
-      np.asarray(itq3_t.MULT, np.float32))
+  return jax.ffi.ffi_call(_target(symbol), out, vmap_method="sequential")(
+      xr, qt.data, _plan(qt), np.asarray(table(), np.float32))
 
 
 @jax.custom_vjp
@@ -176,15 +196,15 @@ def native_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
 
   Args:
     x: float (..., K) activations (computed in float32).
-    qt: 2-D ``itq3_t`` weight (N, K).
+    qt: 2-D weight (N, K) in one of :data:`FORMATS`.
 
   Returns:
     float32 (..., N), equal to ``xla.act_rotate_dot(x, qt)`` up to the order of
     float32 sums (the decoded values are the same numbers).
 
   Raises:
-    NotImplementedError: a format other than itq3_t, or the kernel could not
-      be built (:func:`unavailable_reason`).
+    NotImplementedError: a format outside :data:`FORMATS`, or the kernel could
+      not be built (:func:`unavailable_reason`).
   """
   if not supports(qt):
     raise NotImplementedError(f"the native CPU kernel takes {FORMATS}, not {qt.format!r}.")
