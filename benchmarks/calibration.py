@@ -54,11 +54,13 @@ import itq3s_jax
 from itq3s_jax import calibration
 from itq3s_jax import evaluation
 from itq3s_jax import flax as qflax
+from itq3s_jax._src.commands import eval as eval_command
 from itq3s_jax.flax import state as state_lib
 
 SLICES = {"eval": (0, 8192), "val": (8192, 12288)}
 CALIB = calibration.CALIBRATION_SLICE
-MINILM_CALIB = 8192  # leading MiniLM tokens, windows of 128 (as itq3s eval)
+# Leading MiniLM tokens and the [CLS] ... [SEP] window length: itq3s eval's (see there).
+MINILM_CALIB, MINILM_WINDOW = eval_command.MINILM_CALIBRATION
 
 
 def _load(name: str):
@@ -111,7 +113,11 @@ def quantized_row(row: str, model, tok, ids, forward, window, batch, args):
   """(quantized model, wall seconds, process CPU seconds) for one row label."""
   base, opts = _parse_row(row)
   if args.model == "minilm":
-    cal = ids[:int(opts.get("tokens", MINILM_CALIB))]
+    from itq3s_jax.models import bert  # pylint: disable=g-import-not-at-top
+    n = int(opts.get("tokens", MINILM_CALIB))
+    if len(ids) < n:
+      raise ValueError(f"{row!r}: the text has only {len(ids)} calibration tokens")
+    cal = bert.framed_windows(tok, ids[:n], MINILM_WINDOW)
   else:
     cal = ids[CALIB[0]:CALIB[0] + int(opts.get("tokens", CALIB[1] - CALIB[0]))]
   tune_cal = cal if args.model == "minilm" else ids[slice(*calibration.TUNING_SLICE)]
@@ -119,6 +125,8 @@ def quantized_row(row: str, model, tok, ids, forward, window, batch, args):
     start = 0 if args.model == "minilm" else CALIB[0]
     tune_cal = ids[start:start + int(opts["tune_tokens"])]
   for key, got in (("tokens", cal), ("tune_tokens", tune_cal)):
+    if np.ndim(got) == 2:  # MiniLM's framed windows: counted above
+      continue
     if key in opts and len(got) < int(opts[key]):
       raise ValueError(f"{row!r}: the text has only {len(got)} calibration tokens")
   t0, c0 = time.perf_counter(), time.process_time()

@@ -366,3 +366,21 @@ def test_sequential_statistics_see_the_quantized_prefix():
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(model)))
   with pytest.raises(ValueError, match="outside model.blocks"):
     calibrate.calibrate_sequential(Tiny(nnx.Rngs(0)), toks, blocks="blocks")
+
+
+def test_framed_windows_wrap_text_ids_as_the_encoder_sees_a_sentence():
+  from itq3s_jax.models import bert  # pylint: disable=g-import-not-at-top
+
+  class Tok:
+    def token_to_id(self, t):
+      return {"[CLS]": 101, "[SEP]": 102}.get(t)
+
+  w = bert.framed_windows(Tok(), np.arange(11), 5)  # 3 text ids a row; 2 left over
+  np.testing.assert_array_equal(w, [[101, 0, 1, 2, 102], [101, 3, 4, 5, 102],
+                                    [101, 6, 7, 8, 102]])
+  assert w.dtype == np.int32
+  with pytest.raises(ValueError, match="window >= 3"):
+    bert.framed_windows(Tok(), np.arange(11), 2)
+  Tok.token_to_id = lambda self, t: None  # no special tokens (not a BERT vocabulary)
+  with pytest.raises(ValueError, match=r"\[CLS\]/\[SEP\]"):
+    bert.framed_windows(Tok(), np.arange(11), 5)

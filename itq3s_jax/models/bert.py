@@ -137,6 +137,26 @@ def embed(model: Bert, tokenizer: tokenizers.Tokenizer, sentences: Sequence[str]
   return np.asarray(_embed_batch(model, jnp.asarray(ids), jnp.asarray(mask)))
 
 
+def framed_windows(tokenizer: tokenizers.Tokenizer, ids: ArrayLike, window: int) -> np.ndarray:
+  """int32 (n, window): text token ids cut into [CLS] + (window - 2) ids + [SEP] rows.
+
+  Calibration input shaped like what the encoder sees when it embeds a
+  sentence (``embed``): the special tokens carry large activations, and
+  windows without them gave GPTQ statistics that miss those directions. A
+  partial last window is dropped.
+
+  Raises:
+    ValueError: ``window`` < 3, or the tokenizer has no [CLS]/[SEP].
+  """
+  cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+  if window < 3 or cls is None or sep is None:
+    raise ValueError(f"framed windows need window >= 3 and [CLS]/[SEP] tokens (window={window}).")
+  body = np.asarray(ids, np.int32).reshape(-1)
+  body = body[:len(body) // (window - 2) * (window - 2)].reshape(-1, window - 2)
+  edge = lambda t: np.full((len(body), 1), t, np.int32)  # noqa: E731
+  return np.concatenate([edge(cls), body, edge(sep)], axis=1)
+
+
 def params_from_hf(cfg: BertConfig, t: dict[str, np.ndarray]) -> dict:
   """Maps HF BERT tensor names (Linear weight (out, in)) to model state paths."""
   out = {}
