@@ -113,11 +113,7 @@ def quantized_row(row: str, model, tok, ids, forward, window, batch, args):
   """(quantized model, wall seconds, process CPU seconds) for one row label."""
   base, opts = _parse_row(row)
   if args.model == "minilm":
-    from itq3s_jax.models import bert  # pylint: disable=g-import-not-at-top
-    n = int(opts.get("tokens", MINILM_CALIB))
-    if len(ids) < n:
-      raise ValueError(f"{row!r}: the text has only {len(ids)} calibration tokens")
-    cal = bert.framed_windows(tok, ids[:n], MINILM_WINDOW)
+    cal = ids[:int(opts.get("tokens", MINILM_CALIB))]
   else:
     cal = ids[CALIB[0]:CALIB[0] + int(opts.get("tokens", CALIB[1] - CALIB[0]))]
   tune_cal = cal if args.model == "minilm" else ids[slice(*calibration.TUNING_SLICE)]
@@ -125,10 +121,13 @@ def quantized_row(row: str, model, tok, ids, forward, window, batch, args):
     start = 0 if args.model == "minilm" else CALIB[0]
     tune_cal = ids[start:start + int(opts["tune_tokens"])]
   for key, got in (("tokens", cal), ("tune_tokens", tune_cal)):
-    if np.ndim(got) == 2:  # MiniLM's framed windows: counted above
-      continue
     if key in opts and len(got) < int(opts[key]):
       raise ValueError(f"{row!r}: the text has only {len(got)} calibration tokens")
+  if args.model == "minilm":  # statistics (and default tuning) windows as itq3s eval's
+    from itq3s_jax.models import bert  # pylint: disable=g-import-not-at-top
+    cal = bert.framed_windows(tok, cal, MINILM_WINDOW)
+    if "tune_tokens" not in opts:
+      tune_cal = cal
   t0, c0 = time.perf_counter(), time.process_time()
   kw = dict(window=window, batch_size=batch, forward=forward)
   if base == "rtn":

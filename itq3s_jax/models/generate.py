@@ -8,7 +8,7 @@ prefill program for the prompt and one decode program for every following
 token. The projections may be ``nnx.Linear`` or ``itq3s_jax.flax.QuantizedLinear``
 (after ``quantize_model``); either way every matmul of a decode step has one
 activation row (M = 1). On a CPU those run the native kernel
-(``matmul(..., method="cpu_native")``, itq3_t) where it could be built, which
+(``matmul(..., method="cpu_native")``: itq3_t, itq3_s, iq3_s) where it could be built, which
 reads the codes as stored; where such a product runs ``"xla_act_rotate"``
 instead, :class:`Generator` rearranges each quantized weight's codes into the
 decode tiles once (``matmul.xla.decode_tiles``) instead of in every step.

@@ -9,7 +9,8 @@ Methods (the implementations table :data:`METHODS`):
     method does not apply.
   ``"cpu_native"``: the same algebra with the codes decoded inside a C++ loop
     (``native.py``, ``cpu_dot.cc``: an XLA FFI custom call, built at first use
-    with the machine's compiler); CPU, ``itq3_t``. The default on CPU up to
+    with the machine's compiler); CPU, ``native.FORMATS`` (itq3_t, itq3_s,
+    iq3_s). The default on CPU up to
     NATIVE_MAX_ROWS activation rows in a single-device process when it could be
     built.
   ``"weight_ifwht"``: Pallas kernel (``itq3s_jax/pallas_kernels/weight_ifwht.py``)
@@ -73,12 +74,13 @@ def choose(x: jax.ShapeDtypeStruct | jax.Array, qt: qtensor.QuantizedTensor,
            backend: str | None = None) -> str:
   """The method ``"auto"`` runs for this x (..., K), weight and backend.
 
-  CPU: ``"cpu_native"`` for an itq3_t weight and at most NATIVE_MAX_ROWS
-  rows of x in a single-device process when the kernel could be built
-  (``native.available()``; the first call builds it), else ``"xla_act_rotate"``. TPU: ``"xla_act_rotate"`` (the
-  kernels are Triton; interpret mode is for tests): no weight-side transform
-  per call. GPU, where the kernels take the format and
-  shape and x has at most AUTO_MAX_ROWS rows: ``"act_rotate"`` up to
+  CPU: ``"cpu_native"`` for a weight in ``native.FORMATS`` and at most
+  NATIVE_MAX_ROWS rows of x in a single-device process when the kernel could
+  be built (``native.available()``; the first call builds it), else
+  ``"xla_act_rotate"``. TPU: ``"xla_act_rotate"`` (the kernels are Triton;
+  interpret mode is for tests): no weight-side transform per call. GPU, where
+  the kernels take the format and shape and x has at most AUTO_MAX_ROWS rows:
+  ``"act_rotate"`` up to
   AUTO_GEMV_ROWS rows or where its decoder does not widen the dot (terms x
   slots = 256), else ``"weight_ifwht"``;
   otherwise ``"xla"``.
@@ -121,7 +123,7 @@ def matmul(x: ArrayLike, qt: qtensor.QuantizedTensor, *, method: str = "auto") -
     ValueError: unknown method, weight not 2-D, K mismatch.
     NotImplementedError: a Pallas method for a format without a kernel decoder
       (e.g. ``itq3_s``), K < 256, or a non-GPU, non-CPU backend; ``"cpu_native"``
-      for a format other than itq3_t or where the kernel could not be built.
+      for a format outside ``native.FORMATS`` or where the kernel could not be built.
 
   >>> import jax.numpy as jnp, itq3s_jax
   >>> qt = itq3s_jax.quantize(jnp.eye(2, 256))

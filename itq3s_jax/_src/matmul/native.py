@@ -43,11 +43,13 @@ from itq3s_jax._src.formats import iq3s_grid
 from itq3s_jax._src.formats import itq3_t
 from itq3s_jax._src.matmul import xla
 
-# format -> the library symbol of its handler (cpu_dot.cc) and the table it reads.
+# format -> the library symbol of its handler (cpu_dot.cc) and the table it reads. itq3_s and
+# iq3_s share the IQ3_S decoder; their rotations differ on the XLA side only.
+_IQ3S = ("Iq3sCpuDot", lambda: iq3s_grid.grid().reshape(-1))
 _DECODERS = {
     "itq3_t": ("Itq3tCpuDot", lambda: np.concatenate([itq3_t.SUPER, itq3_t.MULT])),
-    "itq3_s": ("Iq3sCpuDot", lambda: iq3s_grid.grid().reshape(-1)),
-    "iq3_s": ("Iq3sCpuDot", lambda: iq3s_grid.grid().reshape(-1)),
+    "itq3_s": _IQ3S,
+    "iq3_s": _IQ3S,
 }
 FORMATS = tuple(_DECODERS)
 SOURCE = pathlib.Path(__file__).with_name("cpu_dot.cc")
@@ -215,9 +217,7 @@ def native_dot(x: jax.Array, qt: qtensor.QuantizedTensor) -> jax.Array:
     raise NotImplementedError(f"the native CPU kernel is unavailable: {reason}")
   n_out, k = qt.shape
   lead = x.shape[:-1]
-  if n_out == 0 or not lead or 0 in lead:
-    if not lead:
-      return native_dot(x[None], qt)[0]
+  x2 = x.reshape(-1, k).astype(jnp.float32)  # a 1-D x is one row
+  if n_out == 0 or x2.shape[0] == 0:
     return jnp.zeros((*lead, n_out), jnp.float32)
-  x2 = x.reshape(-1, k).astype(jnp.float32)
   return _dot(x2, qt).reshape(*lead, n_out)
