@@ -26,7 +26,10 @@ from itq3s_jax import flax as qflax
 MESH = (2, 4)
 
 
-def test_quantized_model_on_an_8_device_mesh(tmp_path):
+# One case per format: each compiles its own sharded programs, and separate cases let
+# pytest-xdist spread them over its workers instead of one worker running all six.
+@pytest.mark.parametrize("fmt", itq3s_jax.formats())
+def test_quantized_model_on_an_8_device_mesh(fmt, tmp_path):
   if len(jax.devices()) < 8:
     pytest.skip(f"needs 8 devices (conftest.py sets them on CPU), got {len(jax.devices())}")
   mesh = jax.make_mesh(MESH, ("data", "model"),
@@ -46,40 +49,39 @@ def test_quantized_model_on_an_8_device_mesh(tmp_path):
   fwd = nnx.jit(lambda m, x: m(x))
   x = jax.random.normal(jax.random.key(1), (8, d_in), jnp.float32)
   u = 2.0**-24
-  for fmt in itq3s_jax.formats():
-    with jax.set_mesh(mesh):
-      model, _ = qflax.quantize_model(MLP(nnx.Rngs(0)), itq3s_jax.QuantRule(fmt))
-    for layer in model.layers:
-      data = layer.weight[...]
-      assert isinstance(layer, qflax.QuantizedLinear)
-      assert data.sharding.spec == P("model", None), (fmt, data.sharding)
-      rows = layer.out_features // MESH[1]
-      assert {s.data.shape for s in data.addressable_shards} == {(rows, data.shape[1])}
-    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data", None)))
-    with jax.set_mesh(mesh):
-      y = fwd(model, xs)
-    assert y.sharding.spec == P("data", "model"), (fmt, y.sharding)
+  with jax.set_mesh(mesh):
+    model, _ = qflax.quantize_model(MLP(nnx.Rngs(0)), itq3s_jax.QuantRule(fmt))
+  for layer in model.layers:
+    data = layer.weight[...]
+    assert isinstance(layer, qflax.QuantizedLinear)
+    assert data.sharding.spec == P("model", None), (fmt, data.sharding)
+    rows = layer.out_features // MESH[1]
+    assert {s.data.shape for s in data.addressable_shards} == {(rows, data.shape[1])}
+  xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("data", None)))
+  with jax.set_mesh(mesh):
+    y = fwd(model, xs)
+  assert y.sharding.spec == P("data", "model"), (fmt, y.sharding)
 
-    graphdef, state = nnx.split(model)
-    single = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
-    y1 = fwd(single, x)
-    assert len(y1.devices()) == 1
-    # Same products, possibly a different summation order per shard: each output
-    # is a length-K float32 dot (|err| <= K u sum|x w|) feeding a second one;
-    # bound both layers crudely by 4 (K1 + K2) u (|y| + 1).
-    tol = 4 * (d_in + d_hid) * u * (np.abs(np.asarray(y1)) + 1)
-    err = np.abs(np.asarray(y) - np.asarray(y1))
-    assert np.all(err <= tol), (fmt, float(err.max()))
+  graphdef, state = nnx.split(model)
+  single = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+  y1 = fwd(single, x)
+  assert len(y1.devices()) == 1
+  # Same products, possibly a different summation order per shard: each output
+  # is a length-K float32 dot (|err| <= K u sum|x w|) feeding a second one;
+  # bound both layers crudely by 4 (K1 + K2) u (|y| + 1).
+  tol = 4 * (d_in + d_hid) * u * (np.abs(np.asarray(y1)) + 1)
+  err = np.abs(np.asarray(y) - np.asarray(y1))
+  assert np.all(err <= tol), (fmt, float(err.max()))
 
-    # Sharded orbax restore: abstract leaves with concrete shardings restore sharded.
-    path = os.path.join(tmp_path, f"ckpt_{fmt}")
-    qflax.save(path, single)
-    graphdef, abs_state = nnx.get_abstract_model(
-        lambda: qflax.quantize_model(MLP(nnx.Rngs(5)), itq3s_jax.QuantRule(fmt))[0], mesh)
-    restored = qflax.restore(path, nnx.merge(graphdef, abs_state))
-    with jax.set_mesh(mesh):
-      assert restored.layers[0].weight[...].sharding.spec == P("model", None)
-      np.testing.assert_array_equal(fwd(restored, xs), y)
+  # Sharded orbax restore: abstract leaves with concrete shardings restore sharded.
+  path = os.path.join(tmp_path, f"ckpt_{fmt}")
+  qflax.save(path, single)
+  graphdef, abs_state = nnx.get_abstract_model(
+      lambda: qflax.quantize_model(MLP(nnx.Rngs(5)), itq3s_jax.QuantRule(fmt))[0], mesh)
+  restored = qflax.restore(path, nnx.merge(graphdef, abs_state))
+  with jax.set_mesh(mesh):
+    assert restored.layers[0].weight[...].sharding.spec == P("model", None)
+    np.testing.assert_array_equal(fwd(restored, xs), y)
 
 
 def test_row_parallel_kernel_stays_sharded_along_k():
